@@ -1,0 +1,26 @@
+"""What a MoVE-KD checkpoint carries as remote code. Files here import only torch and transformers, with
+single-dot relative imports, so `save_pretrained` can copy them next to the weights."""
+
+from .configuration_movekd import MoVEKDConfig, MoVEKDNextConfig
+from .modeling_movekd import (
+    MoVEKDCausalLMOutputWithPast,
+    MoVEKDForConditionalGeneration,
+    MoVEKDModel,
+    MoVEKDNextForConditionalGeneration,
+    MoVEKDNextModel,
+)
+from .mole import MoLELinear, MoLEMLP
+from .processing_movekd import MoVEKDProcessor
+
+__all__ = [
+    "MoLELinear",
+    "MoLEMLP",
+    "MoVEKDCausalLMOutputWithPast",
+    "MoVEKDConfig",
+    "MoVEKDForConditionalGeneration",
+    "MoVEKDModel",
+    "MoVEKDNextConfig",
+    "MoVEKDNextForConditionalGeneration",
+    "MoVEKDNextModel",
+    "MoVEKDProcessor",
+]

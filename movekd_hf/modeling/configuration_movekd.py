@@ -1,0 +1,115 @@
+"""MoVE-KD configuration: a LLaVA config whose vision tower carries a Mixture of LoRA Experts (MoLE).
+
+This file ships inside checkpoints as remote code, so it imports only torch/transformers and runs on
+transformers 4.57 and 5.x alike. The vision config stays a stock CLIP/SigLIP config (transformers does not
+resolve a custom nested model type through remote code); every MoLE setting lives at the top level.
+"""
+
+from transformers import LlavaConfig, LlavaNextConfig
+
+MOLE_ROUTING = ("sparse", "dense")
+LORA_B_INIT = ("zeros", "kaiming")
+EXPERT_OUTPUT_SCALE = ("straight_through", "probability", "none")
+
+# Defaults improve on the authors' code; `faithful` reproduces it (METHOD.md section 6).
+MOLE_DEFAULTS = {
+    "num_experts": 3,
+    "lora_rank": 32,
+    "lora_alpha": 1.0,
+    "lora_dropout": 0.05,
+    "lora_bias": True,
+    "mole_routing": "sparse",
+    "lora_b_init": "zeros",
+    "expert_output_scale": "straight_through",
+}
+FAITHFUL_MOLE = {"lora_b_init": "kaiming", "expert_output_scale": "none"}
+
+
+def _check_choice(name: str, value, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"`{name}` must be one of {choices}, got {value!r}.")
+
+
+def _check_positive(name: str, value, kind: type, allow_zero: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, kind) or value < 0 or (value == 0 and not allow_zero):
+        expected = "a non-negative" if allow_zero else "a positive"
+        raise ValueError(f"`{name}` must be {expected} {kind.__name__}, got {value!r}.")
+
+
+def validate_mole_settings(settings: dict) -> None:
+    """Raise a `ValueError` naming the field for any MoLE setting outside its domain."""
+    _check_positive("num_experts", settings["num_experts"], int)
+    _check_positive("lora_rank", settings["lora_rank"], int)
+    alpha = settings["lora_alpha"]
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
+        raise ValueError(f"`lora_alpha` must be a positive number, got {alpha!r}.")
+    dropout = settings["lora_dropout"]
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"`lora_dropout` must be a number in [0, 1), got {dropout!r}.")
+    if not isinstance(settings["lora_bias"], bool):
+        raise ValueError(f"`lora_bias` must be a bool, got {settings['lora_bias']!r}.")
+    _check_choice("mole_routing", settings["mole_routing"], MOLE_ROUTING)
+    _check_choice("lora_b_init", settings["lora_b_init"], LORA_B_INIT)
+    _check_choice("expert_output_scale", settings["expert_output_scale"], EXPERT_OUTPUT_SCALE)
+
+
+class _MoLESettingsMixin:
+    """Shared MoLE fields for the LLaVA and LLaVA-NeXT variants."""
+
+    def _set_mole_settings(self, kwargs: dict) -> dict:
+        faithful = kwargs.pop("faithful", False)
+        settings = {name: kwargs.pop(name, default) for name, default in MOLE_DEFAULTS.items()}
+        if faithful:
+            settings.update(FAITHFUL_MOLE)
+        validate_mole_settings(settings)
+        for name, value in settings.items():
+            setattr(self, name, value)
+        return kwargs
+
+    @property
+    def lora_scaling(self) -> float:
+        return self.lora_alpha / self.lora_rank
+
+    @property
+    def is_faithful(self) -> bool:
+        return all(getattr(self, name) == value for name, value in FAITHFUL_MOLE.items())
+
+
+class MoVEKDConfig(_MoLESettingsMixin, LlavaConfig):
+    r"""
+    Configuration of [`MoVEKDForConditionalGeneration`]: LLaVA-1.5 whose vision encoder MLPs carry MoLE.
+
+    Args:
+        vision_config (`dict` or `CLIPVisionConfig`/`SiglipVisionConfig`): the student encoder, a stock config.
+        text_config (`dict` or any causal LM config): the language model.
+        num_experts (`int`, defaults to 3): LoRA experts per MLP (paper: 3).
+        lora_rank (`int`, defaults to 32), lora_alpha (`float`, defaults to 1.0): LoRA rank and scaling
+            numerator; experts are scaled by `lora_alpha / lora_rank`.
+        lora_dropout (`float`, defaults to 0.05): dropout on the LoRA input.
+        lora_bias (`bool`, defaults to `True`): LoRA A and B carry biases, as in the authors' code.
+        mole_routing (`"sparse"` or `"dense"`): top-1 expert per token, or the probability-weighted sum.
+        lora_b_init (`"zeros"` or `"kaiming"`): `"zeros"` keeps the student equal to CLIP at step 0;
+            `"kaiming"` (faithful) initialises B like A, as the authors' code does.
+        expert_output_scale (`"straight_through"`, `"probability"` or `"none"`): how the sparse path weights
+            the chosen expert. `"none"` (faithful) leaves the router trained by the balance loss alone;
+            `"probability"` multiplies by p_k; `"straight_through"` multiplies by p_k / stop_grad(p_k), which
+            keeps the faithful forward values while the task gradient reaches the router.
+        faithful (`bool`): shorthand setting every switch above to the authors' behaviour.
+    """
+
+    model_type = "movekd_llava"
+
+    def __init__(self, vision_config=None, text_config=None, **kwargs):
+        kwargs = self._set_mole_settings(kwargs)
+        super().__init__(vision_config=vision_config, text_config=text_config, **kwargs)
+
+
+class MoVEKDNextConfig(_MoLESettingsMixin, LlavaNextConfig):
+    r"""Configuration of [`MoVEKDNextForConditionalGeneration`]: LLaVA-NeXT (any-resolution tiles) with a MoLE
+    vision tower. Takes the MoLE arguments documented in [`MoVEKDConfig`]."""
+
+    model_type = "movekd_llava_next"
+
+    def __init__(self, vision_config=None, text_config=None, **kwargs):
+        kwargs = self._set_mole_settings(kwargs)
+        super().__init__(vision_config=vision_config, text_config=text_config, **kwargs)

@@ -1,0 +1,83 @@
+"""Processor for MoVE-KD checkpoints: LLaVA's processor with the Vicuna `v1` conversation as chat template.
+
+`<image>` in the text expands to one image token per student patch (LlavaProcessor does the counting).
+Shipped as remote code: imports only transformers.
+"""
+
+import json
+import os
+
+from transformers import LlavaProcessor
+
+VICUNA_SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
+
+# LLaVA-1.5 `v1`: "{system} USER: <image>\n{q} ASSISTANT: {a}</s>USER: ..." and "ASSISTANT:" to generate.
+# Images come first in a user turn, as LLaVA-1.5 placed them.
+VICUNA_V1_CHAT_TEMPLATE = (
+    "{{- '" + VICUNA_SYSTEM.replace("'", "\\'") + " ' -}}"
+    "{%- for message in messages -%}"
+    "{%- set role = 'USER' if message['role'] == 'user' else 'ASSISTANT' -%}"
+    "{{- role + ': ' -}}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}"
+    "{%- else -%}"
+    "{%- for item in message['content'] if item['type'] == 'image' -%}{{- '<image>\n' -}}{%- endfor -%}"
+    "{%- for item in message['content'] if item['type'] == 'text' -%}{{- item['text'] -}}{%- endfor -%}"
+    "{%- endif -%}"
+    "{{- ' ' if message['role'] == 'user' else '</s>' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
+)
+
+
+class MoVEKDProcessor(LlavaProcessor):
+    """`LlavaProcessor` whose default chat template is LLaVA-1.5's Vicuna `v1` conversation."""
+
+    # Arguments are spelled out: transformers saves a processor's settings by reading its signature.
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        patch_size=None,
+        vision_feature_select_strategy=None,
+        chat_template=None,
+        image_token="<image>",
+        num_additional_image_tokens=0,
+        **kwargs,
+    ):
+        super().__init__(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            patch_size=patch_size,
+            vision_feature_select_strategy=vision_feature_select_strategy,
+            chat_template=chat_template or VICUNA_V1_CHAT_TEMPLATE,
+            image_token=image_token,
+            num_additional_image_tokens=num_additional_image_tokens,
+            **kwargs,
+        )
+
+    def save_pretrained(self, save_directory, **kwargs):
+        result = super().save_pretrained(save_directory, **kwargs)
+        portable_tokenizer_config(os.path.join(save_directory, "tokenizer_config.json"))
+        return result
+
+
+def portable_tokenizer_config(path: str) -> None:
+    """Rewrite a tokenizer config saved by transformers 5 so transformers 4.x reads it too.
+
+    5.x names a plain `tokenizers` tokenizer `TokenizersBackend` and lists extra special tokens under
+    `extra_special_tokens`; 4.x knows the former as `PreTrainedTokenizerFast` and expects a dict under that
+    key, reading the list from `additional_special_tokens`. Both versions read the rewritten file.
+    """
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as file:
+        config = json.load(file)
+    if config.get("tokenizer_class") == "TokenizersBackend":
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    if isinstance(config.get("extra_special_tokens"), list):
+        config["additional_special_tokens"] = config.pop("extra_special_tokens")
+    with open(path, "w", encoding="utf-8") as file:
+        json.dump(config, file, indent=2, ensure_ascii=False)
