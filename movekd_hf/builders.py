@@ -65,11 +65,12 @@ def from_vision_and_llm(vision_path: str, llm_path: str, **mole_settings):
         raise ValueError(f"`--vision {vision_path}` is not a vision encoder (its config has no `patch_size`).")
     llm = AutoModelForCausalLM.from_pretrained(llm_path)
     tokenizer = AutoTokenizer.from_pretrained(llm_path)
-    added = {"additional_special_tokens": [IMAGE_TOKEN]} if IMAGE_TOKEN not in tokenizer.get_vocab() else {}
+    size_before = len(tokenizer)
+    if IMAGE_TOKEN not in tokenizer.get_vocab():  # first, so <image> then <pad> as in llava-hf (32000, 32001)
+        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     if tokenizer.pad_token is None:
-        added["pad_token"] = "<pad>"
-    if added:
-        tokenizer.add_special_tokens(added)
+        tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    if len(tokenizer) != size_before:
         llm.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
     config = MoVEKDConfig(
         vision_config=vision.config.to_dict(),

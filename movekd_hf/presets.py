@@ -73,7 +73,7 @@ def build_config(name: str, **overrides) -> MoVEKDConfig:
     return MoVEKDConfig(**kwargs)
 
 
-def build_byte_tokenizer():
+def build_byte_tokenizer(special_tokens: tuple[str, ...] = tuple(SPECIAL_TOKENS)):
     """A byte-level BPE tokenizer with no merges: every UTF-8 byte is a token, plus LLaVA's special tokens.
 
     It needs no download and encodes any text, which is all a tiny test model needs. Special tokens come
@@ -84,7 +84,7 @@ def build_byte_tokenizer():
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     vocab = {char: index for index, char in enumerate(sorted(alphabet, key=lambda c: _byte_of(c)))}
-    for token in SPECIAL_TOKENS:
+    for token in special_tokens:
         vocab[token] = len(vocab)
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
@@ -97,8 +97,8 @@ def build_byte_tokenizer():
         bos_token="<s>",
         eos_token="</s>",
         unk_token="<unk>",
-        pad_token="<pad>",
-        additional_special_tokens=[IMAGE_TOKEN],
+        pad_token="<pad>" if "<pad>" in special_tokens else None,
+        additional_special_tokens=[IMAGE_TOKEN] if IMAGE_TOKEN in special_tokens else [],
         padding_side="left",
         model_input_names=["input_ids", "attention_mask"],
     )

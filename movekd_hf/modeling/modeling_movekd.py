@@ -188,9 +188,12 @@ class _MoVEKDHeadMixin(_MoLEInitMixin):
         inputs_embeds=None,
         labels=None,
         logits_to_keep=0,
+        image_sizes=None,
         **kwargs,
     ):
         return_dict = kwargs.pop("return_dict", None)
+        if image_sizes is not None:  # LLaVA-NeXT tiles; spelled out so `generate` sees it is consumed
+            kwargs["image_sizes"] = image_sizes
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
