@@ -1,0 +1,370 @@
+"""Frozen teachers behind one interface.
+
+A `TeacherSpec` says what to build (backend, model id or config, input size, normalisation, which output to
+take); `build_teacher` hands it to the loader of its backend; the resulting `Teacher` turns one batch of images in
+[0, 1] into that teacher's `TeacherOutput` (patch tokens, their grid, the CLS token, and for the `clip` teacher the
+CLS-to-patch attention row). Backend differences live in the small loader/extractor pairs of `BACKENDS`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+RESIZE_MODES = ("crop", "pad", "squash")
+OUTPUTS = ("hidden_state", "feature_map")
+SAM_LAYOUTS = ("grid", "faithful")
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """What one teacher is and how it sees an image.
+
+    slug: lowercase key (`clip`, `eva`, ...). backend: "transformers" | "timm" | "vitdet".
+    model_id: Hub id (transformers / vitdet), timm model name, or a local folder or file.
+    pretrained: load real weights (from `checkpoint` if given, else `model_id`); False builds the architecture
+        from `config` with random weights (tests, meta-device plans).
+    resize_mode: "crop" (shortest side to image_size, centre crop; CLIP-style), "pad" (longest side to
+        image_size, pad bottom/right after normalising; SAM-style), "squash" (resize both sides).
+    output: "hidden_state" (token sequence at `feature_layer`, `num_prefix_tokens` leading tokens dropped) or
+        "feature_map" (the model's final [B, C, h, w] map).
+    sam_layout: "grid" (true 64 x 64 grid) or "faithful" (the authors' position/channel-mixing reshape,
+        METHOD.md section 6).
+    """
+
+    slug: str
+    backend: str
+    model_id: str
+    image_size: int
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+    resize_mode: str = "crop"
+    interpolation: str = "bicubic"
+    output: str = "hidden_state"
+    feature_layer: int = -2
+    num_prefix_tokens: int = 0
+    has_cls: bool = False
+    cls_attention: bool = False
+    pretrained: bool = True
+    checkpoint: str | None = None
+    filename: str | None = None
+    model_class: str = "AutoModel"
+    config: Mapping = field(default_factory=dict)
+    sam_layout: str = "grid"
+
+    def __post_init__(self) -> None:
+        if not self.slug or self.slug != self.slug.lower():
+            raise ValueError(f"TeacherSpec.slug must be a lowercase key, got {self.slug!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(
+                f"TeacherSpec.backend for {self.slug!r} is {self.backend!r}; expected one of {list(BACKENDS)}"
+            )
+        for name, value, allowed in (
+            ("resize_mode", self.resize_mode, RESIZE_MODES),
+            ("output", self.output, OUTPUTS),
+            ("sam_layout", self.sam_layout, SAM_LAYOUTS),
+        ):
+            if value not in allowed:
+                raise ValueError(f"TeacherSpec.{name} for {self.slug!r} is {value!r}; expected one of {allowed}")
+        if self.image_size <= 0:
+            raise ValueError(f"TeacherSpec.image_size for {self.slug!r} must be positive, got {self.image_size}")
+        if self.has_cls and self.num_prefix_tokens < 1:
+            raise ValueError(f"TeacherSpec {self.slug!r}: has_cls=True needs num_prefix_tokens >= 1")
+        if self.cls_attention and not (
+            self.has_cls and self.backend == "transformers" and self.output == "hidden_state"
+        ):
+            raise ValueError(
+                f"TeacherSpec {self.slug!r}: cls_attention needs a transformers hidden_state teacher with a CLS token"
+            )
+        if self.sam_layout == "faithful" and self.output != "feature_map":
+            raise ValueError(f"TeacherSpec {self.slug!r}: sam_layout='faithful' applies to feature_map outputs only")
+
+
+@dataclass
+class TeacherOutput:
+    """tokens [B, N_t, C_t]; grid (h, w) with h * w = N_t; cls [B, C_t] or None; cls_attention [B, N_t] or None
+    (CLS query's attention over the patch keys, softmax over all keys, averaged over heads)."""
+
+    tokens: torch.Tensor
+    grid: tuple[int, int]
+    cls: torch.Tensor | None = None
+    cls_attention: torch.Tensor | None = None
+
+
+# ----------------------------------------------------------------------------------------------- preprocessing
+
+
+def resized_size(height: int, width: int, spec: TeacherSpec) -> tuple[int, int]:
+    """Size before cropping/padding: "crop" scales the shortest side to image_size (other side truncated, as
+    CLIPImageProcessor does), "pad" the longest side (other side rounded, as SamImageProcessor does)."""
+    size = spec.image_size
+    if spec.resize_mode == "squash":
+        return size, size
+    if spec.resize_mode == "crop":
+        short, long = min(height, width), max(height, width)
+        other = int(size * long / short)
+        return (size, other) if height <= width else (other, size)
+    scale = size / max(height, width)
+    return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
+
+
+def prepare_images(images: torch.Tensor, spec: TeacherSpec) -> torch.Tensor:
+    """[B, 3, H, W] floats in [0, 1] -> the teacher's normalised [B, 3, S, S] input, on the batch's device."""
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"teacher {spec.slug!r} expects images [B, 3, H, W], got {tuple(images.shape)}")
+    size = spec.image_size
+    target = resized_size(images.shape[-2], images.shape[-1], spec)
+    x = images
+    if target != tuple(images.shape[-2:]):
+        antialias = spec.interpolation in ("bilinear", "bicubic")
+        x = F.interpolate(x, size=target, mode=spec.interpolation, antialias=antialias, align_corners=False)
+        x = x.clamp(0.0, 1.0)  # bicubic overshoots
+    if spec.resize_mode == "crop":
+        top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
+        x = x[..., top : top + size, left : left + size]
+    mean = torch.tensor(spec.mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    x = (x - mean) / std
+    if spec.resize_mode == "pad":
+        # SAM pads the normalised image with zeros at the bottom and right.
+        x = F.pad(x, (0, size - x.shape[-1], 0, size - x.shape[-2]))
+    return x
+
+
+# ------------------------------------------------------------------------------------------- token layouts
+
+
+def tokens_from_map(feature_map: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    """[B, C, h, w] -> tokens [B, h*w, C] in row-major grid order, and (h, w)."""
+    return feature_map.flatten(2).transpose(1, 2), (feature_map.shape[-2], feature_map.shape[-1])
+
+
+def sam_faithful_layout(feature_map: torch.Tensor) -> torch.Tensor:
+    """The authors' SAM reshape (METHOD.md section 6), generalised from [B, 256, 64, 64]: flatten (C, H),
+    swap with W, fold to [B, W, 2H, C/2], pixel-unshuffle by 2, read as C channels of H*W values.
+
+    [B, C, H, W] -> tokens [B, H*W, C]; a fixed permutation that mixes positions and channels.
+    """
+    b, c, h, w = feature_map.shape
+    if c % 4:
+        raise ValueError(f"sam_layout='faithful' needs channels divisible by 4, got {c}")
+    x = feature_map.reshape(b, c * h, w).transpose(1, 2)  # [B, W, C*H]
+    x = x.reshape(b, w, 2 * h, c // 2)
+    x = F.pixel_unshuffle(x, 2)  # [B, 4W, H, C/4]
+    return x.reshape(b, c, h * w).transpose(1, 2)
+
+
+def _split_prefix(hidden: torch.Tensor, spec: TeacherSpec) -> TeacherOutput:
+    """[B, P + N, C] -> patch tokens (prefix dropped), square grid, CLS at position 0 if the spec has one."""
+    tokens = hidden[:, spec.num_prefix_tokens :]
+    side = math.isqrt(tokens.shape[1])
+    if side * side != tokens.shape[1]:
+        raise ValueError(
+            f"teacher {spec.slug!r}: {tokens.shape[1]} patch tokens after dropping {spec.num_prefix_tokens} "
+            "prefix tokens is not a square grid; check num_prefix_tokens"
+        )
+    cls = hidden[:, 0] if spec.has_cls else None
+    return TeacherOutput(tokens=tokens, grid=(side, side), cls=cls)
+
+
+def _from_map(feature_map: torch.Tensor, spec: TeacherSpec) -> TeacherOutput:
+    if feature_map.dim() != 4:
+        raise ValueError(
+            f"teacher {spec.slug!r}: output='feature_map' expects [B, C, h, w], got {tuple(feature_map.shape)}"
+        )
+    tokens, grid = tokens_from_map(feature_map)
+    if spec.sam_layout == "faithful":
+        tokens = sam_faithful_layout(feature_map)
+    return TeacherOutput(tokens=tokens, grid=grid)
+
+
+# ----------------------------------------------------------------------------------------- CLS attention row
+
+
+def _encoder_layers(model: nn.Module) -> nn.ModuleList:
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and name.endswith("encoder.layers"):
+            return module
+    raise TypeError(
+        f"{type(model).__name__} has no `encoder.layers`; cls_attention supports CLIP/SigLIP-style encoders"
+    )
+
+
+def cls_attention_row(normed: torch.Tensor, attention: nn.Module) -> torch.Tensor:
+    """CLS query's attention over the patch keys, from a layer's normalised input.
+
+    normed: [B, 1 + N, D] (the layer's input after layer_norm1); attention: module with q_proj, k_proj,
+    num_heads, head_dim, scale. Softmax over all 1 + N keys (in float32), keep the N patch keys, mean over heads.
+    Returns [B, N].
+    """
+    b, n, _ = normed.shape
+    q = attention.q_proj(normed[:, :1]).view(b, 1, attention.num_heads, attention.head_dim).transpose(1, 2)
+    k = attention.k_proj(normed).view(b, n, attention.num_heads, attention.head_dim).transpose(1, 2)
+    scores = (q.float() @ k.float().transpose(-1, -2)) * attention.scale  # [B, H, 1, 1 + N]
+    probs = scores.softmax(dim=-1)
+    return probs[:, :, 0, 1:].mean(dim=1).to(normed.dtype)
+
+
+# -------------------------------------------------------------------------------------------------- backends
+
+
+def _resolve_transformers_class(name: str):
+    import transformers
+
+    cls = getattr(transformers, name, None)
+    if cls is None:
+        raise ValueError(f"TeacherSpec.model_class {name!r} is not a transformers class")
+    return cls
+
+
+def load_transformers_teacher(spec: TeacherSpec) -> nn.Module:
+    from transformers import AutoConfig
+
+    cls = _resolve_transformers_class(spec.model_class)
+    if spec.pretrained:
+        return cls.from_pretrained(spec.checkpoint or spec.model_id)
+    config = dict(spec.config)
+    if "model_type" not in config:
+        raise ValueError(f"teacher {spec.slug!r}: building without weights needs config['model_type']")
+    config = AutoConfig.for_model(config.pop("model_type"), **config)
+    # Auto classes dispatch through from_config; a concrete model class builds through _from_config.
+    return cls.from_config(config) if hasattr(cls, "from_config") else cls._from_config(config)
+
+
+def extract_transformers(model: nn.Module, pixel_values: torch.Tensor, spec: TeacherSpec) -> TeacherOutput:
+    if spec.output == "feature_map":
+        return _from_map(model(pixel_values=pixel_values).last_hidden_state, spec)
+    captured: dict[str, torch.Tensor] = {}
+    handle = None
+    if spec.cls_attention:
+        layers = _encoder_layers(model)
+        # hidden_states[k] is the output of layer k - 1, so the layer producing index `feature_layer` is:
+        index = spec.feature_layer % (len(layers) + 1) - 1
+        if index < 0:
+            raise ValueError(
+                f"teacher {spec.slug!r}: feature_layer {spec.feature_layer} is the embeddings, not a layer"
+            )
+        layer = layers[index]
+
+        def hook(_module, _inputs, output):
+            captured["row"] = cls_attention_row(output, layer.self_attn)
+
+        handle = layer.layer_norm1.register_forward_hook(hook)
+    try:
+        outputs = model(pixel_values=pixel_values, output_hidden_states=True)
+    finally:
+        if handle is not None:
+            handle.remove()
+    out = _split_prefix(outputs.hidden_states[spec.feature_layer], spec)
+    out.cls_attention = captured.get("row")
+    return out
+
+
+def load_timm_teacher(spec: TeacherSpec) -> nn.Module:
+    import timm
+
+    kwargs = dict(spec.config)
+    name = spec.model_id
+    if spec.pretrained and spec.checkpoint and os.path.isdir(spec.checkpoint):
+        # A folder written by timm (config.json + weights), as on the Hub: timm reads both from it.
+        name = f"local-dir:{os.fspath(spec.checkpoint)}"
+    elif spec.pretrained and spec.checkpoint:
+        # A bare weights file replaces the Hub download; timm still applies its own key filtering.
+        kwargs["pretrained_cfg_overlay"] = dict(file=os.fspath(spec.checkpoint))
+    return timm.create_model(name, pretrained=spec.pretrained, **kwargs)
+
+
+def extract_timm(model: nn.Module, pixel_values: torch.Tensor, spec: TeacherSpec) -> TeacherOutput:
+    if spec.output == "feature_map":
+        return _from_map(model.forward_features(pixel_values), spec)
+    ((patches, prefix),) = model.forward_intermediates(
+        pixel_values,
+        indices=[spec.feature_layer],
+        return_prefix_tokens=True,
+        norm=False,
+        output_fmt="NLC",
+        intermediates_only=True,
+    )
+    return _split_prefix(torch.cat([prefix, patches], dim=1), spec)
+
+
+def load_vitdet_teacher(spec: TeacherSpec) -> nn.Module:
+    from .vitdet_eva import EVA02ViTDet, EVA02ViTDetConfig, load_eva02_det_state_dict
+
+    model = EVA02ViTDet(EVA02ViTDetConfig(**spec.config))
+    if spec.pretrained:
+        path = spec.checkpoint
+        if path is None and os.path.exists(spec.model_id):
+            path = spec.model_id
+        if path is None:
+            from huggingface_hub import hf_hub_download
+
+            if not spec.filename:
+                raise ValueError(f"teacher {spec.slug!r}: a Hub vitdet checkpoint needs TeacherSpec.filename")
+            path = hf_hub_download(spec.model_id, spec.filename)
+        load_eva02_det_state_dict(model, path)
+    return model
+
+
+def extract_vitdet(model: nn.Module, pixel_values: torch.Tensor, spec: TeacherSpec) -> TeacherOutput:
+    return _from_map(model(pixel_values), spec)
+
+
+@dataclass(frozen=True)
+class Backend:
+    load: Callable[[TeacherSpec], nn.Module]
+    extract: Callable[[nn.Module, torch.Tensor, TeacherSpec], TeacherOutput]
+
+
+BACKENDS: dict[str, Backend] = {
+    "transformers": Backend(load_transformers_teacher, extract_transformers),
+    "timm": Backend(load_timm_teacher, extract_timm),
+    "vitdet": Backend(load_vitdet_teacher, extract_vitdet),
+}
+
+
+# ---------------------------------------------------------------------------------------------- the wrapper
+
+
+class Teacher(nn.Module):
+    """A frozen teacher: images [B, 3, H, W] in [0, 1] -> TeacherOutput. Its model never trains: parameters
+    have requires_grad=False, forward runs under no_grad, and `.train()` leaves the model in eval mode."""
+
+    def __init__(self, spec: TeacherSpec, model: nn.Module):
+        super().__init__()
+        self.spec = spec
+        self.model = model
+        self.model.requires_grad_(False)
+        self.model.eval()
+
+    @property
+    def slug(self) -> str:
+        return self.spec.slug
+
+    def train(self, mode: bool = True) -> Teacher:
+        super().train(mode)
+        self.model.eval()  # dropout/batch-norm statistics of a teacher must never change
+        return self
+
+    def forward(self, images: torch.Tensor) -> TeacherOutput:
+        reference = next(self.model.parameters())
+        pixel_values = prepare_images(images.to(device=reference.device), self.spec).to(reference.dtype)
+        with torch.no_grad():
+            return BACKENDS[self.spec.backend].extract(self.model, pixel_values, self.spec)
+
+
+def build_teacher(spec: TeacherSpec) -> Teacher:
+    """Build the teacher of `spec` through its backend's loader (under a `torch.device("meta")` context the
+    architecture is built without memory, for shape checks)."""
+    return Teacher(spec, BACKENDS[spec.backend].load(spec))
