@@ -1,0 +1,297 @@
+"""Model cards for MoVE-KD checkpoints, built with `huggingface_hub.ModelCard` / `ModelCardData`.
+
+Evaluation results are written twice: as `model-index` metadata in the card (the long-standing format) and as
+`.eval_results/<benchmark>.yaml` files (the Hub's newer format: a YAML list of `{dataset: {id, task_id}, value,
+source, notes}` entries per benchmark dataset, built with `huggingface_hub.EvalResultEntry`).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from huggingface_hub import EvalResult, EvalResultEntry, ModelCard, ModelCardData, eval_result_entries_to_yaml
+
+from .card_template import CARD_TEMPLATE
+from .run_dir import RunDir, read_run_dir
+
+ARXIV_ID = "2501.01709"
+PAPER_URL = f"https://arxiv.org/abs/{ARXIV_ID}"
+CITATION = """@inproceedings{cao2025movekd,
+  title         = {MoVE-KD: Knowledge Distillation for VLMs with Mixture of Visual Encoders},
+  author        = {Cao, Jiajun and Zhang, Yuan and Huang, Tao and Lu, Ming and Zhang, Qizhe and
+                   An, Ruichuan and Ma, Ningning and Zhang, Shanghang},
+  booktitle     = {Proceedings of the IEEE/CVF Conference on Computer Vision and Pattern Recognition (CVPR)},
+  year          = {2025},
+  eprint        = {2501.01709},
+  archivePrefix = {arXiv}
+}"""
+EXAMPLE_IMAGE = "https://huggingface.co/datasets/huggingface/documentation-images/resolve/main/pipeline-cat-chonk.jpeg"
+PLACEHOLDER_REPO_ID = "<namespace>/<model-name>"
+CARD_TAGS = ["movekd", "llava", "knowledge-distillation", "mixture-of-experts", "lora", "custom_code"]
+EVAL_NOTES = "movekd-hf evaluation: LLaVA-1.5 prompts, greedy decoding"
+
+
+@dataclass(frozen=True)
+class TeacherInfo:
+    name: str
+    model_id: str
+    license: str
+
+
+# The paper's teachers (METHOD.md section 1). A run may name others; their licence is then "not recorded".
+KNOWN_TEACHERS: dict[str, TeacherInfo] = {
+    "clip": TeacherInfo("clip", "openai/clip-vit-large-patch14-336", "MIT"),
+    "eva": TeacherInfo("eva", "Yuxin-CV/EVA-02 `eva02/det/eva02_L_coco_det_sys_o365.pth` (EVA-02-L ViTDet)", "MIT"),
+    "convnext": TeacherInfo(
+        "convnext",
+        "timm/convnext_xxlarge.clip_laion2b_soup (open_clip laion2B-s34B-b82K-augreg-soup)",
+        "MIT (weights); LAION-2B dataset terms apply",
+    ),
+    "sam": TeacherInfo("sam", "facebook/sam-vit-large", "Apache-2.0"),
+}
+
+
+@dataclass(frozen=True)
+class BenchmarkInfo:
+    pretty_name: str
+    dataset_id: str
+
+
+# Benchmarks of the paper (METHOD.md section 7) with the Hub datasets that host them (lmms-lab mirrors).
+KNOWN_BENCHMARKS: dict[str, BenchmarkInfo] = {
+    "vqav2": BenchmarkInfo("VQAv2", "lmms-lab/VQAv2"),
+    "gqa": BenchmarkInfo("GQA", "lmms-lab/GQA"),
+    "textvqa": BenchmarkInfo("TextVQA", "lmms-lab/textvqa"),
+    "vizwiz": BenchmarkInfo("VizWiz", "lmms-lab/VizWiz-VQA"),
+    "pope": BenchmarkInfo("POPE", "lmms-lab/POPE"),
+    "scienceqa": BenchmarkInfo("ScienceQA-IMG", "lmms-lab/ScienceQA"),
+    "mme": BenchmarkInfo("MME", "lmms-lab/MME"),
+    "mmbench": BenchmarkInfo("MMBench", "lmms-lab/MMBench"),
+}
+_BENCHMARK_ALIASES = {
+    "sqa": "scienceqa",
+    "sqaimg": "scienceqa",
+    "scienceqaimg": "scienceqa",
+    "mmb": "mmbench",
+    "mmbenchen": "mmbench",
+}
+
+# Recipe fields worth showing from a `TrainingArguments.to_dict()` dump (it has ~100 entries).
+TRAINING_ARG_FIELDS = (
+    "learning_rate", "lr_scheduler_type", "warmup_ratio", "warmup_steps", "num_train_epochs", "max_steps",
+    "per_device_train_batch_size", "gradient_accumulation_steps", "weight_decay", "optim", "bf16", "fp16",
+    "gradient_checkpointing", "deepspeed", "seed",
+)  # fmt: skip
+# train_config.json keys with their own place in the card, so not repeated as hyper-parameters.
+_TRAIN_CONFIG_SPECIAL = {"teachers", "teacher_set", "base_model", "vision_tower", "license", "datasets"}
+
+
+def benchmark_key(name: str) -> str:
+    """Normalise a benchmark name (`"VQA-v2"`, `"vqav2"`) to the registry key."""
+    key = re.sub(r"[^a-z0-9]", "", name.lower())
+    return _BENCHMARK_ALIASES.get(key, key)
+
+
+def resolve_teachers(train_config: dict[str, Any] | None) -> list[TeacherInfo]:
+    """The run's teachers from `train_config["teachers"]` (slug list, slug->id dict or list of dicts)."""
+    raw = (train_config or {}).get("teachers")
+    if raw is None:
+        return []
+    if isinstance(raw, dict):
+        raw = [{"name": name, "model_id": model_id} for name, model_id in raw.items()]
+    if not isinstance(raw, list):
+        raise ValueError(f"train_config.json: `teachers` must be a list or a dict, got {type(raw).__name__}.")
+    teachers = []
+    for item in raw:
+        entry = {"name": item} if isinstance(item, str) else item
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise ValueError(f"train_config.json: each teacher needs a string `name`, got {item!r}.")
+        known = KNOWN_TEACHERS.get(entry["name"])
+        model_id = entry.get("model_id") or (known.model_id if known else "not recorded")
+        # A known slug keeps its licence only while it points at the known weights.
+        same_weights = known is not None and model_id == known.model_id
+        license_ = entry.get("license") or (known.license if same_weights else "not recorded")
+        teachers.append(TeacherInfo(entry["name"], model_id, license_))
+    return teachers
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return ", ".join(str(v) for v in value)
+    return str(value)
+
+
+def collect_hyperparameters(run: RunDir) -> list[tuple[str, str]]:
+    """(name, value) rows from `train_config.json` (all scalars) and `training_args.json` (recipe fields)."""
+    rows: dict[str, str] = {}
+    for name, value in (run.training_args or {}).items():
+        # `max_steps=-1` means "use num_train_epochs"; showing it would only confuse.
+        if name in TRAINING_ARG_FIELDS and value is not None and not (name == "max_steps" and value < 0):
+            rows[name] = _format_value(value)
+    for name, value in sorted((run.train_config or {}).items()):
+        is_scalar_list = isinstance(value, list) and all(isinstance(v, (str, int, float, bool)) for v in value)
+        if name not in _TRAIN_CONFIG_SPECIAL and (isinstance(value, (str, int, float, bool)) or is_scalar_list):
+            rows[name] = _format_value(value)
+    return list(rows.items())
+
+
+def describe_architecture(config: dict[str, Any], run: RunDir) -> list[tuple[str, str]]:
+    """(part, description) rows from config.json, the base LLM and student ids when the run recorded them."""
+    train_config = run.train_config or {}
+    text, vision = config.get("text_config", {}), config.get("vision_config", {})
+    rows = []
+    if train_config.get("base_model"):
+        rows.append(("base model", f"`{train_config['base_model']}`"))
+    llm = f"{text.get('model_type', '?')}, {text.get('num_hidden_layers', '?')} layers"
+    rows.append(("language model", f"{llm}, hidden {text.get('hidden_size', '?')}"))
+    student = (
+        f"{vision.get('model_type', '?')}, {vision.get('num_hidden_layers', '?')} layers, hidden "
+        f"{vision.get('hidden_size', '?')}, {vision.get('image_size', '?')} px, patch {vision.get('patch_size', '?')}"
+    )
+    if train_config.get("vision_tower"):
+        student = f"`{train_config['vision_tower']}` ({student})"
+    rows.append(("student encoder", student))
+    mole_fields = ("num_experts", "lora_rank", "lora_alpha", "lora_dropout", "mole_routing")
+    mole = ", ".join(f"{name}={config[name]}" for name in mole_fields if name in config)
+    if mole:
+        rows.append(("MoLE (every encoder MLP)", mole))
+    faithful_fields = ("lora_b_init", "expert_output_scale")
+    if any(name in config for name in faithful_fields):
+        rows.append(("MoLE variant", ", ".join(f"{n}={config[n]}" for n in faithful_fields if n in config)))
+    if "projector_hidden_act" in config:
+        rows.append(("projector", f"Linear, {config['projector_hidden_act']}, Linear"))
+    if "vision_feature_layer" in config:
+        rows.append(("vision feature layer", str(config["vision_feature_layer"])))
+    return rows
+
+
+def _result_rows(results: dict[str, dict[str, float]]) -> list[tuple[str, str, float]]:
+    rows = []
+    for benchmark, metrics in results.items():
+        info = KNOWN_BENCHMARKS.get(benchmark_key(benchmark))
+        for metric, value in metrics.items():
+            rows.append((info.pretty_name if info else benchmark, metric, value))
+    return rows
+
+
+def model_index_results(results: dict[str, dict[str, float]]) -> list[EvalResult]:
+    """One `EvalResult` per (benchmark, metric), for the card's `model-index`."""
+    entries = []
+    for benchmark, metrics in results.items():
+        info = KNOWN_BENCHMARKS.get(benchmark_key(benchmark))
+        for metric, value in metrics.items():
+            entries.append(
+                EvalResult(
+                    task_type="image-text-to-text",
+                    dataset_type=info.dataset_id if info else benchmark,
+                    dataset_name=info.pretty_name if info else benchmark,
+                    metric_type=metric,
+                    metric_name=metric,
+                    metric_value=value,
+                )
+            )
+    return entries
+
+
+def eval_results_files(results: dict[str, dict[str, float]], repo_id: str | None = None) -> dict[str, str]:
+    """`.eval_results/<benchmark>.yaml` texts: one file per benchmark, one entry per metric.
+
+    The format needs a Hub dataset id, so benchmarks outside `KNOWN_BENCHMARKS` are left out here (they still
+    appear in `model-index` and in the card's table).
+    """
+    source_url = f"https://huggingface.co/{repo_id}" if repo_id else None
+    files = {}
+    for benchmark, metrics in results.items():
+        key = benchmark_key(benchmark)
+        info = KNOWN_BENCHMARKS.get(key)
+        if info is None:
+            continue
+        entries = [
+            EvalResultEntry(
+                dataset_id=info.dataset_id,
+                task_id=metric,
+                value=value,
+                source_url=source_url,
+                source_name="Model card" if source_url else None,
+                notes=EVAL_NOTES,
+            )
+            for metric, value in metrics.items()
+        ]
+        files[f".eval_results/{key}.yaml"] = yaml.safe_dump(eval_result_entries_to_yaml(entries), sort_keys=False)
+    return files
+
+
+def build_card_data(run: RunDir, repo_id: str | None = None) -> ModelCardData:
+    """The card's YAML metadata: only fields the run dir supports."""
+    train_config = run.train_config or {}
+    datasets = train_config.get("datasets")
+    model_name = (repo_id or run.root.resolve().name).split("/")[-1]
+    return ModelCardData(
+        base_model=train_config.get("base_model"),
+        datasets=datasets if datasets else None,
+        license=train_config.get("license"),
+        library_name="transformers",
+        pipeline_tag="image-text-to-text",
+        tags=CARD_TAGS,
+        model_name=model_name,
+        eval_results=model_index_results(run.eval_results) if run.eval_results else None,
+    )
+
+
+def build_model_card(run: RunDir, repo_id: str | None = None) -> ModelCard:
+    """Render the card for a run; works offline (no Hub call)."""
+    train_config = run.train_config or {}
+    card_data = build_card_data(run, repo_id)
+    return ModelCard.from_template(
+        card_data,
+        template_str=CARD_TEMPLATE,
+        model_title=card_data.model_name,
+        paper_url=PAPER_URL,
+        arxiv_id=ARXIV_ID,
+        citation=CITATION,
+        repo_id=repo_id or PLACEHOLDER_REPO_ID,
+        example_image=EXAMPLE_IMAGE,
+        architecture=describe_architecture(run.config, run),
+        teachers=resolve_teachers(run.train_config),
+        teacher_set=train_config.get("teacher_set"),
+        hyperparameters=collect_hyperparameters(run),
+        recipe_summary=(
+            "MoVE-KD trains in the two LLaVA-1.5 stages, distilling in both: stage 1 trains the MoLE experts, "
+            "routers, teacher adapters and projector; stage 2 also trains the LLM. Loss: "
+            "`L_lm + lambda_kd * L_kd + lambda_bal * L_bal`. The values below are the ones this run recorded."
+        ),
+        results=_result_rows(run.eval_results) if run.eval_results else [],
+        plots=run.plots,
+    )
+
+
+def render_repo_files(run: RunDir, repo_id: str | None = None) -> dict[str, str]:
+    """Card and eval-results texts keyed by their path in the repo."""
+    files = {"README.md": str(build_model_card(run, repo_id)).rstrip("\n") + "\n"}
+    if run.eval_results:
+        files.update(eval_results_files(run.eval_results, repo_id))
+    return files
+
+
+def write_card(run_dir: str | Path, output_dir: str | Path | None = None, repo_id: str | None = None) -> list[Path]:
+    """Write README.md, `.eval_results/*.yaml` and the plots into `output_dir` (default: the checkpoint)."""
+    run = read_run_dir(run_dir)
+    output = Path(output_dir) if output_dir is not None else run.checkpoint
+    written = []
+    for path_in_repo, text in render_repo_files(run, repo_id).items():
+        target = output / path_in_repo
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text, encoding="utf-8")
+        written.append(target)
+    for plot in run.plots:
+        target = output / "plots" / plot.name
+        if target.resolve() != plot.resolve():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(plot, target)
+        written.append(target)
+    return written

@@ -1,0 +1,130 @@
+"""Publish a run to the Hub in one commit: weights, remote code, processor, card, eval results, plots.
+
+Nothing is written locally: the card is rendered in memory and files are read, never moved or rewritten, so a
+failed push leaves the run directory exactly as it was.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from pathlib import Path
+
+from huggingface_hub import CommitOperationAdd, HfApi, get_token
+from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+
+from .card import render_repo_files
+from .run_dir import RunDir, read_run_dir
+
+# Training state and tool files that may sit in a checkpoint folder but are not part of the released model.
+EXCLUDED_PATTERNS = (
+    "optimizer.pt", "scheduler.pt", "rng_state*.pth", "trainer_state.json", "training_args.bin",
+    "distill_adapters.safetensors", "zero_to_fp32.py", "latest", ".*", "README.md",
+)  # fmt: skip
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "vocab.json")
+COMMIT_MESSAGE = "Upload MoVE-KD model with movekd-hf"
+
+
+class PushError(RuntimeError):
+    """A push that could not happen; the message says why and what to do."""
+
+
+def _remote_code_files(checkpoint: Path, config: dict) -> list[str]:
+    auto_map = config.get("auto_map")
+    if not auto_map:
+        raise PushError(
+            f"{checkpoint / 'config.json'} has no `auto_map`: save the model with `save_pretrained` from "
+            "movekd_hf so its remote code (*.py) is written next to the weights."
+        )
+    modules = set()
+    for reference in auto_map.values():
+        reference = reference[0] if isinstance(reference, (list, tuple)) else reference
+        if reference:
+            modules.add(reference.split("--")[-1].rsplit(".", 1)[0] + ".py")
+    missing = sorted(name for name in modules if not (checkpoint / name).is_file())
+    if missing:
+        raise PushError(f"Remote code named in config.json's auto_map is missing from {checkpoint}: {missing}.")
+    return sorted(modules)
+
+
+def _check_weights(checkpoint: Path) -> None:
+    index = checkpoint / "model.safetensors.index.json"
+    if (checkpoint / "model.safetensors").is_file():
+        return
+    if not index.is_file():
+        raise PushError(f"No weights in {checkpoint}: expected model.safetensors or model.safetensors.index.json.")
+    shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+    missing = sorted(shard for shard in shards if not (checkpoint / shard).is_file())
+    if missing:
+        raise PushError(f"Weight shards listed in {index} are missing: {missing}.")
+
+
+def _check_processor(checkpoint: Path) -> None:
+    for group, label in ((PROCESSOR_FILES, "image processor"), (TOKENIZER_FILES, "tokenizer")):
+        if not any((checkpoint / name).is_file() for name in group):
+            raise PushError(
+                f"No {label} files in {checkpoint} (expected one of {list(group)}): save the processor with "
+                "`processor.save_pretrained(checkpoint)` before pushing."
+            )
+
+
+def collect_upload_files(run: RunDir, repo_id: str, card_path: str | Path | None = None) -> dict[str, Path | bytes]:
+    """Everything the commit will hold, keyed by path in the repo (local files as paths, rendered ones as bytes)."""
+    checkpoint = run.checkpoint
+    _remote_code_files(checkpoint, run.config)
+    _check_weights(checkpoint)
+    _check_processor(checkpoint)
+    files: dict[str, Path | bytes] = {}
+    for path in sorted(checkpoint.iterdir()):
+        # Sub-folders are left out: they hold trainer/DeepSpeed state (global_step*, checkpoint-*), not the model.
+        if path.is_file() and not any(fnmatch.fnmatch(path.name, pattern) for pattern in EXCLUDED_PATTERNS):
+            files[path.name] = path
+    for path_in_repo, text in render_repo_files(run, repo_id).items():
+        files[path_in_repo] = text.encode("utf-8")
+    if card_path is not None:
+        files["README.md"] = Path(card_path).read_bytes()
+    for plot in run.plots:
+        files[f"plots/{plot.name}"] = plot
+    return files
+
+
+def _commit(api: HfApi, repo_id: str, private: bool, operations: list[CommitOperationAdd]) -> str:
+    try:
+        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        info = api.create_commit(repo_id, operations, commit_message=COMMIT_MESSAGE, repo_type="model")
+    except RepositoryNotFoundError as error:
+        raise PushError(
+            f"Repository {repo_id!r} was not found, or your token cannot write to it (HTTP 404). Check the "
+            "namespace and that the token has write access. Nothing was uploaded."
+        ) from error
+    except HfHubHTTPError as error:
+        status = error.response.status_code if error.response is not None else "no response"
+        raise PushError(
+            f"Upload to {repo_id!r} failed (HTTP {status}): {error}. Nothing was committed; the local run "
+            "directory is unchanged, so the same command can be retried."
+        ) from error
+    return info.commit_url
+
+
+def push_run(
+    run_dir: str | Path,
+    repo_id: str,
+    private: bool = False,
+    token: str | None = None,
+    card_path: str | Path | None = None,
+) -> str:
+    """Create `repo_id` if needed and upload the run in a single commit; returns the commit URL."""
+    run = read_run_dir(run_dir)
+    files = collect_upload_files(run, repo_id, card_path)
+    token = token or get_token()
+    if not token:
+        raise PushError(
+            "No Hugging Face token found: run `hf auth login`, set the HF_TOKEN environment variable, or pass "
+            "--token. Nothing was uploaded."
+        )
+    operations = [
+        CommitOperationAdd(path_in_repo=name, path_or_fileobj=content if isinstance(content, bytes) else str(content))
+        for name, content in files.items()
+    ]
+    return _commit(HfApi(token=token), repo_id, private, operations)
