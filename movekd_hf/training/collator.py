@@ -1,0 +1,163 @@
+"""Batch collation: pads token columns, decodes images lazily and prepares student and teacher pixels.
+
+Text-only samples carry no image: `pixel_values` holds one entry per image in sample order
+([sum(images_per_sample), 3, H, W]). Hugging Face LLaVA scatters image features into the positions of the image
+token, so a mixed batch needs no dummy image per text-only row (LLaVA's original code needed one per row). A batch
+with no image at all gets `pixel_values=None` (and `None` teacher inputs): CLIP cannot run on an empty batch
+(its attention reshape fails on 0 elements, checked with transformers 5.23). Under DDP the vision tower then has
+no gradient on that step, so the trainer must either use `ddp_find_unused_parameters=True` or, as LLaVA does,
+run a dummy image and add its output times zero to the loss.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .data import BadSampleError, BadSampleReport, check_on_bad_sample, open_image, sample_name
+from .templates import IGNORE_INDEX
+
+logger = logging.getLogger(__name__)
+
+IMAGE_ASPECTS = ("pad", "resize")
+TeacherPreprocess = Callable[[list[Image.Image]], torch.Tensor]
+
+
+def expand_to_square(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    """LLaVA's `expand2square`: centre the image on a square canvas of the background colour."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    canvas = Image.new(image.mode, (side, side), background)
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    return canvas
+
+
+def centre_crop_square(image: Image.Image) -> Image.Image:
+    width, height = image.size
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    return image.crop((left, top, left + side, top + side))
+
+
+def mean_colour(image_processor: Any) -> tuple[int, int, int]:
+    """The processor's normalisation mean as an RGB byte colour: padding that normalises to zero."""
+    mean = getattr(image_processor, "image_mean", None) or (0.5, 0.5, 0.5)
+    return tuple(int(channel * 255) for channel in mean)  # type: ignore[return-value]
+
+
+def images_to_unit_tensor(images: Sequence[Image.Image], size: int) -> torch.Tensor:
+    """Square RGB images -> float tensor [N, 3, size, size] in [0, 1] (bicubic resize, clamped)."""
+    arrays = [np.asarray(image.resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32) for image in images]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).div(255.0).clamp(0.0, 1.0)  # [N, 3, S, S]
+
+
+def pad_sequences(sequences: Sequence[Sequence[int]], value: int, side: str = "right") -> torch.Tensor:
+    longest = max((len(sequence) for sequence in sequences), default=0)
+    batch = torch.full((len(sequences), longest), value, dtype=torch.long)  # [B, L]
+    for row, sequence in enumerate(sequences):
+        if len(sequence):
+            tensor = torch.as_tensor(sequence, dtype=torch.long)
+            if side == "right":
+                batch[row, : len(sequence)] = tensor
+            else:
+                batch[row, longest - len(sequence) :] = tensor
+    return batch
+
+
+class MoVEKDDataCollator:
+    """Collate tokenised records (from `tokenize_dataset`) into model and distillation inputs.
+
+    Returns `input_ids`, `attention_mask`, `labels` [B, L]; `pixel_values` [N_img, 3, H, W] (None if N_img = 0);
+    `images_per_sample` [B]; and, when asked, `teacher_images` [N_img, 3, S, S] in [0, 1] (teachers resize and
+    normalise on device) and/or `teacher_pixel_values` {teacher: tensor} from per-teacher CPU preprocessing.
+    Teachers see the same square view as the student: padded (`pad`) or centre-cropped (`resize`, as CLIP's
+    resize-and-crop does). Keys other than the model's own must be popped by the trainer before `model(**batch)`.
+    """
+
+    def __init__(
+        self,
+        image_processor: Any,
+        pad_token_id: int,
+        image_aspect: str = "pad",
+        teacher_image_size: int | None = None,
+        teacher_preprocessors: Mapping[str, TeacherPreprocess] | None = None,
+        on_bad_sample: str = "raise",
+        report: BadSampleReport | None = None,
+        padding_side: str = "right",
+    ):
+        if image_aspect not in IMAGE_ASPECTS:
+            raise ValueError(f"image_aspect must be one of {IMAGE_ASPECTS}, got {image_aspect!r}")
+        if teacher_image_size is not None and teacher_image_size <= 0:
+            raise ValueError(f"teacher_image_size must be a positive int, got {teacher_image_size}")
+        if padding_side not in ("right", "left"):
+            raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+        check_on_bad_sample(on_bad_sample)
+        self.image_processor = image_processor
+        self.pad_token_id = pad_token_id
+        self.image_aspect = image_aspect
+        self.teacher_image_size = teacher_image_size
+        self.teacher_preprocessors = dict(teacher_preprocessors or {})
+        self.on_bad_sample = on_bad_sample
+        self.report = report if report is not None else BadSampleReport()
+        self.padding_side = padding_side
+        self.background = mean_colour(image_processor)
+
+    def _load_images(self, features: Sequence[Mapping[str, Any]]) -> tuple[list[Mapping[str, Any]], list[list]]:
+        """Decode every sample's images; bad samples raise or are dropped and counted (skip mode)."""
+        kept, images = [], []
+        for feature in features:
+            try:
+                decoded = [open_image(reference, sample_name(feature)) for reference in feature["images"]]
+            except BadSampleError as error:
+                if self.on_bad_sample == "raise":
+                    raise
+                self.report.add(error, stage="collation")
+                continue
+            kept.append(feature)
+            images.append(decoded)
+        if not kept:
+            raise ValueError(
+                f"every sample of this batch was skipped as bad ({[sample_name(f) for f in features]}); "
+                "run tokenize_dataset with verify_images=True to remove bad images before training"
+            )
+        return kept, images
+
+    def _square(self, image: Image.Image) -> Image.Image:
+        if self.image_aspect == "pad":
+            return expand_to_square(image, self.background)
+        return centre_crop_square(image)
+
+    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        kept, images = self._load_images(features)
+        batch: dict[str, Any] = {
+            "input_ids": pad_sequences([f["input_ids"] for f in kept], self.pad_token_id, self.padding_side),
+            "labels": pad_sequences([f["labels"] for f in kept], IGNORE_INDEX, self.padding_side),
+            "attention_mask": pad_sequences([[1] * len(f["input_ids"]) for f in kept], 0, self.padding_side),
+            "images_per_sample": torch.tensor([len(sample) for sample in images], dtype=torch.long),  # [B]
+        }
+        flat = [image for sample in images for image in sample]
+        # Teachers always get a square view: the padded image (`pad`) or the student processor's centre crop
+        # (`resize`). The student gets the padded image (LLaVA's expand2square) or the raw one (`resize`).
+        squares = [self._square(image) for image in flat]
+        batch["pixel_values"] = self._student_pixels(squares if self.image_aspect == "pad" else flat)
+        if self.teacher_image_size is not None:  # None when no image, like pixel_values (module docstring)
+            batch["teacher_images"] = images_to_unit_tensor(squares, self.teacher_image_size) if flat else None
+        if self.teacher_preprocessors:
+            batch["teacher_pixel_values"] = (
+                {name: preprocess(squares) for name, preprocess in self.teacher_preprocessors.items()}
+                if flat
+                else None
+            )
+        return batch
+
+    def _student_pixels(self, images: list[Image.Image]) -> torch.Tensor | None:
+        if not images:
+            return None
+        return self.image_processor(images=images, return_tensors="pt")["pixel_values"]  # [N_img, 3, H, W]
