@@ -22,6 +22,8 @@ from .modeling import (
     MoVEKDNextForConditionalGeneration,
     MoVEKDNextModel,
     MoVEKDProcessor,
+    MoVEKDVisionConfig,
+    MoVEKDVisionModel,
 )
 
 __version__ = "0.1.0"
@@ -41,6 +43,10 @@ def _register_auto_classes() -> None:
         if multimodal is not None:
             multimodal.register(config_class, head, exist_ok=True)
         AutoProcessor.register(config_class, MoVEKDProcessor, exist_ok=True)
+    AutoConfig.register(MoVEKDVisionConfig.model_type, MoVEKDVisionConfig, exist_ok=True)
+    AutoModel.register(MoVEKDVisionConfig, MoVEKDVisionModel, exist_ok=True)
+    MoVEKDVisionConfig.register_for_auto_class()
+    MoVEKDVisionModel.register_for_auto_class("AutoModel")
     # Saving copies these classes' modules (and what they import) next to the weights.
     MoVEKDConfig.register_for_auto_class()
     MoVEKDNextConfig.register_for_auto_class()
@@ -62,4 +68,6 @@ __all__ = [
     "MoVEKDNextForConditionalGeneration",
     "MoVEKDNextModel",
     "MoVEKDProcessor",
+    "MoVEKDVisionConfig",
+    "MoVEKDVisionModel",
 ]

@@ -17,7 +17,10 @@ COMMAND_MODULES: list[str] = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="movekd-hf", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="movekd-hf",
+        description="MoVE-KD for Hugging Face: start, size, train, evaluate and publish MoVE-KD vision-language models.",
+    )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module_name in COMMAND_MODULES:
         importlib.import_module(module_name).add_parser(subparsers)

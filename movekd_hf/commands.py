@@ -90,9 +90,7 @@ def plan_rows(preset: str, teachers: str | None = None) -> dict:
         components["teachers (frozen)"] = sum(count for _, count, trainable in rows if not trainable)
         components["adapters"] = sum(count for _, count, trainable in rows if trainable)
         components.update({f"  {name}": count for name, count, _ in rows})
-    stages = {
-        stage: sum(components.get(part, 0) for part in parts) for stage, parts in STAGES.items()
-    }
+    stages = {stage: sum(components.get(part, 0) for part in parts) for stage, parts in STAGES.items()}
     return {"preset": preset, "teachers": teachers, "components": components, "stages": stages}
 
 
@@ -103,9 +101,10 @@ def run_plan(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(plan, indent=2))
         return 0
-    print(f"{'component':<28}{'parameters':>16}{'bf16 weights':>16}")
+    width = max(len(name) for name in plan["components"]) + 2
+    print(f"{'component':<{width}}{'parameters':>16}{'bf16 weights':>16}")
     for name, count in plan["components"].items():
-        print(f"{name:<28}{count:>16,}{count * 2 / 2**30:>13.2f} GiB")
+        print(f"{name:<{width}}{count:>16,}{count * 2 / 2**30:>12.2f} GiB")
     print()
     for stage, count in plan["stages"].items():
         print(f"{stage}: trains {', '.join(STAGES[stage])} = {count:,} parameters")

@@ -47,5 +47,3 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
-
-

@@ -1,11 +1,10 @@
 """MoVEKDConfig: round-trips, presets, and errors that name the field."""
 
 import pytest
+from _model_fixtures import TINY_TEXT, TINY_VISION
 
 from movekd_hf import MoVEKDConfig, MoVEKDNextConfig
 from movekd_hf.modeling.configuration_movekd import FAITHFUL_MOLE, MOLE_DEFAULTS
-
-from _model_fixtures import TINY_TEXT, TINY_VISION
 
 
 def tiny_config(**overrides) -> MoVEKDConfig:

@@ -77,9 +77,9 @@ def test_init_from_vision_model_and_llm(tmp_path):
         got = model.model.language_model.state_dict()[name]
         rows = tensor.shape[0] if name.endswith("embed_tokens.weight") else None
         assert torch.equal(got[:rows] if rows else got, tensor), name
-    assert model.config.image_token_id == AutoProcessor.from_pretrained(tmp_path / "out").tokenizer.convert_tokens_to_ids(
-        "<image>"
-    )
+    assert model.config.image_token_id == AutoProcessor.from_pretrained(
+        tmp_path / "out"
+    ).tokenizer.convert_tokens_to_ids("<image>")
     assert model.config.text_config.vocab_size == 320  # 259 + <image> + <pad>, padded to 64 as llava-hf does
     assert model.config.image_token_id == 259
 
@@ -129,4 +129,19 @@ def test_plan_command_prints_table_and_json(capsys):
     assert "mole" in table and "stage1: trains mole, projector, adapters" in table and "GiB" in table
     assert main(["plan", "--preset", "tiny", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
-    assert plan["components"]["mole"] == 3 * (3 * ((32 * 4 + 4) + (4 * 48 + 48) + (48 * 4 + 4) + (4 * 32 + 32)) + 32 * 3 + 3)
+    assert plan["components"]["mole"] == 3 * (
+        3 * ((32 * 4 + 4) + (4 * 48 + 48) + (48 * 4 + 4) + (4 * 32 + 32)) + 32 * 3 + 3
+    )
+
+
+def test_plan_with_teachers_adds_frozen_teachers_and_trainable_adapters(capsys):
+    plan = plan_rows("llava-1.5-7b", teachers="v1.1")
+    parts = plan["components"]
+    assert parts["teachers (frozen)"] > 1e9  # EVA-02-L + ConvNeXt-XXL + SAM-L + CLIP-L
+    # faithful adapters: Linear(C_t -> 1024) + Linear(N_t -> 576) per non-clip teacher (METHOD.md section 3)
+    adapter = lambda c, n: (c * 1024 + 1024) + (n * 576 + 576)  # noqa: E731
+    assert parts["adapters"] == adapter(1024, 4096) + adapter(3072, 1024) + adapter(256, 4096)
+    assert plan["stages"]["stage1"] == parts["mole"] + parts["projector"] + parts["adapters"]
+    assert main(["plan", "--preset", "llava-1.5-7b", "--teachers", "v1.0"]) == 0
+    table = capsys.readouterr().out
+    assert "teacher/eva" in table and "adapter/convnext" in table and "teacher/sam" not in table

@@ -100,7 +100,10 @@ def test_only_trainable_parameters_change(tiny, photo):
         if component_of(name) in ("llm", "vision_base"):
             assert not changed, name
     trained = dict(model.named_parameters())
-    for name in ("model.multi_modal_projector.linear_1.weight", "model.vision_tower.encoder.layers.0.mlp.router.weight"):
+    for name in (
+        "model.multi_modal_projector.linear_1.weight",
+        "model.vision_tower.encoder.layers.0.mlp.router.weight",
+    ):
         assert not torch.equal(before[name], trained[name]), name
 
 
@@ -177,8 +180,13 @@ def test_llava_next_variant_forward_and_generate(routing, photo):
 
     pinpoints = [[32, 32], [32, 64], [64, 32]]
     config = MoVEKDNextConfig(
-        vision_config=TINY_VISION, text_config=TINY_TEXT, image_token_index=260, image_grid_pinpoints=pinpoints,
-        num_experts=3, lora_rank=4, mole_routing=routing,
+        vision_config=TINY_VISION,
+        text_config=TINY_TEXT,
+        image_token_index=260,
+        image_grid_pinpoints=pinpoints,
+        num_experts=3,
+        lora_rank=4,
+        mole_routing=routing,
     )
     torch.manual_seed(0)
     model = MoVEKDNextForConditionalGeneration(config).eval()
@@ -186,8 +194,11 @@ def test_llava_next_variant_forward_and_generate(routing, photo):
         size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_grid_pinpoints=pinpoints
     )
     processor = LlavaNextProcessor(
-        image_processor=image_processor, tokenizer=build_byte_tokenizer(), patch_size=8,
-        vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        image_processor=image_processor,
+        tokenizer=build_byte_tokenizer(),
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
     )
     inputs = processor(images=photo, text="USER: <image>\nWhat? ASSISTANT:", return_tensors="pt")
     with torch.no_grad():

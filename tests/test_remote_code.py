@@ -70,7 +70,9 @@ def local_reference(tiny_checkpoint, photo):
 
 def test_loads_through_remote_code_without_the_package(tiny_checkpoint, local_reference, tmp_path):
     out = tmp_path / "remote.pt"
-    info = json.loads(run_side(".venv-remote", LOAD_AND_RUN, str(tiny_checkpoint), "AutoModelForImageTextToText", str(out)))
+    info = json.loads(
+        run_side(".venv-remote", LOAD_AND_RUN, str(tiny_checkpoint), "AutoModelForImageTextToText", str(out))
+    )
     assert info["version"].startswith("5.")
     assert info["class"] == "MoVEKDForConditionalGeneration" and info["module"].startswith("transformers_modules.")
     assert info["processor"] == "MoVEKDProcessor"
@@ -84,7 +86,12 @@ def test_pipeline_answers_about_a_real_photo_through_remote_code(tiny_checkpoint
     remote = json.loads(run_side(".venv-remote", PIPELINE, str(tiny_checkpoint)))
     assert remote["module"].startswith("transformers_modules.")
     local = pipeline("image-text-to-text", model=str(tiny_checkpoint), trust_remote_code=True)
-    messages = [{"role": "user", "content": [{"type": "image", "image": photo}, {"type": "text", "text": "What is in the picture?"}]}]
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "image", "image": photo}, {"type": "text", "text": "What is in the picture?"}],
+        }
+    ]
     expected = local(text=messages, max_new_tokens=8, return_full_text=False, generate_kwargs={"do_sample": False})
     assert remote["answer"] == expected[0]["generated_text"]
     assert len(remote["answer"]) > 0

@@ -55,6 +55,17 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from .export import export_student_encoder
+
+    try:
+        out = export_student_encoder(args.checkpoint, args.out)
+    except (OSError, ValueError) as error:
+        return _fail("export-encoder", error)
+    print(f"wrote {out}: load it with AutoModel.from_pretrained(path, trust_remote_code=True)")
+    return 0
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     card = subparsers.add_parser("card", help="write the model card (README.md + .eval_results) of a run")
     card.add_argument("run_dir", help="run directory (see movekd_hf.hub_cards.run_dir)")
@@ -79,3 +90,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="JSON (or a .json file) of CLIP vision config fields the weights cannot tell, e.g. num_attention_heads",
     )
     convert.set_defaults(func=_convert)
+
+    export = subparsers.add_parser("export-encoder", help="save the distilled student encoder as its own model")
+    export.add_argument("checkpoint", help="a MoVE-KD checkpoint folder")
+    export.add_argument("out", help="output folder")
+    export.set_defaults(func=_export)

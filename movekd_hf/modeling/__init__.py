@@ -1,13 +1,14 @@
 """What a MoVE-KD checkpoint carries as remote code. Files here import only torch and transformers, with
 single-dot relative imports, so `save_pretrained` can copy them next to the weights."""
 
-from .configuration_movekd import MoVEKDConfig, MoVEKDNextConfig
+from .configuration_movekd import MoVEKDConfig, MoVEKDNextConfig, MoVEKDVisionConfig
 from .modeling_movekd import (
     MoVEKDCausalLMOutputWithPast,
     MoVEKDForConditionalGeneration,
     MoVEKDModel,
     MoVEKDNextForConditionalGeneration,
     MoVEKDNextModel,
+    MoVEKDVisionModel,
 )
 from .mole import MoLELinear, MoLEMLP
 from .processing_movekd import MoVEKDProcessor
@@ -23,4 +24,6 @@ __all__ = [
     "MoVEKDNextForConditionalGeneration",
     "MoVEKDNextModel",
     "MoVEKDProcessor",
+    "MoVEKDVisionConfig",
+    "MoVEKDVisionModel",
 ]

@@ -5,7 +5,7 @@ transformers 4.57 and 5.x alike. The vision config stays a stock CLIP/SigLIP con
 resolve a custom nested model type through remote code); every MoLE setting lives at the top level.
 """
 
-from transformers import LlavaConfig, LlavaNextConfig
+from transformers import CLIPVisionConfig, LlavaConfig, LlavaNextConfig
 
 MOLE_ROUTING = ("sparse", "dense")
 LORA_B_INIT = ("zeros", "kaiming")
@@ -113,3 +113,14 @@ class MoVEKDNextConfig(_MoLESettingsMixin, LlavaNextConfig):
     def __init__(self, vision_config=None, text_config=None, **kwargs):
         kwargs = self._set_mole_settings(kwargs)
         super().__init__(vision_config=vision_config, text_config=text_config, **kwargs)
+
+
+class MoVEKDVisionConfig(_MoLESettingsMixin, CLIPVisionConfig):
+    r"""Configuration of [`MoVEKDVisionModel`]: the distilled student encoder on its own, a CLIP vision config
+    plus the MoLE arguments documented in [`MoVEKDConfig`]."""
+
+    model_type = "movekd_clip_vision"
+
+    def __init__(self, **kwargs):
+        kwargs = self._set_mole_settings(kwargs)
+        super().__init__(**kwargs)

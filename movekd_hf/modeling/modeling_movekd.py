@@ -15,6 +15,7 @@ import torch
 import transformers
 from torch import nn
 from transformers import (
+    CLIPVisionModel,
     LlavaForConditionalGeneration,
     LlavaModel,
     LlavaNextForConditionalGeneration,
@@ -26,7 +27,7 @@ from transformers.models.llava_next.modeling_llava_next import (
     LlavaNextModelOutputWithPast,
 )
 
-from .configuration_movekd import MoVEKDConfig, MoVEKDNextConfig
+from .configuration_movekd import MoVEKDConfig, MoVEKDNextConfig, MoVEKDVisionConfig
 from .mole import MoLEMLP, init_mole_linear, mole_mlp_from
 
 _TRANSFORMERS_4 = int(transformers.__version__.split(".")[0]) < 5
@@ -282,6 +283,26 @@ class MoVEKDNextForConditionalGeneration(_MoVEKDHeadMixin, LlavaNextForCondition
             **(getattr(config, "auto_map", None) or {}),
         }
         self.post_init()
+
+
+class MoVEKDVisionModel(_MoLEInitMixin, CLIPVisionModel):
+    """The distilled student encoder alone: CLIP's vision model with MoLE MLPs, for use as another VLM's
+    vision tower. Outputs are CLIP's; `hidden_states[-2]` (CLS dropped) is what MoVE-KD distilled into."""
+
+    config_class = MoVEKDVisionConfig
+
+    def __init__(self, config: MoVEKDVisionConfig):
+        super().__init__(config)
+        for layer in vision_encoder_layers(self):
+            layer.mlp = mole_mlp_from(layer.mlp, config)
+        self.config.auto_map = {
+            "AutoConfig": "configuration_movekd.MoVEKDVisionConfig",
+            "AutoModel": "modeling_movekd.MoVEKDVisionModel",
+        }
+        self.post_init()
+
+    def mole_mlps(self) -> list:
+        return [layer.mlp for layer in vision_encoder_layers(self)]
 
 
 def _register_v5_key_mappings() -> None:
