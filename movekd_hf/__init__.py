@@ -11,7 +11,8 @@ from transformers import (
     AutoProcessor,
 )
 
-from .modeling import (
+from . import modeling
+from .modeling import (  # noqa: F401 (re-exported)
     MoLELinear,
     MoLEMLP,
     MoVEKDCausalLMOutputWithPast,
@@ -57,17 +58,4 @@ def _register_auto_classes() -> None:
 
 _register_auto_classes()
 
-__all__ = [
-    "MoLELinear",
-    "MoLEMLP",
-    "MoVEKDCausalLMOutputWithPast",
-    "MoVEKDConfig",
-    "MoVEKDForConditionalGeneration",
-    "MoVEKDModel",
-    "MoVEKDNextConfig",
-    "MoVEKDNextForConditionalGeneration",
-    "MoVEKDNextModel",
-    "MoVEKDProcessor",
-    "MoVEKDVisionConfig",
-    "MoVEKDVisionModel",
-]
+__all__ = modeling.__all__

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .modeling import MoVEKDConfig, MoVEKDForConditionalGeneration, MoVEKDProcessor
-from .presets import IMAGE_TOKEN, build_config, build_processor, build_tiny_model
+from .presets import IMAGE_TOKEN, build_config, build_tiny_model
 
 
 def from_preset(name: str, seed: int = 0, **overrides):

@@ -11,31 +11,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from movekd_hf import presets
+
 REPO = Path(__file__).resolve().parents[1]
 
-# Distinct sizes: vision 32 wide / 48 MLP / 3 layers, LLM 40 wide / 56 MLP, 16 patches + CLS, rank 4.
-TINY_VISION = dict(
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    image_size=32,
-    patch_size=8,
-    projection_dim=24,
-    hidden_act="quick_gelu",
-)
-TINY_TEXT = dict(
-    vocab_size=261,
-    hidden_size=40,
-    intermediate_size=56,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=512,
-    bos_token_id=1,
-    eos_token_id=2,
-    pad_token_id=3,
-)
+# The package's tiny preset: vision 32 wide / 48 MLP / 3 layers, LLM 40 wide / 56 MLP, 16 patches + CLS.
+TINY_VISION = dict(presets.TINY_VISION)
+TINY_TEXT = dict(vocab_size=261, bos_token_id=1, eos_token_id=2, pad_token_id=3, **presets.TINY_TEXT)
 
 
 def side_python(name: str) -> str:

@@ -208,3 +208,38 @@ def test_llava_next_variant_forward_and_generate(routing, photo):
     assert len(out.router_logits) == 3 and out.router_logits[0].shape == (tiles, 17, 3)
     generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert generated.shape[1] == inputs["input_ids"].shape[1] + 3
+
+
+def test_processor_expands_image_to_one_token_per_patch_and_uses_vicuna_v1(tiny, photo):
+    _, processor = tiny
+    inputs = chat_inputs(processor, photo, question="Red?")
+    ids = inputs["input_ids"][0].tolist()
+    assert ids.count(processor.image_token_id) == 16  # (32 / 8) ** 2 patches, CLS dropped
+    text = processor.tokenizer.decode([i for i in ids if i != processor.image_token_id], skip_special_tokens=False)
+    assert text.startswith("<s>A chat between a curious human") and text.endswith(" USER: \nRed? ASSISTANT:")
+
+
+def test_saved_config_names_every_auto_class(tiny_checkpoint):
+    import json
+
+    from transformers import AutoModelForMultimodalLM
+
+    auto_map = json.loads((tiny_checkpoint / "config.json").read_text())["auto_map"]
+    head = "modeling_movekd.MoVEKDForConditionalGeneration"
+    assert auto_map == {
+        "AutoConfig": "configuration_movekd.MoVEKDConfig",
+        "AutoModel": "modeling_movekd.MoVEKDModel",
+        "AutoModelForImageTextToText": head,
+        "AutoModelForMultimodalLM": head,
+        "AutoModelForVision2Seq": head,
+    }
+    assert isinstance(AutoModelForMultimodalLM.from_pretrained(tiny_checkpoint), MoVEKDForConditionalGeneration)
+
+
+def test_package_imports_without_optional_extras():
+    import subprocess
+    import sys
+
+    # `None` in sys.modules makes `import deepspeed` / `import flash_attn` raise ImportError.
+    code = "import sys; sys.modules.update(deepspeed=None, flash_attn=None, bitsandbytes=None); import movekd_hf"
+    subprocess.run([sys.executable, "-c", code], check=True)
