@@ -14,6 +14,10 @@ TF4_VERSION := 4.57.6
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	# DeepSpeed's setup imports torch: build it against the installed torch (no isolated build env pulling a
+	# second torch), without compiling ops (they build on first use, cached in TORCH_EXTENSIONS_DIR).
+	$(PY) -m pip install --quiet torch torchvision
+	DS_BUILD_OPS=0 $(PY) -m pip install --quiet --no-build-isolation 'deepspeed>=0.16'
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 

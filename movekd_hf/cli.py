@@ -13,6 +13,7 @@ COMMAND_MODULES: list[str] = [
     "movekd_hf.commands",
     "movekd_hf.evaluation.commands",
     "movekd_hf.hub_cards.commands",
+    "movekd_hf.training.commands",
 ]
 
 

@@ -75,8 +75,8 @@ class MoVEKDDataCollator:
     """Collate tokenised records (from `tokenize_dataset`) into model and distillation inputs.
 
     Returns `input_ids`, `attention_mask`, `labels` [B, L]; `pixel_values` [N_img, 3, H, W] (None if N_img = 0);
-    `images_per_sample` [B]; and, when asked, `teacher_images` [N_img, 3, S, S] in [0, 1] (teachers resize and
-    normalise on device) and/or `teacher_pixel_values` {teacher: tensor} from per-teacher CPU preprocessing.
+    `images_per_sample` [B]; `sample_ids` (list[str]); and, when asked, `teacher_images` [N_img, 3, S, S] in
+    [0, 1] (teachers resize and normalise on device) and/or `teacher_pixel_values` {teacher: tensor} from per-teacher CPU preprocessing.
     Teachers see the same square view as the student: padded (`pad`) or centre-cropped (`resize`, as CLIP's
     resize-and-crop does). Keys other than the model's own must be popped by the trainer before `model(**batch)`.
     """
@@ -141,6 +141,8 @@ class MoVEKDDataCollator:
             "labels": pad_sequences([f["labels"] for f in kept], IGNORE_INDEX, self.padding_side),
             "attention_mask": pad_sequences([[1] * len(f["input_ids"]) for f in kept], 0, self.padding_side),
             "images_per_sample": torch.tensor([len(sample) for sample in images], dtype=torch.long),  # [B]
+            # The dataset's sample ids (what a teacher-feature cache is keyed by), in batch order.
+            "sample_ids": [str(f.get("id", f.get("row", ""))) for f in kept],
         }
         flat = [image for sample in images for image in sample]
         # Teachers always get a square view: the padded image (`pad`) or the student processor's centre crop

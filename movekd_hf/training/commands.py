@@ -1,0 +1,38 @@
+"""`movekd-hf train CONFIG.yaml [--key value ...]` (one process; use `accelerate launch -m movekd_hf.train` for
+several) and `movekd-hf merge CKPT OUT` (fold a `lora_llm` checkpoint's LoRA into the LLM)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(subparsers) -> None:
+    train = subparsers.add_parser(
+        "train", help="Train one stage from a YAML config; later `--key value` pairs override it.", add_help=False
+    )
+    train.add_argument("args", nargs=argparse.REMAINDER, help="CONFIG.yaml [--key value ...]")
+    train.set_defaults(func=run_train)
+
+    merge = subparsers.add_parser("merge", help="Merge a checkpoint's LLM LoRA (llm_lora/) into a plain checkpoint.")
+    merge.add_argument("checkpoint")
+    merge.add_argument("output_dir")
+    merge.set_defaults(func=run_merge)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from .train import main
+
+    return main(args.args)
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    import sys
+
+    from .merge import merge_lora_checkpoint
+
+    try:
+        print(merge_lora_checkpoint(args.checkpoint, args.output_dir))
+    except ValueError as error:
+        print(f"movekd-hf merge: {error}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,141 @@
+"""The launch entry for real: `python -m movekd_hf.train` killed with SIGKILL and resumed, two CPU ranks under
+`accelerate launch` with DDP (gloo) and with DeepSpeed ZeRO-2, and every shipped config parsed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from _train_fixtures import (
+    REPO,
+    TINY_STAGE1,
+    TORCH_EXTENSIONS_DIR,
+    accelerate_launch,
+    build,
+    child_env,
+    load_safetensors,
+    run_module,
+)
+
+from movekd_hf.training.arguments import parse_args
+from movekd_hf.training.callbacks import SIGKILL_ENV
+from movekd_hf.training.checkpoint import DISTILLER_FILE
+
+RUN = ("--max_steps", "4", "--save_steps", "2", "--logging_steps", "1", "--warmup_steps", "0")
+
+
+def _final_weights(folder: Path) -> dict[str, torch.Tensor]:
+    return {**load_safetensors(folder / "model.safetensors"), **load_safetensors(folder / DISTILLER_FILE)}
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_ends_with_the_uninterrupted_weights(tmp_path):
+    killed = tmp_path / "killed"
+    # The child SIGKILLs itself at the end of step 3: checkpoint-2 is on disk, step 3's work is lost.
+    result = run_module([TINY_STAGE1, "--output_dir", str(killed), *RUN], env=child_env(**{SIGKILL_ENV: "3"}))
+    assert result.returncode == -9, result.stderr[-3000:]
+    assert (killed / "checkpoint-2" / "trainer_state.json").is_file()
+    assert not (killed / "checkpoint-4").exists() and not (killed / "model.safetensors").exists()
+
+    resumed = build(TINY_STAGE1, killed, *RUN, "--resume_from_checkpoint", str(killed / "checkpoint-2"))
+    resumed.train(resume_from_checkpoint=str(killed / "checkpoint-2"))
+    resumed.save_model()
+    reference = build(TINY_STAGE1, tmp_path / "reference", *RUN)
+    reference.train()
+    reference.save_model()
+    assert resumed.state.global_step == reference.state.global_step == 4
+    expected, actual = _final_weights(tmp_path / "reference"), _final_weights(killed)
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=1e-6, msg=lambda m, k=key: f"{k}: {m}")
+    losses = [[e["loss"] for e in t.state.log_history if "loss" in e] for t in (resumed, reference)]
+    assert losses[0] == pytest.approx(losses[1], abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def two_rank_runs(tmp_path_factory):
+    """The tiny stage 1 config on 2 CPU ranks, once with DDP (gloo) and once with DeepSpeed ZeRO-2."""
+    root = tmp_path_factory.mktemp("launch")
+    train = [TINY_STAGE1, "--max_steps", "4", "--logging_steps", "1", "--save_steps", "4"]
+    env = child_env(DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=str(TORCH_EXTENSIONS_DIR))
+    reports = {}
+    for name, launch in (
+        ("ddp", ["--multi_gpu", "--num_processes", "2"]),
+        (
+            "zero2",
+            ["--use_deepspeed", "--deepspeed_config_file", "configs/deepspeed/zero2.json", "--num_processes", "2"],
+        ),
+    ):
+        out = root / name
+        accelerate_launch(launch, [*train, "--output_dir", str(out), "--run_report", str(out / "report")], env)
+        reports[name] = [json.loads((out / "report" / f"rank{r}.json").read_text()) for r in (0, 1)]
+        reports[name + "_dir"] = out
+    return reports
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["ddp", "zero2"])
+def test_two_cpu_ranks_really_run_distributed(two_rank_runs, name):
+    ranks = two_rank_runs[name]
+    assert [report["rank"] for report in ranks] == [0, 1]
+    for report in ranks:
+        assert report["world_size"] == 2
+        expected_type = "DistributedType.DEEPSPEED" if name == "zero2" else "DistributedType.MULTI_CPU"
+        assert report["distributed_type"] == expected_type
+        assert report["zero_stage"] == (2 if name == "zero2" else None)
+        assert report["global_step"] == 4 and len(report["losses"]) == 4  # finiteness is checked inside the ranks
+        assert {"kd/sam_loss", "balance_loss", "lm_loss"} <= set(report["components"])
+    # The Trainer's logged loss is the mean over ranks: both ranks log the same value.
+    assert ranks[0]["losses"] == pytest.approx(ranks[1]["losses"], rel=1e-6)
+    folder = two_rank_runs[name + "_dir"]
+    assert (folder / "model.safetensors").is_file() and (folder / "modeling_movekd.py").is_file()
+
+
+@pytest.mark.slow
+def test_ddp_and_zero2_reach_the_same_loss(two_rank_runs):
+    ddp, zero2 = two_rank_runs["ddp"][0]["losses"], two_rank_runs["zero2"][0]["losses"]
+    assert ddp[0] == pytest.approx(zero2[0], rel=1e-6)  # same data, same initial weights
+    assert ddp == pytest.approx(zero2, rel=1e-4)  # and the same updates
+
+
+CONFIGS = sorted((REPO / "configs" / "train").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_every_train_config_parses(path):
+    # bf16 runs are validated as GPU runs would be; on this CPU machine `use_cpu` lets bf16 through.
+    model_args, data_args, args = parse_args([str(path), "--use_cpu", "true"])
+    if path.stem.startswith("tiny"):
+        assert model_args.preset == "tiny" and data_args.data_path.startswith("toy:")
+        return
+    stage1 = model_args.stage == "stage1"
+    assert model_args.teacher_set in path.stem and model_args.kd_preset == "faithful"
+    assert args.learning_rate == (1e-3 if stage1 else 2e-5)
+    assert args.per_device_train_batch_size == (16 if stage1 else 8)
+    assert (args.lr_scheduler_type.value, args.warmup_steps, args.bf16) == ("cosine", 0.03, True)
+    assert data_args.template == ("plain" if stage1 else "v1") and data_args.max_length == 2048
+    assert args.activation_checkpointing and (REPO / args.deepspeed).is_file()
+    assert (args.lambda_kd, args.lambda_bal) == (0.5, 0.01)
+
+
+def test_accelerate_and_deepspeed_configs_are_consistent():
+    for stage in (2, 3):
+        launch = yaml.safe_load((REPO / "configs" / "accelerate" / f"deepspeed_zero{stage}.yaml").read_text())
+        ds_file = REPO / launch["deepspeed_config"]["deepspeed_config_file"]
+        assert json.loads(ds_file.read_text())["zero_optimization"]["stage"] == stage
+    assert yaml.safe_load((REPO / "configs" / "accelerate" / "multi_gpu.yaml").read_text())["distributed_type"] == (
+        "MULTI_GPU"
+    )
+    assert yaml.safe_load((REPO / "configs" / "accelerate" / "single_process.yaml").read_text())["num_processes"] == 1
+
+
+def test_yaml_values_are_overridden_by_the_command_line_and_unknown_keys_fail(tmp_path):
+    _, _, args = parse_args([TINY_STAGE1, "--max_steps", "3", "--output_dir", str(tmp_path)])
+    assert args.max_steps == 3 and args.learning_rate == 1e-3
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("preset: tiny\ndata_path: toy:pretrain\noutput_dir: x\nlamda_kd: 0.5\n")
+    with pytest.raises(ValueError, match="lamda_kd"):
+        parse_args([str(bad)])
