@@ -1,0 +1,74 @@
+"""Wall time and peak memory of the embedded demo (`movekd-hf demo`), default and/or `--quick`.
+
+    python benchmarks/bench_demo.py [--quick] [--out runs/bench_demo] [--json results.json]
+
+The demo runs as a child process (exactly what `make demo` runs); peak memory is the largest resident set of the
+child and its descendants (the isolated final check included), from `getrusage(RUSAGE_CHILDREN)`. The load average
+is recorded next to the figures: on a shared machine other processes slow the run down, so compare runs measured
+under similar load. Targets (issue 5): default < 10 min and < 4 GB on 2 cores; `--quick` < ~2 min.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+TARGETS = {"default": {"seconds": 600, "gib": 4.0}, "quick": {"seconds": 120, "gib": 4.0}}
+
+
+def run_demo(out: Path, quick: bool) -> dict:
+    """Run the demo once in a fresh folder; returns its wall time, peak memory and the machine's load."""
+    if out.exists():
+        shutil.rmtree(out)
+    command = [sys.executable, "-m", "movekd_hf.cli", "demo", "--out", str(out)] + (["--quick"] if quick else [])
+    load_before = os.getloadavg()
+    start = time.perf_counter()
+    completed = subprocess.run(command, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if completed.returncode != 0:
+        raise RuntimeError(f"demo failed ({completed.returncode}):\n{completed.stderr[-3000:]}")
+    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # Linux reports KiB
+    mode = "quick" if quick else "default"
+    return {
+        "mode": mode,
+        "seconds": round(seconds, 1),
+        "peak_rss_gib": round(peak_kib / 2**20, 3),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": _torch_threads(),
+        "load_average_before": [round(x, 2) for x in load_before],
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        "within_target": seconds < TARGETS[mode]["seconds"] and peak_kib / 2**20 < TARGETS[mode]["gib"],
+        "target": TARGETS[mode],
+        "stdout_tail": completed.stdout.splitlines()[-12:],
+    }
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="benchmark `--quick` instead of the default demo")
+    parser.add_argument("--out", default="runs/bench_demo", help="run folder (deleted first)")
+    parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    args = parser.parse_args(argv)
+    result = run_demo(Path(args.out), args.quick)
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

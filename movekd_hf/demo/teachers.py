@@ -1,0 +1,277 @@
+"""The demo's teachers: three small encoders of real architectures, each pretrained briefly on its own signal so
+that each knows something the others do not, then frozen and loaded back through `build_teacher`.
+
+| slug | architecture | input | pretrained on |
+|---|---|---|---|
+| `clip` | transformers CLIP ViT (the student's architecture) | 64 px, patch 8 | which shapes are present, with colours scrambled (channel shuffles, grey images), so it is colour-blind by design |
+| `convnext` | timm ConvNeXt | 48 px, stride 8 (6 x 6 map) | which colours are present |
+| `sam` | transformers SAM image encoder | 96 px, patch 12 | dense segmentation (background / circle / square / triangle per cell of an 8 x 8 grid): where things are and how many |
+
+The student starts as a copy of the `clip` teacher, as in the paper. These are plain torch loops with small heads
+(the teachers are not VLMs); the heads are thrown away after pretraining.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..distill.teachers import (
+    BACKENDS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Teacher,
+    TeacherSpec,
+    build_teacher,
+    prepare_images,
+)
+from . import world
+
+STUDENT_VISION = dict(
+    model_type="clip_vision_model",
+    hidden_size=64,
+    intermediate_size=128,
+    projection_dim=32,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    image_size=64,
+    patch_size=8,
+    hidden_act="quick_gelu",
+)
+SAM_VISION = dict(
+    model_type="sam_vision_model",
+    hidden_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    mlp_dim=96,
+    image_size=96,
+    patch_size=12,
+    output_channels=40,
+    window_size=4,
+    global_attn_indexes=[1],
+    num_pos_feats=12,
+    initializer_range=0.02,  # SAM's stock 1e-10 makes every output vanish
+)
+# timm ConvNeXt always has 4 stages; output_stride 8 dilates the last two, so 48 px gives a 6 x 6 map.
+CONVNEXT_KWARGS = dict(dims=(16, 24, 40, 72), depths=(1, 1, 2, 1), output_stride=8, num_classes=0)
+
+DEMO_TEACHERS: dict[str, TeacherSpec] = {
+    "clip": TeacherSpec(
+        slug="clip",
+        backend="transformers",
+        model_id="demo-clip",
+        model_class="CLIPVisionModel",
+        image_size=64,
+        num_prefix_tokens=1,
+        has_cls=True,
+        cls_attention=True,
+        pretrained=False,
+        config=STUDENT_VISION,
+    ),
+    "convnext": TeacherSpec(
+        slug="convnext",
+        backend="timm",
+        model_id="convnext_atto",
+        image_size=48,
+        output="feature_map",
+        pretrained=False,
+        config=CONVNEXT_KWARGS,
+    ),
+    "sam": TeacherSpec(
+        slug="sam",
+        backend="transformers",
+        model_id="demo-sam",
+        model_class="SamVisionModel",
+        image_size=96,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        resize_mode="pad",
+        interpolation="bilinear",
+        output="feature_map",
+        pretrained=False,
+        config=SAM_VISION,
+    ),
+}
+
+
+# ------------------------------------------------------------------------------------------- supervised signals
+
+
+def shape_presence(scenes: list[world.Scene]) -> torch.Tensor:
+    """[N, 3] multi-hot: which shapes appear."""
+    return torch.tensor([[float(any(o.shape == s for o in sc.objects)) for s in world.SHAPES] for sc in scenes])
+
+
+def colour_presence(scenes: list[world.Scene]) -> torch.Tensor:
+    """[N, 5] multi-hot: which colours appear."""
+    return torch.tensor([[float(any(o.colour == c for o in sc.objects)) for c in world.COLOURS] for sc in scenes])
+
+
+def segmentation_targets(scenes: list[world.Scene], grid: int) -> torch.Tensor:
+    """[N, 4, grid, grid] soft labels: the fraction of each cell covered by background and by each shape."""
+    masks = torch.from_numpy(np.stack([world.render_mask(scene) for scene in scenes]))  # [N, 64, 64]
+    one_hot = F.one_hot(masks, 1 + len(world.SHAPES)).permute(0, 3, 1, 2).float()  # [N, 4, 64, 64]
+    return F.adaptive_avg_pool2d(one_hot, grid)
+
+
+def scramble_colours(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Shuffle RGB channels per image and turn half the images grey: shape survives, colour does not."""
+    order = torch.stack([torch.randperm(3, generator=generator) for _ in range(images.shape[0])])  # [B, 3]
+    shuffled = torch.gather(images, 1, order[:, :, None, None].expand_as(images))
+    grey = shuffled.mean(dim=1, keepdim=True).expand_as(images)
+    use_grey = (torch.rand(images.shape[0], 1, 1, 1, generator=generator) < 0.5).float()
+    return use_grey * grey + (1 - use_grey) * shuffled
+
+
+@dataclass(frozen=True)
+class PretrainTask:
+    """One teacher's signal: features -> head -> loss, with targets computed from the scenes."""
+
+    name: str
+    features: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+    head: Callable[[], nn.Module]
+    targets: Callable[[list[world.Scene]], torch.Tensor]
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None
+
+
+def _soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, target)  # probabilities as targets: per-cell class fractions
+
+
+PRETRAIN_TASKS: dict[str, PretrainTask] = {
+    "clip": PretrainTask(
+        "shape presence (colour-scrambled)",
+        features=lambda model, x: model(pixel_values=x).pooler_output,  # [B, 64]
+        head=lambda: nn.Linear(STUDENT_VISION["hidden_size"], len(world.SHAPES)),
+        targets=shape_presence,
+        loss=F.binary_cross_entropy_with_logits,
+        augment=scramble_colours,
+    ),
+    "convnext": PretrainTask(
+        "colour presence",
+        features=lambda model, x: model.forward_features(x).mean(dim=(2, 3)),  # [B, 80]
+        head=lambda: nn.Linear(CONVNEXT_KWARGS["dims"][-1], len(world.COLOURS)),
+        targets=colour_presence,
+        loss=F.binary_cross_entropy_with_logits,
+    ),
+    "sam": PretrainTask(
+        "segmentation (8 x 8 cells)",
+        features=lambda model, x: model(pixel_values=x).last_hidden_state,  # [B, 40, 8, 8]
+        head=lambda: nn.Conv2d(SAM_VISION["output_channels"], 1 + len(world.SHAPES), kernel_size=1),
+        targets=lambda scenes: segmentation_targets(scenes, SAM_VISION["image_size"] // SAM_VISION["patch_size"]),
+        loss=_soft_cross_entropy,
+    ),
+}
+
+
+def task_accuracy(logits: torch.Tensor, targets: torch.Tensor, multi_label: bool) -> float:
+    """Exact-label accuracy in percent: per label for multi-hot targets, per cell (argmax) for segmentation."""
+    if multi_label:
+        return 100.0 * ((logits > 0).float() == targets).float().mean().item()
+    return 100.0 * (logits.argmax(dim=1) == targets.argmax(dim=1)).float().mean().item()
+
+
+# ------------------------------------------------------------------------------------------ pretraining loop
+
+
+def _save_transformers(model: nn.Module, folder: str) -> str:
+    model.save_pretrained(folder)
+    return folder
+
+
+def _save_timm(model: nn.Module, folder: str) -> str:
+    from safetensors.torch import save_file
+
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "model.safetensors")
+    save_file({name: tensor.contiguous() for name, tensor in model.state_dict().items()}, path)
+    return path  # a bare weights file: timm's own loader reads it through `pretrained_cfg_overlay`
+
+
+SAVERS: dict[str, Callable[[nn.Module, str], str]] = {"transformers": _save_transformers, "timm": _save_timm}
+
+
+def _learning_rate(step: int, steps: int, peak: float, warmup: int = 10) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * 0.5 * (1.0 + float(np.cos(np.pi * progress)))
+
+
+def pretrain_teacher(
+    slug: str,
+    train: tuple[torch.Tensor, list[world.Scene]],
+    test: tuple[torch.Tensor, list[world.Scene]],
+    steps: int,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    seed: int = 0,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[nn.Module, dict]:
+    """Train teacher `slug` with its task head on (images [N, 3, 64, 64] in [0, 1], scenes); report on `test`."""
+    spec, task = DEMO_TEACHERS[slug], PRETRAIN_TASKS[slug]
+    torch.manual_seed(seed)
+    model, head = BACKENDS[spec.backend].load(spec), task.head()
+    images, targets = train[0], task.targets(train[1])
+    optimizer = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=lr, weight_decay=0.01)
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    losses = []
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = _learning_rate(step, steps, lr)
+        index = torch.randint(len(images), (batch_size,), generator=generator)
+        batch = images[index] if task.augment is None else task.augment(images[index], generator)
+        loss = task.loss(head(task.features(model, prepare_images(batch, spec))), targets[index])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        if progress is not None:
+            progress(1)
+    model.eval()
+    with torch.no_grad():
+        logits = head(task.features(model, prepare_images(test[0], spec)))
+    multi_label = task.loss is F.binary_cross_entropy_with_logits
+    accuracy = task_accuracy(logits, task.targets(test[1]), multi_label)
+    report = {"task": task.name, "steps": steps, "final_loss": float(np.mean(losses[-10:])), "test_accuracy": accuracy}
+    return model, report
+
+
+def pretrain_teachers(
+    folder: str,
+    train: tuple[torch.Tensor, list[world.Scene]],
+    test: tuple[torch.Tensor, list[world.Scene]],
+    steps: int,
+    seed: int = 0,
+    progress_factory: Callable[[str, int], Callable[[int], None]] | None = None,
+) -> tuple[dict[str, TeacherSpec], dict[str, dict]]:
+    """Pretrain every demo teacher, save it under `folder/<slug>`, and return specs that load the saved weights
+    (`pretrained=True`, `checkpoint=...`) through the package's own loaders, plus a report per teacher."""
+    specs, reports = {}, {}
+    for offset, slug in enumerate(DEMO_TEACHERS):
+        progress = progress_factory(slug, steps) if progress_factory else None
+        model, reports[slug] = pretrain_teacher(slug, train, test, steps, seed=seed + offset, progress=progress)
+        spec = DEMO_TEACHERS[slug]
+        checkpoint = SAVERS[spec.backend](model, os.path.join(folder, slug))
+        specs[slug] = replace(spec, pretrained=True, checkpoint=checkpoint)
+    return specs, reports
+
+
+def load_teachers(specs: dict[str, TeacherSpec]) -> dict[str, Teacher]:
+    """Frozen teachers from saved specs, through `build_teacher` (the same path the trainer uses)."""
+    return {slug: build_teacher(spec) for slug, spec in specs.items()}
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
