@@ -11,6 +11,7 @@ import sys
 # `func(args) -> int | None`. Keep these modules' top-level imports light (torch inside `func`).
 COMMAND_MODULES: list[str] = [
     "movekd_hf.commands",
+    "movekd_hf.distill.commands",
     "movekd_hf.evaluation.commands",
     "movekd_hf.hub_cards.commands",
     "movekd_hf.training.commands",

@@ -57,7 +57,8 @@ def test_sigkill_then_resume_ends_with_the_uninterrupted_weights(tmp_path):
 
 @pytest.fixture(scope="module")
 def two_rank_runs(tmp_path_factory):
-    """The tiny stage 1 config on 2 CPU ranks, once with DDP (gloo) and once with DeepSpeed ZeRO-2."""
+    """The tiny stage 1 config on 2 CPU ranks with DDP (gloo), DeepSpeed ZeRO-2 and ZeRO-3 (model built
+    partitioned under `zero3_init_flag`)."""
     root = tmp_path_factory.mktemp("launch")
     train = [TINY_STAGE1, "--max_steps", "4", "--logging_steps", "1", "--save_steps", "4"]
     env = child_env(DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=str(TORCH_EXTENSIONS_DIR))
@@ -68,6 +69,7 @@ def two_rank_runs(tmp_path_factory):
             "zero2",
             ["--use_deepspeed", "--deepspeed_config_file", "configs/deepspeed/zero2.json", "--num_processes", "2"],
         ),
+        ("zero3", ["--config_file", "configs/accelerate/deepspeed_zero3.yaml"]),
     ):
         out = root / name
         accelerate_launch(launch, [*train, "--output_dir", str(out), "--run_report", str(out / "report")], env)
@@ -77,15 +79,15 @@ def two_rank_runs(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["ddp", "zero2"])
+@pytest.mark.parametrize("name", ["ddp", "zero2", "zero3"])
 def test_two_cpu_ranks_really_run_distributed(two_rank_runs, name):
     ranks = two_rank_runs[name]
     assert [report["rank"] for report in ranks] == [0, 1]
     for report in ranks:
         assert report["world_size"] == 2
-        expected_type = "DistributedType.DEEPSPEED" if name == "zero2" else "DistributedType.MULTI_CPU"
+        expected_type = "DistributedType.MULTI_CPU" if name == "ddp" else "DistributedType.DEEPSPEED"
         assert report["distributed_type"] == expected_type
-        assert report["zero_stage"] == (2 if name == "zero2" else None)
+        assert report["zero_stage"] == {"ddp": None, "zero2": 2, "zero3": 3}[name]
         assert report["global_step"] == 4 and len(report["losses"]) == 4  # finiteness is checked inside the ranks
         assert {"kd/sam_loss", "balance_loss", "lm_loss"} <= set(report["components"])
     # The Trainer's logged loss is the mean over ranks: both ranks log the same value.
@@ -95,10 +97,11 @@ def test_two_cpu_ranks_really_run_distributed(two_rank_runs, name):
 
 
 @pytest.mark.slow
-def test_ddp_and_zero2_reach_the_same_loss(two_rank_runs):
-    ddp, zero2 = two_rank_runs["ddp"][0]["losses"], two_rank_runs["zero2"][0]["losses"]
-    assert ddp[0] == pytest.approx(zero2[0], rel=1e-6)  # same data, same initial weights
-    assert ddp == pytest.approx(zero2, rel=1e-4)  # and the same updates
+@pytest.mark.parametrize("name", ["zero2", "zero3"])
+def test_ddp_and_deepspeed_reach_the_same_loss(two_rank_runs, name):
+    ddp, zero = two_rank_runs["ddp"][0]["losses"], two_rank_runs[name][0]["losses"]
+    assert ddp[0] == pytest.approx(zero[0], rel=1e-6)  # same data, same initial weights
+    assert ddp == pytest.approx(zero, rel=1e-4)  # and the same updates
 
 
 CONFIGS = sorted((REPO / "configs" / "train").glob("*.yaml"))

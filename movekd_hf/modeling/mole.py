@@ -5,9 +5,13 @@ Per token x (the MLP input after the layer norm):
     p = softmax(router(x));  k = argmax(p)
     h = act(fc1(x) + s * B1_k A1_k drop(x));   y = fc2(h) + s * B2_k A2_k drop(h),   s = alpha / r
 
-Experts are computed batched: every token is projected by all experts' A at once (E * r columns, a few
-percent of the base matmul), the result is multiplied by a per-token gate (one-hot for sparse routing,
-p for dense) and sent through all experts' B as one matmul. No Python loop over experts, no index scatter.
+Sparse (top-1) routing computes only the chosen expert per token: each LoRA input is sorted by expert (one
+gather in, one index-add back into the base output), so every expert works on a contiguous slice; the
+per-expert loop has `num_experts` steps of plain matmuls and no index scatter inside it. The base fc1/fc2 run
+on the tokens in their own order, so a zero LoRA leaves plain CLIP bit for bit. Dense routing needs every
+expert: all experts' A run as one matmul (E * r columns), the result is weighted by p per token and sent
+through all experts' B as one matmul. benchmarks/bench_mole_overhead.py measures both against plain CLIP and
+against other dispatches.
 
 Remote code: imports only torch, runs on transformers 4.57 and 5.x.
 """
@@ -62,6 +66,38 @@ class MoLELinear(nn.Linear):
             delta = delta + gate @ self.lora_B_bias
         return delta
 
+    def grouped_lora_deltas(self, x: torch.Tensor, counts: list, weight: torch.Tensor) -> list:
+        """Each token's own expert's LoRA output, for tokens grouped by expert (sparse routing).
+
+        Args:
+            x: `[T, in]` LoRA input (already dropped out), the first `counts[0]` rows routed to expert 0, the
+                next `counts[1]` to expert 1, and so on.
+            counts: tokens per expert (Python ints summing to T).
+            weight: `[T, 1]` per-token output weight (the gate value of the chosen expert, times any scaling).
+        Returns:
+            one `[counts[e], out]` tensor per expert: weight * (B_e (A_e x + bA_e) + bB_e) per token.
+        """
+        # `unbind` gives all experts' weights in one autograd node: their gradients are stacked once, where
+        # indexing `lora_A[e]` per expert would build a zero-filled full-size gradient per expert.
+        a_weights, b_weights = self.lora_A.unbind(0), self.lora_B.unbind(0)
+        a_biases = self.lora_A_bias.unbind(0) if self.lora_A_bias is not None else [None] * self.num_experts
+        b_biases = self.lora_B_bias.unbind(0) if self.lora_B_bias is not None else [None] * self.num_experts
+        deltas = []
+        for expert, (tokens, scale) in enumerate(zip(x.split(counts), weight.split(counts))):
+            rows = tokens.shape[0]
+            if rows == 1:
+                # A one-row matmul takes BLAS's matrix-vector path, whose rounding depends on the weights' memory
+                # alignment (checkpoints loaded by mmap are not 64-byte aligned): with two rows it stays a GEMM
+                # and a loaded model computes bit for bit what the saved one did.
+                tokens, scale = tokens.expand(2, -1), scale.expand(2, -1)
+            # The weight goes on the rank-r side: r columns to scale instead of `out`.
+            low_rank = F.linear(tokens, a_weights[expert], a_biases[expert]) * scale  # [T_e, r]
+            out = F.linear(low_rank, b_weights[expert])  # [T_e, out]
+            if b_biases[expert] is not None:
+                out = out + scale * b_biases[expert]
+            deltas.append(out[:rows])
+        return deltas
+
 
 def _uniform_like_linear(tensor: torch.Tensor, fan_in: int) -> None:
     bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
@@ -110,15 +146,31 @@ def expert_gate(router_logits: torch.Tensor, routing: str, output_scale: str) ->
     Returns:
         `[T, E]` gate, in the logits' dtype.
     """
-    probs = router_logits.float().softmax(dim=-1)
     if routing == "dense":
-        return probs.to(router_logits.dtype)
-    onehot = F.one_hot(probs.argmax(dim=-1), probs.shape[-1]).to(probs.dtype)
+        return router_logits.float().softmax(dim=-1).to(router_logits.dtype)
+    chosen, weight = top1_route(router_logits, output_scale)
+    return F.one_hot(chosen, router_logits.shape[-1]).to(weight.dtype) * weight
+
+
+def top1_route(router_logits: torch.Tensor, output_scale: str) -> tuple:
+    """Sparse routing: each token's expert and the weight its output gets (see `expert_gate`).
+
+    Args:
+        router_logits: `[T, E]`.
+    Returns:
+        `chosen` `[T]` (long) and `weight` `[T, 1]` in the logits' dtype: 1 (`"none"`), p_k (`"probability"`),
+        or 1 with the gradient of p_k (`"straight_through"`).
+    """
+    probs = router_logits.float().softmax(dim=-1)
+    chosen = probs.argmax(dim=-1)  # [T]
+    p_chosen = probs.gather(-1, chosen.unsqueeze(-1))  # [T, 1]
     if output_scale == "probability":
-        onehot = onehot * probs
+        weight = p_chosen
     elif output_scale == "straight_through":
-        onehot = onehot * (1.0 + probs - probs.detach())
-    return onehot.to(router_logits.dtype)
+        weight = 1.0 + p_chosen - p_chosen.detach()
+    else:
+        weight = torch.ones_like(p_chosen)
+    return chosen, weight.to(router_logits.dtype)
 
 
 class MoLEMLP(nn.Module):
@@ -144,20 +196,45 @@ class MoLEMLP(nn.Module):
         x = hidden_states.reshape(-1, shape[-1])  # [T, D]
         logits = self.router(x)  # [T, E]
         self.router_logits = logits.view(*shape[:-1], self.num_experts)  # [B, N, E]
-        gate = expert_gate(logits, self.routing, self.output_scale)
-        h = self.fc1(x) + self.scaling * self.fc1.lora_delta(self.lora_dropout(x), gate)
-        h = self.activation_fn(h)
-        y = self.fc2(h) + self.scaling * self.fc2.lora_delta(self.lora_dropout(h), gate)
-        return y.view(*shape[:-1], -1)
+        if self.routing == "dense":
+            gate = expert_gate(logits, self.routing, self.output_scale)
+            h = self.fc1(x) + self.scaling * self.fc1.lora_delta(self.lora_dropout(x), gate)
+            h = self.activation_fn(h)
+            y = self.fc2(h) + self.scaling * self.fc2.lora_delta(self.lora_dropout(h), gate)
+            return y.view(*shape[:-1], -1)
+        return self._sparse_forward(x, logits).view(*shape[:-1], -1)
+
+    def _sparse_forward(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Top-1 MoLE: [T, D] -> [T, D]. The LoRA inputs are sorted by expert so each expert reads a contiguous
+        slice; the base fc1/fc2 run on the tokens in their own order (see the module docstring)."""
+        chosen, weight = top1_route(logits, self.output_scale)
+        order = torch.argsort(chosen, stable=True)  # [T]
+        # One host sync per MLP for the slice sizes (a one-hot sum, deterministic on every device).
+        counts = F.one_hot(chosen, self.num_experts).sum(dim=0).tolist()
+        weight = weight.index_select(0, order) * self.scaling  # [T, 1], sorted
+
+        def with_lora(layer: MoLELinear, inputs: torch.Tensor) -> torch.Tensor:
+            out = layer(inputs)  # [T, out]; first, as before, so hooks that gather weights (ZeRO-3) have run
+            deltas = layer.grouped_lora_deltas(self.lora_dropout(inputs.index_select(0, order)), counts, weight)
+            # Each expert's rows are added in place into the base output at their tokens' positions. (The
+            # linear's backward does not need its output; `order` is a permutation, so no row adds twice.)
+            for positions, delta in zip(order.split(counts), deltas):
+                out.index_add_(0, positions, delta)
+            return out
+
+        h = self.activation_fn(with_lora(self.fc1, x))
+        return with_lora(self.fc2, h)
 
 
 def mole_mlp_from(mlp: nn.Module, config) -> MoLEMLP:
-    """Build a `MoLEMLP` shaped like an existing CLIP/SigLIP MLP, reusing its activation and base weights."""
+    """Build a `MoLEMLP` shaped like an existing CLIP/SigLIP MLP, taking over its activation and base weights.
+
+    The base `Parameter` objects are moved over, not copied: nothing is read, so this also works while
+    DeepSpeed ZeRO-3 holds them partitioned (`zero3_init_flag`) or on the meta device. New LoRA/router
+    weights are created in the same construction context (device, default dtype, ZeRO-3 partitioning).
+    """
     mole = MoLEMLP(config, mlp.fc1.in_features, mlp.fc1.out_features, mlp.activation_fn)
-    mole = mole.to(device=mlp.fc1.weight.device, dtype=mlp.fc1.weight.dtype)
-    if mlp.fc1.weight.device.type != "meta":
-        with torch.no_grad():
-            for name in ("fc1", "fc2"):
-                getattr(mole, name).weight.copy_(getattr(mlp, name).weight)
-                getattr(mole, name).bias.copy_(getattr(mlp, name).bias)
+    for name in ("fc1", "fc2"):
+        ours, theirs = getattr(mole, name), getattr(mlp, name)
+        ours.weight, ours.bias = theirs.weight, theirs.bias
     return mole

@@ -1,0 +1,204 @@
+"""Benchmark 1: MoLE overhead in the student encoder (forward + backward), against plain CLIP.
+
+Variants, all on the same CLIP encoder layers at ViT-L widths (hidden 1024, MLP 4096, 577 tokens), base weights
+frozen, gradient flowing to the encoder input and to the LoRA experts and routers:
+
+- `plain CLIP`: the stock MLP (the baseline).
+- `MoLE sparse (ours)`: `movekd_hf.modeling.mole.MoLEMLP`, top-1 routing (3 experts, rank 32).
+- `MoLE sparse, expert loop`: a plain re-implementation of the authors' dispatch: a Python loop over experts,
+  each taking its tokens by index and scattering its output back (`index_add_`).
+- `MoLE sparse, all experts batched`: the previous `MoLEMLP` dispatch (every expert's A as one matmul, a one-hot
+  gate, every expert's B as one matmul): exact, no loop, but three experts' arithmetic.
+- `MoLE dense (ours)`: every expert, weighted by the router's probabilities.
+
+Arithmetic limit: the chosen expert adds 2 r (1024 + 4096) multiply-adds per token to a layer's ~13.7M (MLP
+8.4M, attention projections 4.2M, attention ~1.2M at 577 tokens) and needs three such products (forward, input
+gradient, weight gradient) against the frozen layer's two: 1.036x. All three experts' products: 1.11x.
+
+    .venv/bin/python benchmarks/bench_mole_overhead.py [--quick] [--layers 2] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import base_parser, format_table, interleaved_timings, summarise, timing_rows, write_result  # noqa: E402
+
+from movekd_hf import MoVEKDConfig  # noqa: E402
+from movekd_hf.modeling.modeling_movekd import vision_encoder_layers  # noqa: E402
+from movekd_hf.modeling.mole import MoLEMLP, expert_gate, init_mole_linear, mole_mlp_from  # noqa: E402
+
+VIT_L = dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16, image_size=336, patch_size=14)
+QUICK = dict(hidden_size=64, intermediate_size=256, num_attention_heads=4, image_size=56, patch_size=14)
+
+
+class LoopDispatchMoLEMLP(MoLEMLP):
+    """Sparse MoLE as the authors' code dispatches it: for each expert, gather its tokens, run its LoRA, scatter
+    the result back. Same parameters and values as `MoLEMLP` (sparse, output scale "none")."""
+
+    def _expert_delta(self, layer, x: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        delta = x.new_zeros(x.shape[0], layer.out_features)  # [T, out]
+        for expert in range(self.num_experts):
+            index = torch.nonzero(chosen == expert).squeeze(-1)
+            if index.numel() == 0:
+                continue
+            tokens = x.index_select(0, index)
+            low = tokens @ layer.lora_A[expert].t() + layer.lora_A_bias[expert]
+            delta = delta.index_add(0, index, low @ layer.lora_B[expert].t() + layer.lora_B_bias[expert])
+        return delta
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])
+        logits = self.router(x)
+        self.router_logits = logits.view(*shape[:-1], self.num_experts)
+        chosen = logits.argmax(dim=-1)
+        h = self.fc1(x) + self.scaling * self._expert_delta(self.fc1, self.lora_dropout(x), chosen)
+        h = self.activation_fn(h)
+        y = self.fc2(h) + self.scaling * self._expert_delta(self.fc2, self.lora_dropout(h), chosen)
+        return y.view(*shape[:-1], -1)
+
+
+class AllExpertsMoLEMLP(MoLEMLP):
+    """Sparse MoLE computed for every expert and masked by a one-hot gate (the dense path's matmuls)."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])
+        logits = self.router(x)
+        self.router_logits = logits.view(*shape[:-1], self.num_experts)
+        gate = expert_gate(logits, "sparse", self.output_scale)
+        h = self.fc1(x) + self.scaling * self.fc1.lora_delta(self.lora_dropout(x), gate)
+        h = self.activation_fn(h)
+        y = self.fc2(h) + self.scaling * self.fc2.lora_delta(self.lora_dropout(h), gate)
+        return y.view(*shape[:-1], -1)
+
+
+def build_encoders(sizes: dict, layers: int, experts: int, rank: int, dropout: float) -> dict[str, nn.Module]:
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    vision = CLIPVisionConfig(**sizes, num_hidden_layers=layers, hidden_act="quick_gelu")
+    vision._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    plain = CLIPVisionModel(vision).eval()
+    encoders = {"plain CLIP": plain}
+    settings = dict(num_experts=experts, lora_rank=rank, lora_dropout=dropout, lora_b_init="kaiming")
+    for name, routing, mlp_class in (
+        ("MoLE sparse (ours)", "sparse", None),
+        ("MoLE sparse, expert loop", "sparse", LoopDispatchMoLEMLP),
+        ("MoLE sparse, all experts batched", "sparse", AllExpertsMoLEMLP),
+        ("MoLE dense (ours)", "dense", None),
+    ):
+        config = MoVEKDConfig(
+            vision_config=vision.to_dict(), mole_routing=routing, expert_output_scale="none", **settings
+        )
+        model = copy.deepcopy(plain)
+        for index, layer in enumerate(vision_encoder_layers(model)):
+            torch.manual_seed(index)  # the same experts and routers in every MoLE variant
+            mole = mole_mlp_from(layer.mlp, config)
+            for linear in (mole.fc1, mole.fc2):
+                init_mole_linear(linear, "kaiming")
+            if mlp_class is not None:
+                swapped = mlp_class(config, mole.fc1.in_features, mole.fc1.out_features, mole.activation_fn)
+                swapped.load_state_dict(mole.state_dict())  # same weights, other dispatch
+                mole = swapped
+            layer.mlp = mole
+        encoders[name] = model
+    for model in encoders.values():
+        for name, param in model.named_parameters():
+            param.requires_grad_("lora_" in name or ".router." in name)
+    return encoders
+
+
+def encoder_step(model: nn.Module, embeddings: torch.Tensor, probe: torch.Tensor):
+    """Forward through the encoder layers + backward of a fixed linear read-out; gradients are dropped."""
+
+    def run() -> None:
+        x = embeddings.detach().requires_grad_(True)
+        hidden = x
+        for layer in vision_encoder_layers(model):
+            hidden = layer(hidden, None)
+            hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+        (hidden * probe).sum().backward()
+        model.zero_grad(set_to_none=True)
+
+    return run
+
+
+def check_same_values(encoders: dict[str, nn.Module], embeddings: torch.Tensor) -> float:
+    """Every sparse dispatch must compute what `MoLEMLP` computes (dropout off): max abs difference."""
+    outs = {}
+    names = ("MoLE sparse (ours)", "MoLE sparse, expert loop", "MoLE sparse, all experts batched")
+    for name in names:
+        model = encoders[name].eval()
+        hidden = embeddings
+        with torch.no_grad():
+            for layer in vision_encoder_layers(model):
+                out = layer(hidden, None)
+                hidden = out[0] if isinstance(out, tuple) else out
+        outs[name] = hidden
+        model.train()
+    return max(float((outs[names[0]] - outs[name]).abs().max()) for name in names[1:])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--lora-dropout", type=float, default=0.05, help="0.05 is the paper's training value")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    sizes = QUICK if args.quick else VIT_L
+    repeats = args.repeats or (3 if args.quick else 30)
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
+    encoders = build_encoders(sizes, args.layers, 3, 8 if args.quick else 32, args.lora_dropout)
+    tokens = (sizes["image_size"] // sizes["patch_size"]) ** 2 + 1
+    embeddings = torch.randn(args.batch, tokens, sizes["hidden_size"], generator=torch.Generator().manual_seed(2))
+    probe = torch.randn_like(embeddings)
+    difference = check_same_values(encoders, embeddings)
+    for model in encoders.values():
+        model.train()  # LoRA dropout active, as in training
+    times = interleaved_timings(
+        {n: encoder_step(m, embeddings, probe) for n, m in encoders.items()}, repeats, warmup, args.clock
+    )
+    summary = summarise(times, baseline="plain CLIP")
+    print(
+        f"MoLE overhead, forward+backward: {args.layers} layers, batch {args.batch}, {tokens} tokens, "
+        f"hidden {sizes['hidden_size']}, MLP {sizes['intermediate_size']}, LoRA dropout {args.lora_dropout}, "
+        f"{args.threads} thread(s), {args.clock} clock, "
+        f"{repeats} interleaved rounds"
+    )
+    print(format_table(timing_rows(summary), ["variant", "median ms", "IQR ms", "ratio", "paired ratio"]))
+    print(f"other sparse dispatches vs ours, max |difference| of outputs: {difference:.2e}")
+    name = "mole_overhead" if args.lora_dropout else "mole_overhead_no_dropout"
+    path = write_result(
+        name,
+        {
+            "settings": {
+                **sizes,
+                "layers": args.layers,
+                "batch": args.batch,
+                "tokens": tokens,
+                "repeats": repeats,
+                "lora_dropout": args.lora_dropout,
+                "threads": args.threads,
+                "clock": args.clock,
+            },
+            "summary": summary,
+            "max_abs_difference_vs_ours": difference,
+        },
+        args.out,
+        args.quick,
+    )
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

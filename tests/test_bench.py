@@ -1,0 +1,61 @@
+"""The benchmark scripts run (`--quick`: tiny sizes, two rounds) and print their table; nothing here is timed."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(autouse=True)
+def keep_threads():
+    threads = torch.get_num_threads()  # the scripts pin torch to one thread
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_script(name: str, tmp_path: Path, capsys, *extra: str) -> tuple[str, dict]:
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        module = importlib.import_module(name)
+        out = tmp_path / f"{name}.json"
+        assert module.main(["--quick", "--out", str(out), *extra]) == 0
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    return capsys.readouterr().out, json.loads(out.read_text())
+
+
+@pytest.mark.parametrize(
+    ("name", "header", "baseline"),
+    [
+        ("bench_mole_overhead", "MoLE overhead, forward+backward", "plain CLIP"),
+        ("bench_teacher_inputs", "Teacher input preparation", "HF image processors"),
+        ("bench_cached_step", "Training step, cached vs online teachers", "plain LLaVA step"),
+    ],
+)
+def test_timing_benchmarks_print_their_table(name, header, baseline, tmp_path, capsys):
+    printed, result = run_script(name, tmp_path, capsys)
+    assert printed.startswith(header) and "| variant" in printed and " ratio " in printed
+    assert result["quick"] is True and result["summary"][baseline]["ratio"] == 1.0
+
+
+def test_mole_benchmark_dispatches_agree(tmp_path, capsys):
+    _, result = run_script("bench_mole_overhead", tmp_path, capsys, "--lora-dropout", "0")
+    assert result["max_abs_difference_vs_ours"] < 1e-5  # the loop and batched re-implementations match MoLEMLP
+
+
+def test_distill_overhead_benchmark_prints_shares_and_cls_rows(tmp_path, capsys):
+    printed, result = run_script("bench_distill_overhead", tmp_path, capsys)
+    assert "machinery share of the KD step" in printed and "CLS attention row" in printed
+    assert result["cls_attention"]["max_abs_difference"] < 1e-5  # our row is the eager attention map's row
+
+
+def test_memory_benchmark_runs_a_configuration_in_a_subprocess(tmp_path, capsys):
+    printed, result = run_script("bench_memory", tmp_path, capsys, "--only", "no checkpointing")
+    assert "| configuration" in printed and result["results"]["no checkpointing"]["step_peak_delta"] > 0
