@@ -10,6 +10,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from movekd_hf.distill.teachers import IMAGENET_MEAN, IMAGENET_STD, TeacherSpec  # noqa: E402
+from movekd_hf.training.teacher_source import TINY_SAM_CONFIG as _TINY_SAM_CONFIG  # noqa: E402
 
 STUDENT_DIM = 32  # the tiny CLIP's width: the clip teacher is the student's own architecture
 STUDENT_GRID = (4, 4)  # 32 px / patch 8
@@ -25,20 +26,8 @@ TINY_CLIP_CONFIG = dict(
     image_size=32,
     patch_size=8,
 )
-TINY_SAM_CONFIG = dict(
-    model_type="sam_vision_model",
-    hidden_size=28,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    mlp_dim=44,
-    image_size=64,
-    patch_size=8,
-    output_channels=20,
-    window_size=4,
-    global_attn_indexes=[1],
-    num_pos_feats=12,
-    initializer_range=0.02,  # the stock 1e-10 makes every output ~1e-22
-)
+# The package's tiny SAM (the `tiny` teacher set the tiny training configs use).
+TINY_SAM_CONFIG = dict(_TINY_SAM_CONFIG)
 # head dim 12 (divisible by 4 for 2D rotary), 8 x 8 grid at 64 px, windows of 4, block 1 global.
 TINY_EVA_CONFIG = dict(
     image_size=64,

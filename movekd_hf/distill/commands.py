@@ -32,7 +32,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--data-path", help="LLaVA .json/.jsonl, a save_to_disk folder or a local dataset folder")
     parser.add_argument("--image-folder", default=None)
     parser.add_argument("--cache-dir", help="root folder; each teacher gets <slug>-<hash12>/ inside it")
-    parser.add_argument("--teacher-set", default="v1.1", help="v1.0 or v1.1 (the paper's teachers)")
+    parser.add_argument("--teacher-set", default="v1.1", help="v1.0 or v1.1 (the paper's teachers); tiny with --model")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="the student checkpoint training starts from: teachers, grid and view then follow the trainer's rules "
+        "(the clip teacher is the student's own tower), so `teacher_source: cached` finds this cache",
+    )
+    parser.add_argument("--seed", type=int, default=42, help="with --model: the training seed (random teachers)")
     parser.add_argument("--teachers-json", default=None, help="a JSON list of TeacherSpec fields instead")
     parser.add_argument("--sam-layout", default="grid", choices=("grid", "faithful"))
     parser.add_argument("--random-weights", action="store_true", help="build teachers without weights (tests)")
@@ -97,6 +104,27 @@ def _settings(args: argparse.Namespace, specs: list):
     )
 
 
+def _teachers_like_training(args: argparse.Namespace):
+    """Teachers and cache settings exactly as `movekd_hf.train` builds them for a run starting from `--model`."""
+    from dataclasses import replace
+
+    import torch
+    from transformers import AutoProcessor
+
+    from movekd_hf.modeling import MoVEKDForConditionalGeneration
+    from movekd_hf.training.teacher_source import build_teachers, run_teacher_specs, teacher_cache_settings
+
+    vlm = MoVEKDForConditionalGeneration.from_pretrained(args.model)
+    image_processor = AutoProcessor.from_pretrained(args.model).image_processor
+    specs = run_teacher_specs(args.teacher_set, not args.random_weights, _pairs(args.checkpoint, "--checkpoint"))
+    torch.manual_seed(args.seed)  # the trainer seeds before building its teachers, in this order
+    teachers = build_teachers(vlm, specs, image_processor.image_mean, image_processor.image_std)
+    settings = teacher_cache_settings(vlm.config, image_processor, specs, args.grid, args.image_aspect)
+    compress = {slug: int(k) for slug, k in _pairs(args.compress, "--compress").items()}
+    settings = replace(settings, compress=compress, compression_seed=args.compression_seed)
+    return list(teachers.values()), settings
+
+
 def _human(size: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
         if size < 1000 or unit == "PB":
@@ -126,8 +154,12 @@ def run(args: argparse.Namespace) -> int:
     from .cache_writer import cache_teacher_features, dataset_items
     from .teachers import build_teacher
 
-    specs = _specs(args)
-    settings = _settings(args, specs)
+    if args.model:
+        teachers, settings = _teachers_like_training(args)
+        specs = [teacher.spec for teacher in teachers]
+    else:
+        specs = _specs(args)
+        settings = _settings(args, specs)
     if args.estimate:
         print_estimate(estimate_cache_size(specs, settings, args.num_images))
         return 0
@@ -137,7 +169,9 @@ def run(args: argparse.Namespace) -> int:
 
     items = dataset_items(load_source(args.data_path, args.image_folder))
     dtype = getattr(torch, args.dtype)
-    teachers = [build_teacher(spec).to(device=args.device, dtype=dtype) for spec in specs]
+    if not args.model:
+        teachers = [build_teacher(spec) for spec in specs]
+    teachers = [teacher.to(device=args.device, dtype=dtype) for teacher in teachers]
     report = cache_teacher_features(
         args.cache_dir, teachers, settings, items, args.batch_size, args.shard_size, progress=not args.no_progress
     )

@@ -40,6 +40,10 @@ class MoVEKDModelArguments:
     )
     teacher_source: str = field(default="online", metadata={"help": f"One of {TEACHER_SOURCES}."})
     teacher_cache_dir: str | None = field(default=None, metadata={"help": "Feature cache folder (`cached` source)."})
+    teacher_cache_grid: str = field(
+        default="native",
+        metadata={"help": "Grid the cache stores (`native` suits every adapter; `student` only `resample`)."},
+    )
     kd_preset: str = field(
         default="default", metadata={"help": f"One of {KD_PRESETS}; `none` trains the LLaVA baseline (no KD)."}
     )
@@ -58,6 +62,7 @@ class MoVEKDModelArguments:
             ("kd_preset", self.kd_preset, KD_PRESETS),
             ("stage", self.stage, tuple(STAGES)),
             ("teacher_source", self.teacher_source, TEACHER_SOURCES),
+            ("teacher_cache_grid", self.teacher_cache_grid, ("native", "student")),
         ):
             if value not in choices:
                 raise ValueError(f"`{name}` must be one of {choices}, got {value!r}")

@@ -134,7 +134,14 @@ def clip_teacher_from_student(vlm: nn.Module, image_mean=None, image_std=None) -
         raise ValueError(
             f"student tower does not fit a stock CLIP: missing {missing[:3]}, unexpected {unexpected[:3]}"
         )
-    spec = TeacherSpec(
+    spec = clip_teacher_spec(vlm.config, image_mean, image_std)
+    return Teacher(spec, model)
+
+
+def clip_teacher_spec(config, image_mean=None, image_std=None) -> TeacherSpec:
+    """The spec of the `clip` teacher copied from a student with this VLM config (no weights involved)."""
+    vision = config.vision_config
+    return TeacherSpec(
         slug=ANCHOR,
         backend="transformers",
         model_id="student-initial-vision-tower",
@@ -143,11 +150,32 @@ def clip_teacher_from_student(vlm: nn.Module, image_mean=None, image_std=None) -
         num_prefix_tokens=1,
         has_cls=True,
         cls_attention=True,
-        feature_layer=vlm.config.vision_feature_layer,
+        feature_layer=config.vision_feature_layer,
         pretrained=False,
         **({"mean": tuple(image_mean), "std": tuple(image_std)} if image_mean is not None else {}),
     )
-    return Teacher(spec, model)
+
+
+def teacher_view_size(config, specs: list[TeacherSpec]) -> int:
+    """Side of the one raw square view the collator gives every teacher: large enough for the largest input."""
+    return max([spec.image_size for spec in specs] + [config.vision_config.image_size])
+
+
+def teacher_cache_settings(config, image_processor, specs: list[TeacherSpec], grid: str, image_aspect: str):
+    """The `CacheSettings` a training run with this student, processor and data view reads its cache with;
+    `movekd-hf cache-teachers --model` writes with the same, so the cache keys agree."""
+    from ..distill.cache import CacheSettings
+    from .collator import mean_colour
+
+    vision = config.vision_config
+    side = vision.image_size // vision.patch_size
+    return CacheSettings(
+        student_grid=(side, side),
+        grid=grid,
+        teacher_image_size=teacher_view_size(config, specs),
+        image_aspect=image_aspect,
+        background=mean_colour(image_processor),
+    )
 
 
 def run_teacher_specs(teacher_set: str, pretrained: bool, checkpoints: Mapping[str, str]) -> list[TeacherSpec]:

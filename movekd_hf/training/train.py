@@ -23,7 +23,16 @@ from .arguments import MoVEKDModelArguments, MoVEKDTrainingArguments, parse_args
 from .callbacks import RunReportCallback, sigkill_from_env
 from .data_args import MoVEKDDataArguments, build_train_data
 from .stages import COMPONENTS, apply_stage, component_of
-from .teacher_source import OnlineTeachers, build_teachers, outside_zero3, run_teacher_specs, teacher_shapes
+from .teacher_source import (
+    OnlineTeachers,
+    build_teachers,
+    clip_teacher_spec,
+    outside_zero3,
+    run_teacher_specs,
+    teacher_cache_settings,
+    teacher_shapes,
+    teacher_view_size,
+)
 from .trainer import MoVEKDTrainer, MoVEKDTrainingModule
 
 logger = logging.getLogger("movekd_hf.train")
@@ -122,19 +131,36 @@ def build_distillation(vlm, processor, model_args, data_args, args):
     """(OnlineTeachers or None, MoVEKDDistiller or None, teacher slugs) for the run's teacher set and KD preset."""
     if model_args.kd_preset == "none":
         return None, None, []
-    if model_args.teacher_source == "cached":
-        raise ValueError("`teacher_source: cached` needs the feature cache (movekd_hf.distill.cache), not built yet")
     specs = run_teacher_specs(model_args.teacher_set, model_args.teacher_pretrained, model_args.checkpoint_map())
     image_processor = processor.image_processor
-    teachers = build_teachers(vlm, specs, image_processor.image_mean, image_processor.image_std)
+    online = model_args.teacher_source == "online"
+    if online:
+        teachers = build_teachers(vlm, specs, image_processor.image_mean, image_processor.image_std)
     shapes = teacher_shapes(vlm, specs)
     vision = vlm.config.vision_config
     num_tokens = (vision.image_size // vision.patch_size) ** 2
+    torch.manual_seed(args.seed)  # adapters start the same whether teachers were built here or read from a cache
     distiller = MoVEKDDistiller(shapes, vision.hidden_size, num_tokens, KDLossConfig.from_preset(model_args.kd_preset))
+    if not online:
+        return cached_teachers(vlm, image_processor, specs, model_args, data_args, distiller), distiller, list(shapes)
     if data_args.teacher_image_size is None:  # one raw view, large enough for the largest teacher input
-        data_args.teacher_image_size = max([spec.image_size for spec in specs] + [vision.image_size])
+        data_args.teacher_image_size = teacher_view_size(vlm.config, specs)
     source = OnlineTeachers(teachers).to(args.device, training_dtype(args))
     return source, distiller, list(teachers)
+
+
+def cached_teachers(vlm, image_processor, specs, model_args, data_args, distiller):
+    """Teacher outputs read from `movekd-hf cache-teachers` output instead of running the teachers; the cache
+    must have been written for this student, teacher set and data view (checked through its key)."""
+    from ..distill.cache import CachedTeachers
+
+    if not model_args.teacher_cache_dir:
+        raise ValueError("`teacher_source: cached` needs `teacher_cache_dir` (written by `movekd-hf cache-teachers`)")
+    all_specs = [clip_teacher_spec(vlm.config, image_processor.image_mean, image_processor.image_std), *specs]
+    settings = teacher_cache_settings(
+        vlm.config, image_processor, specs, model_args.teacher_cache_grid, data_args.image_aspect
+    )
+    return CachedTeachers(model_args.teacher_cache_dir, all_specs, settings, distiller=distiller)
 
 
 def run_config(model_args, data_args, args, teacher_names, counts) -> dict[str, Any]:
