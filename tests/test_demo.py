@@ -136,6 +136,23 @@ def test_world_is_deterministic_and_answerable(tmp_path):
             assert ((colour, shape) in present) == (question.answer == "yes")
 
 
+def test_training_conversations_describe_the_scene_then_ask_short_questions(tmp_path):
+    from movekd_hf.demo.assemble import llm_texts
+
+    data = world.build_world(str(tmp_path), num_train=10, num_test=2, seed=4)
+    records = json.loads(Path(data.finetune_json).read_text())
+    for record, scene in zip(records, data.train.scenes):
+        turns = record["conversations"]
+        questions = [turn["value"].removeprefix("<image>\n") for turn in turns[0::2]]
+        assert turns[0]["value"].startswith("<image>\n") and 2 <= len(questions) <= 3
+        described = [answer["value"] for question, answer in zip(questions, turns[1::2]) if question == world.DESCRIBE]
+        assert described == [world.caption(scene)]  # one description turn, the scene's caption
+        assert all(q.endswith(world.SHORT_ANSWER) for q in questions if q != world.DESCRIBE)
+    texts = llm_texts(data.finetune_json, data.pretrain_json)
+    assert len(texts) == 3 * len(records)  # each conversation with and without the caption in context, + captions
+    assert sum(world.caption(data.train.scenes[0]) in text for text in texts) == 3
+
+
 def test_segmentation_mask_matches_the_drawing():
     scene = world.Scene((world.WorldObject("square", "red", "large", (1, 1)),), "white", "plain", seed=7)
     image = torch.from_numpy(np.array(world.render_scene(scene))).float()
@@ -192,3 +209,15 @@ def test_verdict_is_honest_either_way():
     assert "does NOT beat the baselines" in losing[-1] and "tried this" in losing[-1]
     with pytest.raises(ValueError, match="llava"):
         report.verdict({"mse": row}, labels, "x")
+
+
+def test_a_second_run_gives_the_same_table(quick_run, tmp_path):
+    """Fixed seeds: the whole quick demo, run again in another folder, reproduces the results and answers."""
+    from movekd_hf.cli import main
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["demo", "--out", str(tmp_path / "again"), "--quick"]) == 0
+    first, _ = quick_run
+    assert json.loads((tmp_path / "again" / "results.json").read_text()) == json.loads(
+        (first / "results.json").read_text()
+    )

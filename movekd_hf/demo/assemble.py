@@ -34,7 +34,11 @@ MOLE_SETTINGS = dict(num_experts=3, lora_rank=8, lora_alpha=8.0, lora_dropout=0.
 
 
 def llm_texts(finetune_json: str, pretrain_json: str) -> list[str]:
-    """Every training conversation as image-free Vicuna v1 text, plus every caption."""
+    """Every training conversation as image-free Vicuna v1 text, twice: once with the scene's caption where the
+    image goes (so the LLM learns to answer from a description in its context, the skill it needs to answer
+    from image tokens later) and once without it (the answer prior); plus every caption."""
+    with open(pretrain_json, encoding="utf-8") as handle:
+        captions = {record["image"]: record["conversations"][1]["value"] for record in json.load(handle)}
     texts = []
     with open(finetune_json, encoding="utf-8") as handle:
         for record in json.load(handle):
@@ -44,9 +48,9 @@ def llm_texts(finetune_json: str, pretrain_json: str) -> list[str]:
                 for q, a in zip(turns[0::2], turns[1::2])
             )
             texts.append(f"{VICUNA_SYSTEM} {body}")
-    with open(pretrain_json, encoding="utf-8") as handle:
-        texts += [record["conversations"][1]["value"] for record in json.load(handle)]
-    return texts
+            described = body.replace("USER: ", f"USER: {captions[record['image']]} ", 1)
+            texts.append(f"{VICUNA_SYSTEM} {described}")
+    return texts + list(captions.values())
 
 
 def pretrain_llm(

@@ -3,7 +3,7 @@ that each knows something the others do not, then frozen and loaded back through
 
 | slug | architecture | input | pretrained on |
 |---|---|---|---|
-| `clip` | transformers CLIP ViT (the student's architecture) | 64 px, patch 8 | which shapes are present, with colours scrambled (channel shuffles, grey images), so it is colour-blind by design |
+| `clip` | transformers CLIP ViT (the student's architecture) | 64 px, patch 16 | which shape (or background) covers each patch, with colours scrambled (channel shuffles, grey images), so it is colour-blind by design; a dense task, so every image token the VLM reads carries what is there |
 | `convnext` | timm ConvNeXt | 48 px, stride 8 (6 x 6 map) | which colours are present |
 | `sam` | transformers SAM image encoder | 96 px, patch 12 | dense segmentation (background / circle / square / triangle per cell of an 8 x 8 grid): where things are and how many |
 
@@ -42,7 +42,7 @@ STUDENT_VISION = dict(
     num_hidden_layers=4,
     num_attention_heads=4,
     image_size=64,
-    patch_size=8,
+    patch_size=16,  # 4 x 4 = 16 image tokens: short sequences, and each token sees a whole object
     hidden_act="quick_gelu",
 )
 SAM_VISION = dict(
@@ -142,17 +142,25 @@ class PretrainTask:
     augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None
 
 
+def _token_map(tokens: torch.Tensor) -> torch.Tensor:
+    """[B, g*g, D] patch tokens -> [B, D, g, g] map (a dense head reads each patch token)."""
+    grid = int(tokens.shape[1] ** 0.5)
+    return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], grid, grid)
+
+
 def _soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, target)  # probabilities as targets: per-cell class fractions
 
 
 PRETRAIN_TASKS: dict[str, PretrainTask] = {
     "clip": PretrainTask(
-        "shape presence (colour-scrambled)",
-        features=lambda model, x: model(pixel_values=x).pooler_output,  # [B, 64]
-        head=lambda: nn.Linear(STUDENT_VISION["hidden_size"], len(world.SHAPES)),
-        targets=shape_presence,
-        loss=F.binary_cross_entropy_with_logits,
+        "segmentation per patch (colour-scrambled)",
+        features=lambda model, x: _token_map(model(pixel_values=x).last_hidden_state[:, 1:]),  # [B, 64, g, g]
+        head=lambda: nn.Conv2d(STUDENT_VISION["hidden_size"], 1 + len(world.SHAPES), kernel_size=1),
+        targets=lambda scenes: segmentation_targets(
+            scenes, STUDENT_VISION["image_size"] // STUDENT_VISION["patch_size"]
+        ),
+        loss=_soft_cross_entropy,
         augment=scramble_colours,
     ),
     "convnext": PretrainTask(

@@ -19,7 +19,7 @@ ROLE_WORDS = "USER: ASSISTANT:"
 
 def world_corpus() -> list[str]:
     """Texts that use every word the world, its templates and the conversation format can produce."""
-    texts = [VICUNA_SYSTEM, ROLE_WORDS, world.SHORT_ANSWER, "yes no", " ".join(world.COUNT_WORDS)]
+    texts = [VICUNA_SYSTEM, ROLE_WORDS, world.SHORT_ANSWER, world.DESCRIBE, "yes no", " ".join(world.COUNT_WORDS)]
     texts += [str(n) for n in range(world.MAX_OBJECTS + 1)]
     texts += [" ".join(names) for names in (world.COLOURS, world.SHAPES, world.SIZES, world.COLUMNS)]
     texts += [" ".join(world.BACKGROUND_TONES), " ".join(world.TEXTURES)]

@@ -1,7 +1,7 @@
 """The demo's synthetic visual world: scenes of coloured shapes on textured backgrounds, drawn on the fly, with
 captions (stage 1), question/answer conversations (stage 2) and a held-out evaluation set by question type.
 
-A scene is 1-4 objects, each in its own cell of a 3 x 3 grid (so positions are unambiguous), each with a shape,
+A scene is 1-3 objects, each in its own cell of a 3 x 3 grid (so positions are unambiguous), each with a shape,
 a colour and a size, over one of several backgrounds (plain, striped, checked, noisy). Everything comes from one
 `random.Random(seed)`, so the same seed gives the same images and questions on every machine.
 """
@@ -29,12 +29,13 @@ SIZES = {"small": 0.19, "large": 0.3}  # object extent as a fraction of the canv
 BACKGROUND_TONES = {"white": (238, 238, 232), "grey": (128, 128, 128), "black": (22, 22, 26)}
 TEXTURES = ("plain", "stripes", "checks", "noise")
 COLUMNS = ("left", "middle", "right")
-COUNT_WORDS = ("zero", "one", "two", "three", "four")
-MAX_OBJECTS = 4
+COUNT_WORDS = ("zero", "one", "two", "three")
+MAX_OBJECTS = 3
 
 QUESTION_TYPES = ("colour", "shape", "count", "position", "existence")
 POPE_SPLITS = ("random", "popular", "adversarial")
 SHORT_ANSWER = "Answer the question using a single word or phrase."
+DESCRIBE = "Describe the image."  # the long-answer turn: its caption supervises every object in the scene
 
 
 @dataclass(frozen=True)
@@ -212,12 +213,15 @@ def _turns(pairs: list[tuple[str, str]]) -> list[dict[str, str]]:
     turns: list[dict[str, str]] = []
     for position, (question, answer) in enumerate(pairs):
         prefix = "<image>\n" if position == 0 else ""
-        turns += [{"from": "human", "value": f"{prefix}{question} {SHORT_ANSWER}"}, {"from": "gpt", "value": answer}]
+        suffix = "" if question == DESCRIBE else f" {SHORT_ANSWER}"
+        turns += [{"from": "human", "value": f"{prefix}{question}{suffix}"}, {"from": "gpt", "value": answer}]
     return turns
 
 
 def training_conversation(scene: Scene, rng: random.Random, max_turns: int = 3) -> list[dict[str, str]]:
-    """2-3 short-answer turns about one scene, types mixed, one of them a yes/no existence question."""
+    """A description of the scene (its caption) and 1-2 short-answer turns, types mixed, in random order; the
+    short answers include a yes/no existence question half the time. The description gives the tiny VLM a dense
+    signal about every object (like LLaVA's detailed-description data), the short answers the benchmark format."""
     pairs = list(open_questions(scene, rng).values())
     if rng.random() < 0.5:
         obj = rng.choice(scene.objects)
@@ -226,7 +230,9 @@ def training_conversation(scene: Scene, rng: random.Random, max_turns: int = 3) 
         colour, shape = pope_negative(scene, "random", [], rng)
         pairs.append((existence_question(colour, shape), "no"))
     rng.shuffle(pairs)
-    return _turns(pairs[: rng.randint(2, max_turns)])
+    pairs = [(DESCRIBE, caption(scene))] + pairs[: rng.randint(1, max_turns - 1)]
+    rng.shuffle(pairs)
+    return _turns(pairs)
 
 
 def evaluation_questions(scenes: list[Scene], popular: list[tuple[str, str]], seed: int) -> list[Question]:
