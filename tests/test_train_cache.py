@@ -52,7 +52,7 @@ def test_cached_teachers_give_the_online_loss(cached_run):
     expected, got = first_batch_loss(online), first_batch_loss(cached)
     assert expected["kd"] > 0 and expected["per_teacher"].shape[1] == 3  # clip, convnext, sam
     for name in ("loss", "kd", "per_teacher", "weights"):
-        torch.testing.assert_close(got[name], expected[name], rtol=2e-3, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(got[name], expected[name], rtol=2e-3, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
 
 
 def test_a_cache_for_another_view_is_refused(cached_run):
