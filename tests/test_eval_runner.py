@@ -16,9 +16,10 @@ from skimage import data
 from movekd_hf.evaluation import commands
 from movekd_hf.evaluation.benchmarks import EvalSample
 from movekd_hf.evaluation.prompts import V1_SYSTEM
-from movekd_hf.evaluation.runner import build_prompt, generate_batch, pad_to_square, run_generation
+from movekd_hf.evaluation.runner import build_prompt, generate_batch, run_generation
 from movekd_hf.hub_cards.run_dir import validate_eval_results
 from movekd_hf.presets import build_tiny_model
+from movekd_hf.training.collator import expand_to_square
 
 QUESTIONS = ["What is this?", "Is it red?", "Count the cups in the picture please."]
 
@@ -95,7 +96,7 @@ def test_prompt_formats(tiny):
 
 def test_pad_to_square_uses_the_mean_colour():
     image = Image.fromarray(data.coffee()).resize((40, 20))
-    padded = pad_to_square(image, (122, 116, 104))
+    padded = expand_to_square(image, (122, 116, 104))
     assert padded.size == (40, 40)
     assert padded.getpixel((0, 0)) == (122, 116, 104) and padded.getpixel((20, 20)) == image.getpixel((20, 10))
 

@@ -49,19 +49,6 @@ def done_keys(answers_file: Path) -> set[str]:
     return keys
 
 
-def pad_to_square(image: Any, background: tuple[int, ...]) -> Any:
-    """LLaVA-1.5's `pad` aspect mode: centre the image on a square of the processor's mean colour."""
-    from PIL import Image
-
-    width, height = image.size
-    if width == height:
-        return image
-    side = max(width, height)
-    canvas = Image.new(image.mode, (side, side), background)
-    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
-    return canvas
-
-
 def _load_image(image: Any, processor: Any, pad: bool) -> Any:
     from PIL import Image
 
@@ -70,9 +57,10 @@ def _load_image(image: Any, processor: Any, pad: bool) -> Any:
             raise ValueError(f"image file {image} does not exist")
         image = Image.open(image)
     image = image.convert("RGB")
-    if pad:
-        mean = getattr(processor.image_processor, "image_mean", None) or (0.5, 0.5, 0.5)
-        image = pad_to_square(image, tuple(int(255 * m) for m in mean))
+    if pad:  # exactly as the training collator pads (LLaVA's expand2square with the mean colour)
+        from ..training.collator import expand_to_square, mean_colour
+
+        image = expand_to_square(image, mean_colour(processor.image_processor))
     return image
 
 
