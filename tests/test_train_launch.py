@@ -57,8 +57,7 @@ def test_sigkill_then_resume_ends_with_the_uninterrupted_weights(tmp_path):
 
 @pytest.fixture(scope="module")
 def two_rank_runs(tmp_path_factory):
-    """The tiny stage 1 config on 2 CPU ranks with DDP (gloo), DeepSpeed ZeRO-2 and ZeRO-3 (model built
-    partitioned under `zero3_init_flag`)."""
+    """The tiny stage 1 config on 2 CPU ranks with DDP (gloo), DeepSpeed ZeRO-2 and ZeRO-3."""
     root = tmp_path_factory.mktemp("launch")
     train = [TINY_STAGE1, "--max_steps", "4", "--logging_steps", "1", "--save_steps", "4"]
     env = child_env(DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=str(TORCH_EXTENSIONS_DIR))

@@ -191,8 +191,8 @@ def grouped_sampler(data, data_args: MoVEKDDataArguments, args: MoVEKDTrainingAr
 def build_trainer(argv: list[str]) -> MoVEKDTrainer:
     model_args, data_args, args = parse_args(argv)
     set_seed(args.seed)
-    # Built whole on every rank, also under ZeRO-3 (the engine partitions it when training starts): the MoLE swap
-    # copies each encoder MLP's weights while the model is built, which zero.Init's empty shards do not allow.
+    # Built whole on every rank, also under ZeRO-3; the engine partitions it when training starts. Building it
+    # partitioned under zero.Init fails later in the tiny build path (IndexError on an empty shard; not chased yet).
     with outside_zero3():
         vlm, processor = load_model(model_args)
     # Teachers copy the tower before anything changes it; their random (tiny) weights follow the seed on every rank.
