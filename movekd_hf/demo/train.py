@@ -1,10 +1,10 @@
 """The demo's VLM: assembled from the pretrained `clip` teacher and a small pretrained LLM, then trained in the
 paper's two stages through the real `MoVEKDTrainer`, once per arm.
 
-Arguments go through `movekd_hf.training.arguments.parse_args`, the parser `accelerate launch -m movekd_hf.train`
-uses, and the trainer is assembled from the same parts as `movekd_hf.training.train.build_trainer`. The one
-difference: the demo's own teachers (`teachers.DEMO_TEACHERS`, pretrained here) replace a named teacher set, which
-the YAML entry cannot express; the `clip` teacher is, as there, the frozen copy of the student's initial tower.
+Each stage is a command line for `accelerate launch -m movekd_hf.train`, built into a trainer by the same
+`movekd_hf.training.train.build_trainer`; the demo only hands it its own pretrained teachers
+(`teachers.DEMO_TEACHERS`), which a YAML teacher set cannot name, and the stage-1 adapters for stage 2. The `clip`
+teacher is, as always, the frozen copy of the student's initial tower.
 """
 
 from __future__ import annotations
@@ -14,18 +14,12 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-import torch
-from transformers import PrinterCallback, ProgressCallback, set_seed
+from transformers import PrinterCallback, ProgressCallback
 
-from ..distill.distiller import MoVEKDDistiller
 from ..distill.losses import KDLossConfig
 from ..distill.teachers import TeacherSpec
 from ..training.arguments import parse_args
-from ..training.checkpoint import DISTILLER_FILE
-from ..training.data_args import build_train_data
-from ..training.teacher_source import OnlineTeachers, build_teachers, teacher_shapes
-from ..training.train import apply_training_stage, load_model, run_config
-from ..training.trainer import MoVEKDTrainer, MoVEKDTrainingModule
+from ..training.train import build_trainer
 
 
 @dataclass(frozen=True)
@@ -99,42 +93,15 @@ def stage_argv(settings: StageSettings, model_path: str, kd_preset: str, output_
 
 
 def build_demo_trainer(argv: list[str], specs: Mapping[str, TeacherSpec], previous: str | None = None):
-    """`build_trainer` of movekd_hf.training.train with the demo teachers; `previous` (the stage-1 folder) also
-    hands its trained adapters to stage 2, so the distiller carries on instead of starting again."""
-    model_args, data_args, args = parse_args(argv)
-    set_seed(args.seed)
-    vlm, processor = load_model(model_args)
-    torch.manual_seed(args.seed)
-    source, distiller, names = None, None, []
-    if model_args.kd_preset != "none":
-        others = [spec for slug, spec in specs.items() if slug != "clip"]
-        image_processor = processor.image_processor
-        teachers = build_teachers(vlm, others, image_processor.image_mean, image_processor.image_std)
-        vision = vlm.config.vision_config
-        num_tokens = (vision.image_size // vision.patch_size) ** 2
-        kd_config = KDLossConfig.from_preset(model_args.kd_preset)
-        distiller = MoVEKDDistiller(teacher_shapes(vlm, others), vision.hidden_size, num_tokens, kd_config)
-        if previous is not None and os.path.isfile(os.path.join(previous, DISTILLER_FILE)):
-            from safetensors.torch import load_file
-
-            distiller.load_state_dict(load_file(os.path.join(previous, DISTILLER_FILE)))
-        data_args.teacher_image_size = max([spec.image_size for spec in specs.values()] + [vision.image_size])
-        source, names = OnlineTeachers(teachers).to(args.device, torch.float32), list(teachers)
-    vlm, counts = apply_training_stage(vlm, model_args, args)
-    if distiller is not None:
-        counts["adapters"] = sum(p.numel() for p in distiller.parameters())
-    data = build_train_data(data_args, processor)
-    config = run_config(model_args, data_args, args, names, counts)
-    return MoVEKDTrainer(
-        model=MoVEKDTrainingModule(vlm, distiller),
-        args=args,
-        teacher_source=source,
-        trainable_counts=counts,
-        train_config={**config, "teacher_set": "demo" if names else None, "kd_loss": _kd_dict(model_args.kd_preset)},
-        train_dataset=data.dataset,
-        data_collator=data.collator,
-        processing_class=processor,
+    """`build_trainer` of movekd_hf.training.train with the demo's pretrained teachers; `previous` (the stage-1
+    folder) hands its trained adapters to stage 2, so the distiller carries on instead of starting again."""
+    others = [spec for slug, spec in specs.items() if slug != "clip"]  # clip: the student's own tower, as there
+    kd = parse_args(argv)[0].kd_preset != "none"
+    trainer = build_trainer(argv, teacher_specs=others, adapters_from=previous if kd and previous else None)
+    trainer.train_config.update(
+        teacher_set="demo" if kd else None, kd_loss=_kd_dict(trainer.train_config["kd_preset"])
     )
+    return trainer
 
 
 def _kd_dict(preset: str) -> dict | None:

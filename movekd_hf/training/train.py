@@ -21,6 +21,7 @@ from ..distill.distiller import MoVEKDDistiller
 from ..distill.losses import KDLossConfig
 from .arguments import MoVEKDModelArguments, MoVEKDTrainingArguments, parse_args
 from .callbacks import RunReportCallback, sigkill_from_env
+from .checkpoint import DISTILLER_FILE
 from .data_args import MoVEKDDataArguments, build_train_data
 from .stages import COMPONENTS, apply_stage, component_of
 from .teacher_source import (
@@ -127,11 +128,18 @@ def resolve_toy_data(data_args: MoVEKDDataArguments, args: MoVEKDTrainingArgumen
     data_args.image_folder = os.path.join(folder, "images")
 
 
-def build_distillation(vlm, processor, model_args, data_args, args):
-    """(OnlineTeachers or None, MoVEKDDistiller or None, teacher slugs) for the run's teacher set and KD preset."""
+def build_distillation(vlm, processor, model_args, data_args, args, teacher_specs=None, adapters_from=None):
+    """(teacher source or None, MoVEKDDistiller or None, teacher slugs) for the run's teacher set and KD preset.
+
+    teacher_specs: non-clip teachers to use instead of `model_args.teacher_set` (e.g. teachers pretrained by the
+    caller). adapters_from: a checkpoint folder whose `distill_adapters.safetensors` the adapters start from (stage 2
+    carrying on from stage 1).
+    """
     if model_args.kd_preset == "none":
         return None, None, []
-    specs = run_teacher_specs(model_args.teacher_set, model_args.teacher_pretrained, model_args.checkpoint_map())
+    specs = teacher_specs
+    if specs is None:
+        specs = run_teacher_specs(model_args.teacher_set, model_args.teacher_pretrained, model_args.checkpoint_map())
     image_processor = processor.image_processor
     online = model_args.teacher_source == "online"
     if online:
@@ -141,6 +149,8 @@ def build_distillation(vlm, processor, model_args, data_args, args):
     num_tokens = (vision.image_size // vision.patch_size) ** 2
     torch.manual_seed(args.seed)  # adapters start the same whether teachers were built here or read from a cache
     distiller = MoVEKDDistiller(shapes, vision.hidden_size, num_tokens, KDLossConfig.from_preset(model_args.kd_preset))
+    if adapters_from is not None:
+        load_adapters(distiller, adapters_from)
     if not online:
         return cached_teachers(vlm, image_processor, specs, model_args, data_args, distiller), distiller, list(shapes)
     if data_args.teacher_image_size is None:  # one raw view, large enough for the largest teacher input
@@ -188,7 +198,19 @@ def grouped_sampler(data, data_args: MoVEKDDataArguments, args: MoVEKDTrainingAr
     return data.sampler(args.per_device_train_batch_size * args.gradient_accumulation_steps, args.world_size, seed)
 
 
-def build_trainer(argv: list[str]) -> MoVEKDTrainer:
+def load_adapters(distiller: MoVEKDDistiller, folder: str) -> None:
+    """Start the adapters (and standardisers) from a checkpoint's `distill_adapters.safetensors`."""
+    from safetensors.torch import load_file
+
+    path = os.path.join(folder, DISTILLER_FILE)
+    if not os.path.isfile(path):
+        raise ValueError(f"adapters_from={folder!r}: no {DISTILLER_FILE} there (a run without distillation?)")
+    distiller.load_state_dict(load_file(path))
+
+
+def build_trainer(argv: list[str], teacher_specs=None, adapters_from: str | None = None) -> MoVEKDTrainer:
+    """The trainer `movekd-hf train` / `accelerate launch -m movekd_hf.train` runs for `argv` (a YAML plus
+    overrides); `teacher_specs` and `adapters_from` as in `build_distillation`."""
     model_args, data_args, args = parse_args(argv)
     set_seed(args.seed)
     # Built whole on every rank, also under ZeRO-3; the engine partitions it when training starts. Building it
@@ -197,7 +219,9 @@ def build_trainer(argv: list[str]) -> MoVEKDTrainer:
         vlm, processor = load_model(model_args)
     # Teachers copy the tower before anything changes it; their random (tiny) weights follow the seed on every rank.
     torch.manual_seed(args.seed)
-    source, distiller, teacher_names = build_distillation(vlm, processor, model_args, data_args, args)
+    source, distiller, teacher_names = build_distillation(
+        vlm, processor, model_args, data_args, args, teacher_specs, adapters_from
+    )
     vlm, counts = apply_training_stage(vlm, model_args, args)
     if distiller is not None:
         counts["adapters"] = sum(p.numel() for p in distiller.parameters())
