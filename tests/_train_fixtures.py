@@ -26,6 +26,23 @@ def build(config: str, output_dir: Path, *overrides: str):
     return build_trainer([config, "--output_dir", str(output_dir), "--disable_tqdm", "true", *overrides])
 
 
+# One plain SGD step with nothing else moving the weights: updates compare exactly between runs.
+SGD_ONE_STEP = (
+    "--optim", "sgd", "--learning_rate", "0.5", "--lr_scheduler_type", "constant", "--warmup_steps", "0",
+    "--max_grad_norm", "1e9", "--weight_decay", "0", "--max_steps", "1", "--save_strategy", "no",
+    "--logging_steps", "1",
+)  # fmt: skip
+
+
+def one_step_update(config: str, output_dir: Path, *overrides: str):
+    """The change of every trainable parameter after one `SGD_ONE_STEP` step, and the trainer."""
+    trainer = build(config, output_dir, *SGD_ONE_STEP, *overrides)
+    before = trainable_state(trainer.model)
+    trainer.train()
+    after = trainable_state(trainer.model)
+    return {key: after[key] - before[key] for key in before}, trainer
+
+
 def child_env(**extra: str) -> dict[str, str]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     env.update(extra)

@@ -58,3 +58,36 @@ def test_next_variant_shares_the_mole_settings():
     assert config.lora_rank == 6 and config.is_faithful
     with pytest.raises(ValueError, match="`mole_routing`"):
         MoVEKDNextConfig(mole_routing="nope")
+
+
+def test_a_release_outside_the_tested_range_logs_one_line():
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    from movekd_hf.modeling.configuration_movekd import TESTED_TRANSFORMERS, check_tested_transformers
+
+    oldest, newest = TESTED_TRANSFORMERS
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = hf_logging.get_logger("movekd_hf.modeling.configuration_movekd")
+    logger.addHandler(handler)
+    try:
+        assert check_tested_transformers("5.24.0", running=oldest) and check_tested_transformers(None, running=newest)
+        assert not records
+        assert not check_tested_transformers("5.24.0", running="99.1.0.dev0")
+        assert not check_tested_transformers("5.24.0", running="99.1.0.dev0")  # once, not per config
+    finally:
+        logger.removeHandler(handler)
+    assert len(records) == 1
+    message = records[0].getMessage()
+    assert "99.1.0.dev0" in message and f"{oldest}..{newest}" in message and "5.24.0" in message
+
+
+def test_the_locked_transformers_is_inside_the_tested_range():
+    import transformers
+
+    from movekd_hf.modeling.configuration_movekd import check_tested_transformers
+
+    assert check_tested_transformers("test", running=transformers.__version__)

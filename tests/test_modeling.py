@@ -7,6 +7,7 @@ from _model_fixtures import chat_inputs, perturb_lora, random_image
 from transformers import AutoModel, AutoModelForImageTextToText, CLIPVisionModel
 
 from movekd_hf import MoVEKDForConditionalGeneration, MoVEKDModel
+from movekd_hf.modeling import MoVEKDOutputMixin
 from movekd_hf.presets import build_tiny_model
 from movekd_hf.training.stages import apply_stage, component_of
 
@@ -20,7 +21,10 @@ def test_output_shapes_include_router_logits_per_layer(tiny, photo, second_photo
     assert len(out.router_logits) == 3  # one per encoder layer
     assert all(logits.shape == (2, 17, 3) for logits in out.router_logits)  # 16 patches + CLS, 3 experts
     assert out.vision_hidden_states.shape == (2, 16, 32)  # CLS dropped, before the projector
-    assert out.image_hidden_states.reshape(-1, 40).shape == (2 * 16, 40)  # projected (flattened in 5.x)
+    # The tokens LLaVA selects (hidden state -2 of the tower, CLS dropped), recomputed through the tower alone.
+    tower = model.model.vision_tower(inputs["pixel_values"], output_hidden_states=True)
+    torch.testing.assert_close(out.vision_hidden_states, tower.hidden_states[-2][:, 1:])
+    assert isinstance(out, MoVEKDOutputMixin) and type(out).__name__.startswith("MoVEKD")
     assert all(torch.isfinite(t).all() for t in (out.logits, out.vision_hidden_states, *out.router_logits))
 
 

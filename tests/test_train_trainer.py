@@ -7,24 +7,24 @@ import json
 
 import pytest
 import torch
-from _train_fixtures import TINY_STAGE1, TINY_STAGE2, build, full_state, load_safetensors, trainable_state
+from _train_fixtures import (
+    SGD_ONE_STEP,  # noqa: F401 (other training tests import it from here)
+    TINY_STAGE1,
+    TINY_STAGE2,
+    build,
+    full_state,
+    load_safetensors,
+    one_step_update,
+    trainable_state,
+)
 
 from movekd_hf.training.checkpoint import DISTILLER_FILE
 from movekd_hf.training.stages import component_of
 
-SGD_ONE_STEP = (
-    "--optim", "sgd", "--learning_rate", "0.5", "--lr_scheduler_type", "constant", "--warmup_steps", "0",
-    "--max_grad_norm", "1e9", "--weight_decay", "0", "--max_steps", "1", "--save_strategy", "no",
-    "--logging_steps", "1",
-)  # fmt: skip
 
 
 def _update(config, tmp_path, name, *overrides):
-    trainer = build(config, tmp_path / name, *SGD_ONE_STEP, *overrides)
-    before = trainable_state(trainer.model)
-    trainer.train()
-    after = trainable_state(trainer.model)
-    return {key: after[key] - before[key] for key in before}, trainer
+    return one_step_update(config, tmp_path / name, *overrides)
 
 
 def test_gradient_accumulation_matches_the_doubled_batch(tmp_path):

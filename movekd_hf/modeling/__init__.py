@@ -3,11 +3,11 @@ single-dot relative imports, so `save_pretrained` can copy them next to the weig
 
 from .configuration_movekd import MoVEKDConfig, MoVEKDNextConfig, MoVEKDVisionConfig
 from .modeling_movekd import (
-    MoVEKDCausalLMOutputWithPast,
     MoVEKDForConditionalGeneration,
     MoVEKDModel,
     MoVEKDNextForConditionalGeneration,
     MoVEKDNextModel,
+    MoVEKDOutputMixin,
     MoVEKDVisionModel,
 )
 from .mole import MoLELinear, MoLEMLP
@@ -16,7 +16,7 @@ from .processing_movekd import MoVEKDProcessor
 __all__ = [
     "MoLELinear",
     "MoLEMLP",
-    "MoVEKDCausalLMOutputWithPast",
+    "MoVEKDOutputMixin",
     "MoVEKDConfig",
     "MoVEKDForConditionalGeneration",
     "MoVEKDModel",

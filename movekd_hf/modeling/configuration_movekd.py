@@ -5,7 +5,15 @@ transformers 4.57 and 5.x alike. The vision config stays a stock CLIP/SigLIP con
 resolve a custom nested model type through remote code); every MoLE setting lives at the top level.
 """
 
+import transformers
 from transformers import CLIPVisionConfig, LlavaConfig, LlavaNextConfig
+
+logger = transformers.logging.get_logger(__name__)
+
+# The transformers releases this remote code was tested on (`make test`'s version matrix: the oldest 4.x and 5.x,
+# the locked release). A checkpoint loaded outside them logs one line; newer releases are tested by CI at install
+# time and by `make test-latest`.
+TESTED_TRANSFORMERS = ("4.57.6", "5.24.0")
 
 MOLE_ROUTING = ("sparse", "dense")
 LORA_B_INIT = ("zeros", "kaiming")
@@ -53,8 +61,33 @@ def validate_mole_settings(settings: dict) -> None:
     _check_choice("expert_output_scale", settings["expert_output_scale"], EXPERT_OUTPUT_SCALE)
 
 
+def _release(version: str) -> tuple:
+    """(major, minor, patch) of a version string such as "5.24.0" or "5.25.0.dev0"."""
+    parts = []
+    for part in version.split(".")[:3]:
+        digits = "".join(c for c in part if c.isdigit()) if part[:1].isdigit() else ""
+        parts.append(int(digits or 0))
+    return tuple(parts + [0] * (3 - len(parts)))
+
+
+def check_tested_transformers(written_with: str | None, running: str = transformers.__version__) -> bool:
+    """Log one line when `running` lies outside `TESTED_TRANSFORMERS`; True when it is inside."""
+    oldest, newest = TESTED_TRANSFORMERS
+    if _release(oldest) <= _release(running) <= _release(newest):
+        return True
+    logger.warning_once(
+        f"MoVE-KD remote code: transformers {running} is outside the tested range {oldest}..{newest} "
+        f"(checkpoint written with {written_with or 'an unknown version'}); outputs are not guaranteed."
+    )
+    return False
+
+
 class _MoLESettingsMixin:
     """Shared MoLE fields for the LLaVA and LLaVA-NeXT variants."""
+
+    def _check_release(self) -> None:
+        # `transformers_version` is what the checkpoint's config.json recorded (set by `save_pretrained`).
+        check_tested_transformers(getattr(self, "transformers_version", None))
 
     def _set_mole_settings(self, kwargs: dict) -> dict:
         faithful = kwargs.pop("faithful", False)
@@ -102,6 +135,7 @@ class MoVEKDConfig(_MoLESettingsMixin, LlavaConfig):
     def __init__(self, vision_config=None, text_config=None, **kwargs):
         kwargs = self._set_mole_settings(kwargs)
         super().__init__(vision_config=vision_config, text_config=text_config, **kwargs)
+        self._check_release()
 
 
 class MoVEKDNextConfig(_MoLESettingsMixin, LlavaNextConfig):
@@ -113,6 +147,7 @@ class MoVEKDNextConfig(_MoLESettingsMixin, LlavaNextConfig):
     def __init__(self, vision_config=None, text_config=None, **kwargs):
         kwargs = self._set_mole_settings(kwargs)
         super().__init__(vision_config=vision_config, text_config=text_config, **kwargs)
+        self._check_release()
 
 
 class MoVEKDVisionConfig(_MoLESettingsMixin, CLIPVisionConfig):
@@ -124,3 +159,4 @@ class MoVEKDVisionConfig(_MoLESettingsMixin, CLIPVisionConfig):
     def __init__(self, **kwargs):
         kwargs = self._set_mole_settings(kwargs)
         super().__init__(**kwargs)
+        self._check_release()

@@ -9,7 +9,8 @@ Shipped inside checkpoints as remote code: imports only torch/transformers (sing
 runs on transformers 4.57 and 5.x.
 """
 
-from dataclasses import dataclass
+import dataclasses
+import functools
 
 import torch
 import transformers
@@ -20,11 +21,6 @@ from transformers import (
     LlavaModel,
     LlavaNextForConditionalGeneration,
     LlavaNextModel,
-)
-from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast, LlavaModelOutputWithPast
-from transformers.models.llava_next.modeling_llava_next import (
-    LlavaNextCausalLMOutputWithPast,
-    LlavaNextModelOutputWithPast,
 )
 
 from .configuration_movekd import MoVEKDConfig, MoVEKDNextConfig, MoVEKDVisionConfig
@@ -77,36 +73,113 @@ def feature_layer_indices(vision_feature_layer, num_layers: int) -> list:
     return indices
 
 
-@dataclass
-class MoVEKDModelOutputWithPast(LlavaModelOutputWithPast):
-    r"""
-    router_logits (`tuple[torch.FloatTensor]`): one `[batch, tokens, num_experts]` tensor per encoder layer.
+# ------------------------------------------------------------------------------------------------- outputs
+
+MOLE_OUTPUT_FIELDS = ("router_logits", "vision_hidden_states")
+
+
+class MoVEKDOutputMixin:
+    r"""What a MoVE-KD forward adds to LLaVA's output, whatever LLaVA's own fields are called in the running
+    transformers release.
+
+    router_logits (`tuple[torch.FloatTensor]`): one `[batch_images, tokens, num_experts]` tensor per encoder
+        layer (None without images).
     vision_hidden_states (`torch.FloatTensor` of shape `[num_images, patches, vision_hidden]`): the student's
-        tokens at `vision_feature_layer` (CLS dropped for the `default` strategy), before the projector.
+        tokens at `vision_feature_layer` exactly as LLaVA hands them to the projector (CLS dropped for the
+        `default` strategy), before the projector.
     """
 
-    router_logits: tuple | None = None
-    vision_hidden_states: torch.FloatTensor | None = None
+
+@functools.cache
+def mole_output_class(parent: type) -> type:
+    """`parent` (the output class LLaVA's forward returned) plus the `MOLE_OUTPUT_FIELDS`, as a dataclass of our
+    own: `MoVEKD` + the parent's name. Built from the class the parent forward really returns, so a release that
+    renames or adds LLaVA's fields changes nothing here (transformers 5.24 did: `cache`, `image_outputs`)."""
+    namespace = {
+        "__module__": __name__,
+        "__doc__": MoVEKDOutputMixin.__doc__,
+        "__annotations__": {name: "tuple | torch.Tensor | None" for name in MOLE_OUTPUT_FIELDS},
+        **dict.fromkeys(MOLE_OUTPUT_FIELDS),
+    }
+    name = "MoVEKD" + parent.__name__.removeprefix("Llava")
+    return dataclasses.dataclass(type(name, (parent, MoVEKDOutputMixin), namespace))
 
 
-@dataclass
-class MoVEKDCausalLMOutputWithPast(LlavaCausalLMOutputWithPast):
-    r"""LLaVA's output plus `router_logits` and `vision_hidden_states` (see `MoVEKDModelOutputWithPast`)."""
-
-    router_logits: tuple | None = None
-    vision_hidden_states: torch.FloatTensor | None = None
+def with_mole_outputs(outputs, **extras):
+    """A copy of LLaVA's `outputs` as `mole_output_class(type(outputs))`, with `extras` set."""
+    return mole_output_class(type(outputs))(**outputs, **extras)
 
 
-@dataclass
-class MoVEKDNextModelOutputWithPast(LlavaNextModelOutputWithPast):
-    router_logits: tuple | None = None
-    vision_hidden_states: torch.FloatTensor | None = None
+# --------------------------------------------------------------------------------- gradient checkpointing
 
 
-@dataclass
-class MoVEKDNextCausalLMOutputWithPast(LlavaNextCausalLMOutputWithPast):
-    router_logits: tuple | None = None
-    vision_hidden_states: torch.FloatTensor | None = None
+class MoLELayerCheckpoint:
+    """The checkpoint function of one MoLE encoder layer: the layer's router logits leave the checkpointed
+    region as outputs of it, so the balance loss reaches the router under reentrant checkpointing too.
+
+    transformers checkpoints each encoder layer by calling `layer._gradient_checkpointing_func(fn, *args)`
+    (4.35 to 5.24 alike). With `use_reentrant=True` the first pass runs without autograd and only what the
+    checkpointed function returns gets a gradient path, so logits recorded inside it would be dead ends; and
+    a layer whose input needs no gradient (the frozen patch embeddings feed layer 0) would give its LoRA none.
+    Both are fixed here; non-reentrant checkpointing computes the same thing.
+    """
+
+    def __init__(self, checkpoint, mlp: MoLEMLP):
+        self.checkpoint = checkpoint
+        self.mlp = mlp
+
+    def __call__(self, function, hidden_states, *args, **kwargs):
+        mlp = self.mlp
+
+        def run(*inputs):
+            output = function(*inputs)
+            return output, mlp.router_logits
+
+        if torch.is_grad_enabled() and not hidden_states.requires_grad:
+            hidden_states = hidden_states.detach().requires_grad_()
+        output, mlp.router_logits = self.checkpoint(run, hidden_states, *args, **kwargs)
+        return output
+
+
+def _route_checkpointing_through_mole(layers: nn.ModuleList, mlps: list) -> None:
+    """Wrap the checkpoint function transformers set on each layer (if any) in `MoLELayerCheckpoint`."""
+    for layer, mlp in zip(layers, mlps):
+        checkpoint = getattr(layer, "_gradient_checkpointing_func", None)
+        if checkpoint is None or isinstance(checkpoint, MoLELayerCheckpoint):
+            continue
+        layer._gradient_checkpointing_func = MoLELayerCheckpoint(checkpoint, mlp)
+
+
+# ------------------------------------------------------------------------------------------------- models
+
+
+def _base_forward(llava_forward):
+    """The base model's forward: LLaVA's `llava_forward` (whatever its arguments are in this release; `generate`
+    reads them from the signature), returning its output plus the `MOLE_OUTPUT_FIELDS`."""
+
+    @functools.wraps(llava_forward)
+    def forward(self, *args, **kwargs):
+        self._prepare_vision_records()
+        return_dict = kwargs.pop("return_dict", None)
+        outputs = llava_forward(self, *args, return_dict=True, **kwargs)
+        self._last_vision_records = self._take_vision_records()
+        result = with_mole_outputs(outputs, **self._last_vision_records)
+        return result if return_dict is not False else result.to_tuple()
+
+    return forward
+
+
+def _head_forward(llava_forward):
+    """The generation head's forward: LLaVA's `llava_forward`, plus the base model's `MOLE_OUTPUT_FIELDS`."""
+
+    @functools.wraps(llava_forward)
+    def forward(self, *args, **kwargs):
+        return_dict = kwargs.pop("return_dict", None)
+        outputs = llava_forward(self, *args, return_dict=True, **kwargs)
+        result = with_mole_outputs(outputs, **self.model.pop_vision_records())
+        return result if return_dict is not False else result.to_tuple()
+
+    return forward
 
 
 class _MoLEInitMixin:
@@ -128,99 +201,59 @@ class _MoLEInitMixin:
 
 
 class _MoLEModelMixin(_MoLEInitMixin):
-    """The base model: swaps the tower's MLPs for MoLE and records what distillation needs."""
-
-    _output_class = None
+    """The base model: swaps the tower's MLPs for MoLE; its forward is LLaVA's, plus `MOLE_OUTPUT_FIELDS`."""
 
     def _add_mole(self) -> None:
         layers = vision_encoder_layers(self.vision_tower)
         for layer in layers:
             layer.mlp = mole_mlp_from(layer.mlp, self.config)
-        self._vision_records = {}
-        self._feature_layers = feature_layer_indices(self.config.vision_feature_layer, len(layers))
-        for index in set(self._feature_layers):
-            layers[index].register_forward_hook(self._make_feature_hook(index))
+        feature_layer_indices(self.config.vision_feature_layer, len(layers))  # validate early
+        self._projector_inputs = []
+        self._last_vision_records = dict.fromkeys(MOLE_OUTPUT_FIELDS)
+        # LLaVA hands the selected student tokens to the projector in every release: read them there, outside
+        # any checkpointed layer, so they keep their gradient under every checkpointing mode.
+        self.multi_modal_projector.register_forward_pre_hook(self._record_projector_input)
 
-    def _make_feature_hook(self, index: int):
-        def hook(module, args, output):
-            self._vision_records[index] = output[0] if isinstance(output, tuple) else output
-
-        return hook
+    def _record_projector_input(self, module, args):
+        self._projector_inputs.append(args[0])
 
     def mole_mlps(self) -> list:
         return [layer.mlp for layer in vision_encoder_layers(self.vision_tower)]
 
-    def _pop_vision_records(self) -> tuple:
-        """Router logits and feature-layer tokens of the forward that just ran (None without images)."""
+    def _take_vision_records(self) -> dict:
+        """Router logits and projector input of the forward that just ran (None without images)."""
         mlps = self.mole_mlps()
         router_logits = tuple(mlp.router_logits for mlp in mlps)
         for mlp in mlps:
             mlp.router_logits = None
-        records, self._vision_records = self._vision_records, {}
-        if any(logits is None for logits in router_logits) or not records:
-            return None, None
-        tokens = torch.cat([records[index] for index in self._feature_layers], dim=-1)  # [I, 1+P, D*L]
-        if self.config.vision_feature_select_strategy == "default":
-            tokens = tokens[:, 1:]
-        return router_logits, tokens
+        inputs, self._projector_inputs = self._projector_inputs, []
+        if any(logits is None for logits in router_logits) or not inputs:
+            return dict.fromkeys(MOLE_OUTPUT_FIELDS)
+        tokens = inputs[0] if len(inputs) == 1 else torch.cat(inputs, dim=0)  # [I, P, D * len(feature layers)]
+        return {"router_logits": router_logits, "vision_hidden_states": tokens}
 
-    def forward(self, input_ids=None, pixel_values=None, **kwargs):
-        self._pop_vision_records()  # drop anything left by an interrupted forward
-        kwargs["return_dict"] = True
-        outputs = super().forward(input_ids=input_ids, pixel_values=pixel_values, **kwargs)
-        router_logits, vision_hidden_states = self._pop_vision_records()
-        return self._output_class(
-            **dict(outputs.items()), router_logits=router_logits, vision_hidden_states=vision_hidden_states
-        )
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "forward" not in cls.__dict__:
+            cls.forward = _base_forward(super(_MoLEModelMixin, cls).forward)
+
+    def _prepare_vision_records(self) -> None:
+        self._take_vision_records()  # drop anything left by an interrupted forward
+        _route_checkpointing_through_mole(vision_encoder_layers(self.vision_tower), self.mole_mlps())
+
+    def pop_vision_records(self) -> dict:
+        """The `MOLE_OUTPUT_FIELDS` of the latest forward, once (the generation head passes them on)."""
+        records, self._last_vision_records = self._last_vision_records, dict.fromkeys(MOLE_OUTPUT_FIELDS)
+        return records
 
 
 class _MoVEKDHeadMixin(_MoLEInitMixin):
-    """The generation head: LLaVA's forward, keeping the base model's MoLE outputs."""
+    """The generation head: LLaVA's own forward, plus the base model's `MOLE_OUTPUT_FIELDS`."""
 
-    _output_class = None
-
-    def forward(
-        self,
-        input_ids=None,
-        pixel_values=None,
-        attention_mask=None,
-        position_ids=None,
-        past_key_values=None,
-        inputs_embeds=None,
-        labels=None,
-        logits_to_keep=0,
-        image_sizes=None,
-        **kwargs,
-    ):
-        return_dict = kwargs.pop("return_dict", None)
-        if image_sizes is not None:  # LLaVA-NeXT tiles; spelled out so `generate` sees it is consumed
-            kwargs["image_sizes"] = image_sizes
-        outputs = self.model(
-            input_ids=input_ids,
-            pixel_values=pixel_values,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
-            **kwargs,
-        )
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(outputs.last_hidden_state[:, keep, :])
-        loss = None
-        if labels is not None:
-            vocab_size = self.config.text_config.vocab_size
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=vocab_size, **kwargs)
-        result = self._output_class(
-            loss=loss,
-            logits=logits,
-            past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            image_hidden_states=outputs.image_hidden_states,
-            router_logits=outputs.router_logits,
-            vision_hidden_states=outputs.vision_hidden_states,
-        )
-        return result if return_dict is not False else result.to_tuple()
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "forward" not in cls.__dict__:
+            cls.forward = _head_forward(super(_MoVEKDHeadMixin, cls).forward)
 
     def mole_mlps(self) -> list:
         return self.model.mole_mlps()
@@ -228,7 +261,6 @@ class _MoVEKDHeadMixin(_MoLEInitMixin):
 
 class MoVEKDModel(_MoLEModelMixin, LlavaModel):
     config_class = MoVEKDConfig
-    _output_class = MoVEKDModelOutputWithPast
 
     def __init__(self, config: MoVEKDConfig):
         super().__init__(config)
@@ -240,7 +272,6 @@ class MoVEKDForConditionalGeneration(_MoVEKDHeadMixin, LlavaForConditionalGenera
     """LLaVA-1.5 with a MoLE student encoder; at inference it runs like LLaVA (the teachers are not here)."""
 
     config_class = MoVEKDConfig
-    _output_class = MoVEKDCausalLMOutputWithPast
     if _TRANSFORMERS_4:
         _checkpoint_conversion_mapping = _V4_KEY_MAPPING
 
@@ -258,7 +289,6 @@ class MoVEKDForConditionalGeneration(_MoVEKDHeadMixin, LlavaForConditionalGenera
 
 class MoVEKDNextModel(_MoLEModelMixin, LlavaNextModel):
     config_class = MoVEKDNextConfig
-    _output_class = MoVEKDNextModelOutputWithPast
 
     def __init__(self, config: MoVEKDNextConfig):
         super().__init__(config)
@@ -270,7 +300,6 @@ class MoVEKDNextForConditionalGeneration(_MoVEKDHeadMixin, LlavaNextForCondition
     """LLaVA-NeXT (any-resolution tiles) with a MoLE student encoder."""
 
     config_class = MoVEKDNextConfig
-    _output_class = MoVEKDNextCausalLMOutputWithPast
     if _TRANSFORMERS_4:
         _checkpoint_conversion_mapping = _V4_KEY_MAPPING
 

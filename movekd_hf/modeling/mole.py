@@ -134,6 +134,11 @@ def init_mole_linear(module: MoLELinear, lora_b_init: str) -> None:
                 _uniform_like_linear(module.lora_B_bias, module.rank)
 
 
+def upcast(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` in at least float32: half precision is raised, float64 kept (never downcast)."""
+    return tensor if tensor.dtype in (torch.float32, torch.float64) else tensor.float()
+
+
 def expert_gate(router_logits: torch.Tensor, routing: str, output_scale: str) -> torch.Tensor:
     """Per-token expert weights from router logits.
 
@@ -147,7 +152,7 @@ def expert_gate(router_logits: torch.Tensor, routing: str, output_scale: str) ->
         `[T, E]` gate, in the logits' dtype.
     """
     if routing == "dense":
-        return router_logits.float().softmax(dim=-1).to(router_logits.dtype)
+        return upcast(router_logits).softmax(dim=-1).to(router_logits.dtype)
     chosen, weight = top1_route(router_logits, output_scale)
     return F.one_hot(chosen, router_logits.shape[-1]).to(weight.dtype) * weight
 
@@ -161,7 +166,7 @@ def top1_route(router_logits: torch.Tensor, output_scale: str) -> tuple:
         `chosen` `[T]` (long) and `weight` `[T, 1]` in the logits' dtype: 1 (`"none"`), p_k (`"probability"`),
         or 1 with the gradient of p_k (`"straight_through"`).
     """
-    probs = router_logits.float().softmax(dim=-1)
+    probs = upcast(router_logits).softmax(dim=-1)
     chosen = probs.argmax(dim=-1)  # [T]
     p_chosen = probs.gather(-1, chosen.unsqueeze(-1))  # [T, 1]
     if output_scale == "probability":
@@ -219,7 +224,8 @@ class MoLEMLP(nn.Module):
             # Each expert's rows are added in place into the base output at their tokens' positions. (The
             # linear's backward does not need its output; `order` is a permutation, so no row adds twice.)
             for positions, delta in zip(order.split(counts), deltas):
-                out.index_add_(0, positions, delta)
+                # Under autocast the base output is half precision while a bias term may be float32.
+                out.index_add_(0, positions, delta.to(out.dtype))
             return out
 
         h = self.activation_fn(with_lora(self.fc1, x))

@@ -28,6 +28,7 @@ from transformers.trainer_utils import HubStrategy
 
 from ..distill.distiller import MoVEKDDistiller
 from ..distill.losses import mole_balance_loss
+from ..modeling.mole import upcast
 from .checkpoint import (
     TRAINING_STATE_PATTERNS,
     copy_loadable_files,
@@ -76,13 +77,20 @@ class MoVEKDTrainingModule(nn.Module):
 
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, every_n_layers=1, offload=False):
         vlm = self.base_vlm()
-        vlm.activation_checkpointing_enable(
-            activation_checkpointing_kwargs=activation_checkpointing_kwargs,
-            every_n_layers=every_n_layers,
-            offload=offload,
-        )
+        if hasattr(vlm, "activation_checkpointing_enable"):  # transformers >= 5.24
+            vlm.activation_checkpointing_enable(
+                activation_checkpointing_kwargs=activation_checkpointing_kwargs,
+                every_n_layers=every_n_layers,
+                offload=offload,
+            )
+        else:
+            vlm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=activation_checkpointing_kwargs)
         if self.is_peft:  # frozen embeddings give checkpointed LoRA blocks no input that requires grad
             vlm.enable_input_require_grads()
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+        """What the Trainer of transformers < 5.24 calls; 5.24 renamed it `activation_checkpointing_enable`."""
+        self.activation_checkpointing_enable(activation_checkpointing_kwargs=gradient_checkpointing_kwargs)
 
     def forward(self, teacher_outputs: dict | None = None, num_items_in_batch=None, **batch) -> dict[str, Any]:
         """batch: the VLM's inputs (input_ids, attention_mask, labels, pixel_values). Returns {"lm_loss",
@@ -177,7 +185,7 @@ class MoVEKDTrainer(Trainer):
     def _record(self, out: dict, labels, num_items_in_batch) -> None:
         """Per-micro-batch means of every component, averaged over the logging window in `log`."""
         if out["lm_loss"] is not None:
-            lm = out["lm_loss"].detach().float()
+            lm = upcast(out["lm_loss"].detach())
             if num_items_in_batch is not None and labels is not None:  # back from sum / window-count to a mean
                 local = labels[..., 1:].ne(-100).sum().clamp(min=1)
                 lm = lm * torch.as_tensor(num_items_in_batch, dtype=lm.dtype) / local
@@ -187,12 +195,12 @@ class MoVEKDTrainer(Trainer):
             self._metrics["kd_loss"].append(kd["loss"].item())
             names = self.model.distiller.teacher_names
             per_teacher = kd.get("per_teacher_loss")
-            per_teacher = per_teacher.float().mean(0) if per_teacher is not None else kd["per_teacher"]
+            per_teacher = upcast(per_teacher).mean(0) if per_teacher is not None else kd["per_teacher"]
             weights = kd.get("teacher_weights")
             for index, name in enumerate(names):
                 self._metrics[f"kd/{name}_loss"].append(per_teacher[index].item())
                 if weights is not None:
-                    self._metrics[f"kd/{name}_weight"].append(weights[:, index].float().mean().item())
+                    self._metrics[f"kd/{name}_weight"].append(upcast(weights[:, index]).mean().item())
         balance = out["balance"]
         if balance is not None:
             self._metrics["balance_loss"].append(balance["loss"].item())
