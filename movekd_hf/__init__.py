@@ -27,7 +27,7 @@ from .modeling import (  # noqa: F401 (re-exported)
     MoVEKDVisionModel,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 def _register_auto_classes() -> None:

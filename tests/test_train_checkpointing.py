@@ -38,7 +38,9 @@ def updates(request, tmp_path_factory):
     config, data = STAGES[request.param]
     root = tmp_path_factory.mktemp(f"ckpt-{request.param}")
     data_args = ("--data_path", data, "--per_device_train_batch_size", "4")
-    return request.param, {mode: one_step_update(config, root / mode, *data_args, *flags)[0] for mode, flags in MODES.items()}
+    return request.param, {
+        mode: one_step_update(config, root / mode, *data_args, *flags)[0] for mode, flags in MODES.items()
+    }
 
 
 @pytest.mark.parametrize("mode", ["non-reentrant", "reentrant"])

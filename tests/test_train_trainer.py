@@ -15,12 +15,10 @@ from _train_fixtures import (
     full_state,
     load_safetensors,
     one_step_update,
-    trainable_state,
 )
 
 from movekd_hf.training.checkpoint import DISTILLER_FILE
 from movekd_hf.training.stages import component_of
-
 
 
 def _update(config, tmp_path, name, *overrides):

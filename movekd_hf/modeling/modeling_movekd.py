@@ -26,10 +26,21 @@ from transformers import (
 from .configuration_movekd import MoVEKDConfig, MoVEKDNextConfig, MoVEKDVisionConfig
 from .mole import MoLEMLP, init_mole_linear, mole_mlp_from
 
-_TRANSFORMERS_4 = int(transformers.__version__.split(".")[0]) < 5
 
-# transformers 4.x keeps CLIP/SigLIP under `.vision_model` and renames legacy LLaVA keys through this class
-# attribute (first matching pattern wins). 5.x uses registered conversion mappings instead (end of file).
+def _tower_wraps_vision_model() -> bool:
+    """Whether this release's CLIP tower keeps its transformer under `.vision_model` (4.x and early 5.x do;
+    5.24 does not). Asked of the class itself, built on the meta device, rather than of a version number."""
+    config = transformers.CLIPVisionConfig(
+        hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1, image_size=8, patch_size=8
+    )
+    with torch.device("meta"):
+        return hasattr(CLIPVisionModel(config), "vision_model")
+
+
+# Releases whose towers wrap `.vision_model` read legacy and current LLaVA keys through this class attribute
+# (4.x: first matching pattern wins; early 5.x applies it to every "llava" class). Later releases use the
+# registered conversion mappings instead (end of file), which also strip a saved `vision_model.` prefix.
+_LEGACY_TOWER = _tower_wraps_vision_model()
 _V4_KEY_MAPPING = {
     r"^language_model\.lm_head": "lm_head",
     r"^language_model\.model\.": "model.language_model.",
@@ -235,7 +246,7 @@ class _MoLEModelMixin(_MoLEInitMixin):
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         if "forward" not in cls.__dict__:
-            cls.forward = _base_forward(super(_MoLEModelMixin, cls).forward)
+            cls.forward = _base_forward(super().forward)
 
     def _prepare_vision_records(self) -> None:
         self._take_vision_records()  # drop anything left by an interrupted forward
@@ -253,7 +264,7 @@ class _MoVEKDHeadMixin(_MoLEInitMixin):
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         if "forward" not in cls.__dict__:
-            cls.forward = _head_forward(super(_MoVEKDHeadMixin, cls).forward)
+            cls.forward = _head_forward(super().forward)
 
     def mole_mlps(self) -> list:
         return self.model.mole_mlps()
@@ -272,7 +283,7 @@ class MoVEKDForConditionalGeneration(_MoVEKDHeadMixin, LlavaForConditionalGenera
     """LLaVA-1.5 with a MoLE student encoder; at inference it runs like LLaVA (the teachers are not here)."""
 
     config_class = MoVEKDConfig
-    if _TRANSFORMERS_4:
+    if _LEGACY_TOWER:
         _checkpoint_conversion_mapping = _V4_KEY_MAPPING
 
     def __init__(self, config: MoVEKDConfig):
@@ -300,7 +311,7 @@ class MoVEKDNextForConditionalGeneration(_MoVEKDHeadMixin, LlavaNextForCondition
     """LLaVA-NeXT (any-resolution tiles) with a MoLE student encoder."""
 
     config_class = MoVEKDNextConfig
-    if _TRANSFORMERS_4:
+    if _LEGACY_TOWER:
         _checkpoint_conversion_mapping = _V4_KEY_MAPPING
 
     def __init__(self, config: MoVEKDNextConfig):
