@@ -245,3 +245,38 @@ def test_training_steps_move_adapters_and_student_but_never_teachers():
     moved = [k for k, v in distiller.state_dict().items() if not torch.equal(v, adapters_before[k])]
     assert any(k.startswith("adapters.eva") for k in moved) and any(k.startswith("adapters.sam") for k in moved)
     assert any(k.startswith("standardizers.") for k in moved)  # running statistics are buffers that update
+
+
+def _cast_outputs(outs: dict[str, TeacherOutput], dtype: torch.dtype) -> dict[str, TeacherOutput]:
+    def cast(tensor):
+        return None if tensor is None else tensor.to(dtype)
+
+    return {n: TeacherOutput(cast(o.tokens), o.grid, cast(o.cls), cast(o.cls_attention)) for n, o in outs.items()}
+
+
+@pytest.mark.parametrize("preset", ["faithful", "improved", "mse_baseline"])
+@pytest.mark.parametrize(
+    ("module_dtype", "teacher_dtype", "autocast"),
+    [
+        (torch.float32, torch.bfloat16, True),  # Trainer bf16: autocast, teachers cast to bf16
+        (torch.float32, torch.float16, False),  # Trainer fp16 on a CPU: fp16 teachers, no autocast
+        (torch.bfloat16, torch.bfloat16, False),  # DeepSpeed bf16: bf16 weights, no autocast
+    ],
+    ids=["autocast", "fp16-teachers", "bf16-weights"],
+)
+def test_half_precision_runs_and_computes_the_loss_in_float32(preset, module_dtype, teacher_dtype, autocast):
+    """Whatever precision the adapters and teachers run in, the loss and the weights come out in float32 (the
+    anchor's 0.8 exact), every adapter gets a gradient, and the loss is the float32 one up to half rounding."""
+    outs, student = random_outputs(), torch.randn(3, 16, 32, generator=torch.Generator().manual_seed(4))
+    expected = make_distiller(preset).eval()(student, STUDENT_GRID, outs)["loss"]
+    distiller = make_distiller(preset).to(module_dtype).eval()
+    student = student.to(module_dtype).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = distiller(student, STUDENT_GRID, _cast_outputs(outs, teacher_dtype))
+    assert out["loss"].dtype == torch.float32 and torch.isfinite(out["loss"])
+    if "teacher_weights" in out:
+        assert out["teacher_weights"].dtype == torch.float32 and (out["teacher_weights"][:, 0] == 0.8).all()
+    torch.testing.assert_close(out["loss"], expected, rtol=2e-2, atol=0)
+    out["loss"].backward()
+    assert student.grad.dtype == module_dtype
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in distiller.parameters())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
@@ -23,6 +24,33 @@ from movekd_hf.distill.teachers import (
 def clip_teacher():
     torch.manual_seed(0)
     return build_teacher(tiny_spec("clip"))
+
+
+def _shared_state(teacher) -> dict:
+    """What a test could change in the shared teacher: attention backend, config, train/eval modes, weights."""
+    return {
+        "attn_implementation": teacher.model.config._attn_implementation,
+        "config": teacher.model.config.to_dict(),
+        "modes": {name: module.training for name, module in teacher.named_modules()},
+        "weights": {name: value.clone() for name, value in teacher.state_dict().items()},
+    }
+
+
+@pytest.fixture(autouse=True)
+def clip_teacher_left_as_found(request):
+    """`clip_teacher` is shared by this module's tests: each must hand it on unchanged (SDPA attention above all),
+    or the tests after it silently check something else."""
+    if "clip_teacher" not in request.fixturenames:
+        yield
+        return
+    teacher = request.getfixturevalue("clip_teacher")
+    before = _shared_state(teacher)
+    yield
+    after = _shared_state(teacher)
+    assert after["attn_implementation"] == "sdpa", "a test switched the shared clip teacher's attention backend"
+    assert after["config"] == before["config"] and after["modes"] == before["modes"]
+    assert after["weights"].keys() == before["weights"].keys()
+    assert all(torch.equal(value, before["weights"][name]) for name, value in after["weights"].items())
 
 
 @pytest.mark.parametrize(
@@ -62,7 +90,10 @@ def test_clip_tokens_and_cls_are_hidden_state_minus_two(clip_teacher):
 def test_clip_cls_attention_equals_eager_attention(clip_teacher):
     """The row recomputed from q/k under SDPA equals eager attention's CLS row (layer -2, head mean)."""
     assert clip_teacher.model.config._attn_implementation == "sdpa"
-    eager = type(clip_teacher.model)._from_config(clip_teacher.model.config, attn_implementation="eager")
+    # A copy of the config: `_from_config` sets the implementation on the config object it is given, and the
+    # shared teacher would run eager from then on.
+    config = copy.deepcopy(clip_teacher.model.config)
+    eager = type(clip_teacher.model)._from_config(config, attn_implementation="eager")
     eager.load_state_dict(clip_teacher.model.state_dict())
     eager.eval()
     batch = images()
@@ -74,6 +105,8 @@ def test_clip_cls_attention_equals_eager_attention(clip_teacher):
     assert out.cls_attention.shape == (2, 16)
     torch.testing.assert_close(out.cls_attention, expected, rtol=1e-5, atol=1e-6)
     assert (out.cls_attention.sum(-1) < 1).all()  # the CLS key's own share is excluded
+    assert eager.config._attn_implementation == "eager"
+    assert clip_teacher.model.config._attn_implementation == "sdpa"  # the teacher itself still ran under SDPA
 
 
 def test_teacher_is_frozen_and_stays_in_eval(clip_teacher):
@@ -134,7 +167,8 @@ def test_sam_layout_option_changes_only_the_token_order():
 
 
 def test_transformers_teacher_loads_from_a_local_folder(tmp_path, clip_teacher):
-    clip_teacher.model.save_pretrained(tmp_path / "clip")
+    # Saved from a copy: saving writes `architectures` and `dtype` into the config of the model it saves.
+    copy.deepcopy(clip_teacher.model).save_pretrained(tmp_path / "clip")
     loaded = build_teacher(tiny_spec("clip", pretrained=True, checkpoint=str(tmp_path / "clip")))
     batch = images()
     torch.testing.assert_close(loaded(batch).tokens, clip_teacher(batch).tokens)

@@ -8,7 +8,6 @@ import json
 import pytest
 import torch
 from _train_fixtures import (
-    SGD_ONE_STEP,  # noqa: F401 (other training tests import it from here)
     TINY_STAGE1,
     TINY_STAGE2,
     build,

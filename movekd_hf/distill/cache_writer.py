@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from ..modeling.mole import upcast
 from .adapters import resample_tokens
 from .cache import (
     META_FILE,
@@ -33,16 +34,18 @@ def stored_rows(output: TeacherOutput, settings: CacheSettings, projection: torc
     """TeacherOutput of a batch -> the arrays the cache stores.
 
     tokens [B, N_t, C] -> on `stored_grid` (resampled to the student grid or kept), projected by
-    `projection` [C, k] if given, float16 -> [B, N * C']; cls [B, C] and cls_attention [B, N_t] float32.
+    `projection` [C, k] if given, float16 -> [B, N * C']; cls [B, C] and cls_attention [B, N_t] in at least
+    float32 (their Arrow columns store float32).
     """
-    tokens = resample_tokens(output.tokens.float(), tuple(output.grid), stored_grid(output, settings))
+    # Resampled and projected in at least float32 (float64 teachers stay float64); rounded once, on storing.
+    tokens = resample_tokens(upcast(output.tokens), tuple(output.grid), stored_grid(output, settings))
     if projection is not None:
-        tokens = tokens @ projection.to(tokens.device)  # [B, N, k]
+        tokens = tokens @ projection.to(tokens)  # [B, N, k]
     rows = {"tokens": tokens.to(torch.float16).flatten(1).cpu().numpy()}
     if output.cls is not None:
-        rows["cls"] = output.cls.float().cpu().numpy()
+        rows["cls"] = upcast(output.cls).cpu().numpy()
     if output.cls_attention is not None:
-        rows["cls_attention"] = output.cls_attention.float().cpu().numpy()
+        rows["cls_attention"] = upcast(output.cls_attention).cpu().numpy()
     return rows
 
 
@@ -107,8 +110,8 @@ class TeacherCacheWriter:
             self._create(output)
         rows = stored_rows(output, self.settings, self.projection)
         if self.projection is not None:  # how much of the features the subspace keeps
-            flat = output.tokens.float()
-            self.energy[0] += float((flat @ self.projection.to(flat.device)).square().sum())
+            flat = upcast(output.tokens)
+            self.energy[0] += float((flat @ self.projection.to(flat)).square().sum())
             self.energy[1] += float(flat.square().sum())
         self.buffer.setdefault("sample_id", []).extend(k[0] for k in keys)
         self.buffer.setdefault("image_index", []).extend(int(k[1]) for k in keys)

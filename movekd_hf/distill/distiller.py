@@ -7,12 +7,14 @@ this module (they are frozen and never part of the training state); adapters are
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from ..modeling.mole import upcast
 from .adapters import build_adapter, resample_tokens
 from .losses import (
     KDLossConfig,
@@ -46,7 +48,7 @@ class FeatureStandardizer(nn.Module):
 
     @torch.no_grad()
     def update(self, tokens: torch.Tensor) -> None:
-        flat = tokens.detach().float().reshape(-1, tokens.shape[-1])
+        flat = upcast(tokens.detach()).reshape(-1, tokens.shape[-1])
         mean, var = flat.mean(dim=0), flat.var(dim=0, unbiased=False)
         # The first batch sets the statistics outright, so early steps are not scaled by the zero/one init.
         dtype = self.running_mean.dtype
@@ -60,7 +62,19 @@ class FeatureStandardizer(nn.Module):
         if self.training:
             self.update(tokens)
         scale = (self.running_var + self.eps).rsqrt()
-        return ((tokens.float() - self.running_mean) * scale).to(tokens.dtype)
+        return ((upcast(tokens) - self.running_mean) * scale).to(tokens.dtype)
+
+
+def autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast disabled on `device` where it has one (the loss math, run on upcast tensors, must stay there:
+    autocast would send the teacher-weight einsum back to half precision)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _parameter_dtype(module: nn.Module, default: torch.dtype) -> torch.dtype:
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), default)
 
 
 @dataclass(frozen=True)
@@ -115,6 +129,9 @@ class MoVEKDDistiller(nn.Module):
         adapter = self.adapters[name]
         if adapter.direction == "student_to_teacher":
             return adapter(student, student_grid, output.grid), tokens, output.grid
+        # Teachers may run in another precision than the adapters (fp16 teachers, fp32 adapters and no autocast:
+        # the Trainer's fp16 on a CPU); autocast, when on, still runs the adapter in half precision.
+        tokens = tokens.to(_parameter_dtype(adapter, tokens.dtype))
         return student, adapter(tokens, output.grid, student_grid), student_grid
 
     def token_weights(self, outputs: Mapping[str, TeacherOutput], student_grid: tuple[int, int]):
@@ -138,7 +155,8 @@ class MoVEKDDistiller(nn.Module):
         """student_tokens [B, N_s, D] on `student_grid`; teacher_outputs: slug -> TeacherOutput (all teachers).
 
         Returns {"loss", "per_teacher_loss" [B, T], "teacher_weights" [B, T], "token_weights" [B, N_s] | None,
-        ...}; columns follow `self.teacher_names`.
+        ...}; columns follow `self.teacher_names`. The adapters run in the ambient precision (autocast included);
+        the loss is computed from there on in at least float32 (float64 stays float64), outside autocast.
         """
         missing = [n for n in self.teacher_names if n not in teacher_outputs]
         if missing:
@@ -146,6 +164,23 @@ class MoVEKDDistiller(nn.Module):
                 f"teacher outputs missing for {missing}; the distiller was built for {self.teacher_names}"
             )
         pairs = {n: self.pair(n, student_tokens, student_grid, teacher_outputs[n]) for n in self.teacher_names}
+        with autocast_off(student_tokens.device):
+            student = upcast(student_tokens)  # one copy, shared by every pair that compares the student itself
+            pairs = {
+                n: (student if pred is student_tokens else upcast(pred), upcast(target), grid)
+                for n, (pred, target, grid) in pairs.items()
+            }
+            return self._loss(student, student_grid, pairs, teacher_outputs, generator)
+
+    def _loss(
+        self,
+        student_tokens: torch.Tensor,
+        student_grid: tuple[int, int],
+        pairs: Mapping[str, tuple],
+        teacher_outputs: Mapping[str, TeacherOutput],
+        generator: torch.Generator | None,
+    ) -> dict[str, torch.Tensor]:
+        """The loss of `forward` from every teacher's (prediction, target, grid)."""
         if self.config.objective == "mse_baseline":
             # Teacher-to-student targets already sit on the student grid; the baseline compares them plainly.
             targets = {n: (target, grid) for n, (_pred, target, grid) in pairs.items()}

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 import torch.nn.functional as F
 
+from ..modeling.mole import upcast
 from .adapters import ADAPTER_KINDS, resample_tokens
 
 # ------------------------------------------------------------------------------------------------- options
@@ -102,9 +103,10 @@ def token_weights_from_cls_attention(cls_attention: torch.Tensor) -> dict[str, t
     """Token weights w from the anchor's CLS attention row (METHOD.md section 4).
 
     cls_attention [B, N]: CLS-query probabilities at the patch keys (softmax over all keys, head mean).
-    Returns {"token_weights": [B, N], a second softmax over the N positions, rows sum to 1}.
+    Returns {"token_weights": [B, N], a second softmax over the N positions, rows sum to 1}, in at least float32
+    (half precision would put ~0.4 % of error on weights that are all close to 1 / N).
     """
-    return {"token_weights": cls_attention.float().softmax(dim=-1).to(cls_attention.dtype)}
+    return {"token_weights": upcast(cls_attention).softmax(dim=-1)}
 
 
 def per_token_mse(student: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -163,24 +165,27 @@ def cls_similarity_teacher_weights(
     used for a score). z_t = mean_j cls . T_t[j] for every non-anchor t; s = softmax_t z over them, replaced once
     by softmax_t s when the batch mean of s has a maximum above `resoftmax_threshold`; a_anchor = anchor_weight,
     a_t = (1 - anchor_weight) s_t. Alone, the anchor gets weight 1; without an anchor the others share 1.
+    Computed in at least float32 (float64 inputs stay float64): in half precision the fixed anchor weight 0.8
+    alone is off by 1e-3 and the weights no longer sum to one.
     Returns {"weights": [B, T], "logits": [B, T'], "shares": [B, T'], "resoftmaxed": bool []} with T' non-anchor.
     """
     names = list(tokens)
     others = [n for n in names if n != anchor]
     has_anchor = anchor in names
     batch = cls.shape[0]
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in (cls, *tokens.values())) else torch.float32
     if not others:
-        weights = cls.new_ones(batch, len(names))
-        empty = cls.new_zeros(batch, 0)
+        weights = cls.new_ones(batch, len(names), dtype=dtype)
+        empty = cls.new_zeros(batch, 0, dtype=dtype)
         return {"weights": weights, "logits": empty, "shares": empty, "resoftmaxed": torch.tensor(False)}
-    stacked = torch.stack([tokens[n] for n in others], dim=1)  # [B, T', N, D]
+    stacked = torch.stack([tokens[n].to(dtype) for n in others], dim=1)  # [B, T', N, D]
     if detach:
         stacked = stacked.detach()
-    logits = torch.einsum("bd,btnd->btn", cls.to(stacked.dtype), stacked).mean(dim=-1)  # [B, T']
-    shares = logits.float().softmax(dim=-1)
+    logits = torch.einsum("bd,btnd->btn", cls.to(dtype), stacked).mean(dim=-1)  # [B, T']
+    shares = logits.softmax(dim=-1)
     # Data-dependent branch kept on the device (torch.where): no host sync.
     resoftmaxed = shares.mean(dim=0).max() > resoftmax_threshold
-    shares = torch.where(resoftmaxed, shares.softmax(dim=-1), shares).to(logits.dtype)
+    shares = torch.where(resoftmaxed, shares.softmax(dim=-1), shares)
     rest = 1.0 - anchor_weight if has_anchor else 1.0
     columns = iter((rest * shares).unbind(dim=1))
     weights = torch.stack(
@@ -263,12 +268,13 @@ def mole_balance_loss(router_logits: Sequence[torch.Tensor]) -> dict[str, torch.
 
     router_logits: one [B, N, E] per encoder layer. Per sample, over all layers and tokens together:
     L_i = sum_e mean(p_e) * mean(onehot(argmax p)_e); L = mean_i L_i.
-    Returns {"loss": [], "per_sample": [B], "importance": [B, E] (mean p), "load": [B, E] (mean onehot)}.
+    Returns {"loss": [], "per_sample": [B], "importance": [B, E] (mean p), "load": [B, E] (mean onehot)}, in at
+    least float32.
     """
     if not router_logits:
         raise ValueError("mole_balance_loss needs at least one layer of router_logits")
     logits = torch.cat(list(router_logits), dim=1)  # [B, L*N, E]
-    probs = logits.float().softmax(dim=-1)
+    probs = upcast(logits).softmax(dim=-1)
     onehot = F.one_hot(probs.argmax(dim=-1), num_classes=probs.shape[-1]).to(probs.dtype)
     importance = probs.mean(dim=1)
     load = onehot.mean(dim=1)

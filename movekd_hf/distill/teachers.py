@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..modeling.mole import upcast
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -205,13 +207,13 @@ def cls_attention_row(normed: torch.Tensor, attention: nn.Module) -> torch.Tenso
     """CLS query's attention over the patch keys, from a layer's normalised input.
 
     normed: [B, 1 + N, D] (the layer's input after layer_norm1); attention: module with q_proj, k_proj,
-    num_heads, head_dim, scale. Softmax over all 1 + N keys (in float32), keep the N patch keys, mean over heads.
-    Returns [B, N].
+    num_heads, head_dim, scale. Softmax over all 1 + N keys (in at least float32), keep the N patch keys, mean over
+    heads. Returns [B, N] in `normed`'s dtype.
     """
     b, n, _ = normed.shape
     q = attention.q_proj(normed[:, :1]).view(b, 1, attention.num_heads, attention.head_dim).transpose(1, 2)
     k = attention.k_proj(normed).view(b, n, attention.num_heads, attention.head_dim).transpose(1, 2)
-    scores = (q.float() @ k.float().transpose(-1, -2)) * attention.scale  # [B, H, 1, 1 + N]
+    scores = (upcast(q) @ upcast(k).transpose(-1, -2)) * attention.scale  # [B, H, 1, 1 + N]
     probs = scores.softmax(dim=-1)
     return probs[:, :, 0, 1:].mean(dim=1).to(normed.dtype)
 

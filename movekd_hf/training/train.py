@@ -212,6 +212,11 @@ def build_trainer(argv: list[str], teacher_specs=None, adapters_from: str | None
     """The trainer `movekd-hf train` / `accelerate launch -m movekd_hf.train` runs for `argv` (a YAML plus
     overrides); `teacher_specs` and `adapters_from` as in `build_distillation`."""
     model_args, data_args, args = parse_args(argv)
+    if args.fp16 and args.device.type == "cpu":
+        logger.warning(
+            "fp16 on the CPU: accelerate autocasts only bf16 there (fp16 gets no autocast and no loss scaling), so "
+            "the model trains in float32 and only the teachers run in float16; use `bf16: true` for mixed precision"
+        )
     set_seed(args.seed)
     # Built whole on every rank, also under ZeRO-3; the engine partitions it when training starts. Building it
     # partitioned under zero.Init fails later in the tiny build path (IndexError on an empty shard; not chased yet).
