@@ -50,6 +50,12 @@ def test_mole_benchmark_dispatches_agree(tmp_path, capsys):
     assert result["max_abs_difference_vs_ours"] < 1e-5  # the loop and batched re-implementations match MoLEMLP
 
 
+def test_forward_wrapper_benchmark_compares_with_llava_on_one_model(tmp_path, capsys):
+    printed, result = run_script("bench_forward_wrapper", tmp_path, capsys)
+    assert "MoVE-KD adds" in printed and set(result["results"]) == {"forward (no_grad)", "forward+backward"}
+    assert result["same_last_hidden_state"] is True
+
+
 def test_distill_overhead_benchmark_prints_shares_and_cls_rows(tmp_path, capsys):
     printed, result = run_script("bench_distill_overhead", tmp_path, capsys)
     assert "machinery share of the KD step" in printed and "CLS attention row" in printed
