@@ -8,6 +8,7 @@ resolution, patch 16 / stride 32) cost about half of the LLM's forward, as EVA-L
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -17,7 +18,8 @@ from torch import nn
 from movekd_hf import MoVEKDConfig, MoVEKDForConditionalGeneration
 from movekd_hf.distill import KDLossConfig, MoVEKDDistiller, Teacher, TeacherShape, TeacherSpec, build_teacher
 from movekd_hf.distill.losses import mole_balance_loss
-from movekd_hf.distill.teachers import IMAGENET_MEAN, IMAGENET_STD
+from movekd_hf.distill.presets import clip_teacher, convnext_teacher, eva_teacher, sam_teacher
+from movekd_hf.modeling.llava_conventions import student_grid as vision_grid
 from movekd_hf.training.stages import apply_stage
 
 SIZES = {
@@ -58,7 +60,7 @@ def model_config(sizes: dict, **overrides) -> MoVEKDConfig:
         **sizes["vision"], image_size=sizes["image_size"], patch_size=sizes["patch_size"], hidden_act="quick_gelu"
     )
     text = LlamaConfig(vocab_size=sizes["vocab_size"], max_position_embeddings=1024, pad_token_id=0, **sizes["text"])
-    grid = sizes["image_size"] // sizes["patch_size"]
+    grid, _ = vision_grid(sizes)
     settings = dict(num_experts=3, lora_rank=sizes["lora_rank"], lora_dropout=0.05)
     settings.update(overrides)
     return MoVEKDConfig(
@@ -98,35 +100,39 @@ def build_plain_llava(sizes: dict) -> nn.Module:
 def teacher_specs(sizes: dict) -> list[TeacherSpec]:
     """clip (the student's architecture), and scaled-down eva (ViTDet), convnext (timm) and sam teachers."""
     size, width, layers = sizes["teacher_image_size"], sizes["teacher_width"], sizes["teacher_layers"]
-    clip_config = dict(model_type="clip_vision_model", **sizes["vision"], image_size=sizes["image_size"])
-    clip_config.update(patch_size=sizes["patch_size"], hidden_act="quick_gelu")
     heads = max(2, width // 64)
+    clip = dict(
+        **sizes["vision"], image_size=sizes["image_size"], patch_size=sizes["patch_size"], hidden_act="quick_gelu"
+    )
+    eva = dict(
+        image_size=size,
+        patch_size=16,
+        hidden_size=width,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        window_size=4,
+        global_attn_indexes=(layers - 1,),
+        pretrain_image_size=size // 2,
+        rope_reference_grid=size // 32,
+    )
+    sam = dict(
+        hidden_size=width,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        mlp_dim=4 * width,
+        image_size=size,
+        patch_size=16,
+        output_channels=width // 4,
+        window_size=4,
+        global_attn_indexes=[layers - 1],
+        num_pos_feats=width // 8,
+        initializer_range=0.02,
+    )
     return [
-        TeacherSpec(
-            slug="clip", backend="transformers", model_id="bench-clip", model_class="CLIPVisionModel",
-            image_size=sizes["image_size"], num_prefix_tokens=1, has_cls=True, cls_attention=True,
-            pretrained=False, config=clip_config,
-        ),
-        TeacherSpec(
-            slug="eva", backend="vitdet", model_id="bench-eva", image_size=size, output="feature_map",
-            pretrained=False,
-            config=dict(image_size=size, patch_size=16, hidden_size=width, num_hidden_layers=layers,
-                        num_attention_heads=heads, window_size=4, global_attn_indexes=(layers - 1,),
-                        pretrain_image_size=size // 2, rope_reference_grid=size // 32),
-        ),
-        TeacherSpec(
-            slug="convnext", backend="timm", model_id="convnext_atto", image_size=size, output="feature_map",
-            pretrained=False,
-        ),
-        TeacherSpec(
-            slug="sam", backend="transformers", model_id="bench-sam", model_class="SamVisionModel", image_size=size,
-            mean=IMAGENET_MEAN, std=IMAGENET_STD, resize_mode="pad", interpolation="bilinear", output="feature_map",
-            pretrained=False,
-            config=dict(model_type="sam_vision_model", hidden_size=width, num_hidden_layers=layers,
-                        num_attention_heads=heads, mlp_dim=4 * width, image_size=size, patch_size=16,
-                        output_channels=width // 4, window_size=4, global_attn_indexes=[layers - 1],
-                        num_pos_feats=width // 8, initializer_range=0.02),
-        ),
+        clip_teacher(clip, model_id="bench-clip", pretrained=False),
+        eva_teacher(eva, model_id="bench-eva", pretrained=False),
+        convnext_teacher(model_id="convnext_atto", image_size=size, pretrained=False),
+        sam_teacher(sam, model_id="bench-sam", pretrained=False),
     ]  # fmt: skip
 
 
@@ -136,8 +142,7 @@ def build_teachers(sizes: dict) -> list[Teacher]:
 
 
 def student_grid(sizes: dict) -> tuple[int, int]:
-    side = sizes["image_size"] // sizes["patch_size"]
-    return side, side
+    return vision_grid(sizes)
 
 
 def build_distiller(sizes: dict, teachers: list[Teacher], images: torch.Tensor, adapter: str) -> MoVEKDDistiller:
@@ -151,7 +156,7 @@ def build_distiller(sizes: dict, teachers: list[Teacher], images: torch.Tensor, 
 def make_batch(sizes: dict, seed: int = 0) -> dict:
     """input_ids/labels with one image's tokens per sample, pixel_values, teacher_images, sample_ids."""
     generator = torch.Generator().manual_seed(seed)
-    batch, image_tokens = sizes["batch"], (sizes["image_size"] // sizes["patch_size"]) ** 2
+    batch, image_tokens = sizes["batch"], math.prod(vision_grid(sizes))
     vocab = sizes["vocab_size"]
     text = torch.randint(1, vocab - 1, (batch, sizes["text_tokens"]), generator=generator)
     image = torch.full((batch, image_tokens), vocab - 1)

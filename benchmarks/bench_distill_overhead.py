@@ -93,21 +93,18 @@ def eager_cls_row(model, pixel_values: torch.Tensor, layer: int) -> torch.Tensor
 
 
 def part_b(args) -> dict:
-    from dataclasses import replace
-
     from transformers import CLIPVisionModel
 
     from movekd_hf.distill import build_teacher
-    from movekd_hf.distill.presets import PAPER_TEACHERS
+    from movekd_hf.distill.presets import CLIP_L_336, clip_teacher
     from movekd_hf.distill.teachers import BACKENDS, prepare_images
 
     layers = 2 if args.quick else args.clip_layers
-    spec = PAPER_TEACHERS["clip"]
-    config = dict(spec.config, num_hidden_layers=layers)
+    sizes = dict(CLIP_L_336, num_hidden_layers=layers)
     if args.quick:
-        config.update(hidden_size=64, intermediate_size=128, num_attention_heads=4, image_size=56)
-        spec = replace(spec, image_size=56)
-    spec = replace(spec, pretrained=False, config=config)
+        sizes.update(hidden_size=64, intermediate_size=128, num_attention_heads=4, image_size=56)
+    spec = clip_teacher(sizes, pretrained=False)
+    config = spec.config
     torch.manual_seed(0)
     ours = build_teacher(spec)
     eager = CLIPVisionModel._from_config(ours.model.config, attn_implementation="eager").eval()

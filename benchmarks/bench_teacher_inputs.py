@@ -26,7 +26,11 @@ from _common import base_parser, format_table, interleaved_timings, summarise, t
 
 from movekd_hf.distill.presets import teacher_specs  # noqa: E402
 from movekd_hf.distill.teachers import prepare_images  # noqa: E402
-from movekd_hf.training.collator import expand_to_square, images_to_unit_tensor  # noqa: E402
+from movekd_hf.modeling.llava_conventions import (  # noqa: E402
+    CLIP_MEAN_COLOUR,
+    expand_to_square,
+    images_to_unit_tensor,
+)
 
 
 def square_photos(batch: int, side: int):
@@ -35,7 +39,7 @@ def square_photos(batch: int, side: int):
     from skimage import data
 
     photos = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket()]
-    images = [expand_to_square(Image.fromarray(photos[i % len(photos)]), (122, 116, 104)) for i in range(batch)]
+    images = [expand_to_square(Image.fromarray(photos[i % len(photos)]), CLIP_MEAN_COLOUR) for i in range(batch)]
     return [image.resize((side, side)) for image in images]
 
 

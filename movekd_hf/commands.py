@@ -26,7 +26,7 @@ def add_parser(subparsers) -> None:
 
     plan = subparsers.add_parser("plan", help="Parameters per component and per stage, built on the meta device.")
     plan.add_argument("--preset", required=True)
-    plan.add_argument("--teachers", default=None, help="teacher set to add (v1.0 or v1.1)")
+    plan.add_argument("--teachers", default=None, help="teacher set to add (v1.0, v1.1 or tiny)")
     plan.add_argument("--json", action="store_true", help="print JSON instead of a table")
     plan.set_defaults(func=run_plan)
 
@@ -44,22 +44,20 @@ def _mole_settings(args: argparse.Namespace) -> dict:
 
 
 def run_init(args: argparse.Namespace) -> int:
-    from . import builders
+    from . import models
 
     settings = _mole_settings(args)
     if args.llava:
-        model, processor = builders.from_llava(args.llava, **settings)
+        model, processor = models.from_llava(args.llava, **settings)
     elif args.vision or args.llm:
         if not (args.vision and args.llm):
             raise SystemExit("movekd-hf init: --vision and --llm go together.")
         if args.preset:
-            from .presets import build_config
-
-            preset = build_config(args.preset)
+            preset = models.build_config(args.preset)
             settings = {**{k: getattr(preset, k) for k in ("num_experts", "lora_rank", "lora_alpha")}, **settings}
-        model, processor = builders.from_vision_and_llm(args.vision, args.llm, **settings)
+        model, processor = models.from_vision_and_llm(args.vision, args.llm, **settings)
     elif args.preset:
-        model, processor = builders.from_preset(args.preset, seed=args.seed, **settings)
+        model, processor = models.from_preset(args.preset, seed=args.seed, **settings)
     else:
         raise SystemExit("movekd-hf init: give --preset, --llava, or --vision with --llm.")
     model.save_pretrained(args.out)
@@ -74,7 +72,8 @@ def plan_rows(preset: str, teachers: str | None = None) -> dict:
     import torch
 
     from .modeling import MoVEKDForConditionalGeneration
-    from .presets import build_config
+    from .modeling.llava_conventions import student_grid
+    from .models import build_config
     from .training.stages import STAGES, count_parameters
 
     config = build_config(preset)
@@ -85,8 +84,8 @@ def plan_rows(preset: str, teachers: str | None = None) -> dict:
         from .distill.plan import teacher_plan_rows
 
         vision = config.vision_config
-        num_tokens = (vision.image_size // vision.patch_size) ** 2
-        rows = teacher_plan_rows(teachers, num_tokens, vision.hidden_size)
+        height, width = student_grid(vision)
+        rows = teacher_plan_rows(teachers, height * width, vision.hidden_size)
         components["teachers (frozen)"] = sum(count for _, count, trainable in rows if not trainable)
         components["adapters"] = sum(count for _, count, trainable in rows if trainable)
         components.update({f"  {name}": count for name, count, _ in rows})

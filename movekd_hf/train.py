@@ -1,8 +1,62 @@
-"""`accelerate launch -m movekd_hf.train CONFIG.yaml [--key value ...]`: see movekd_hf/training/train.py."""
+"""The training entry: `accelerate launch -m movekd_hf.train CONFIG.yaml [--key value ...]` (or `movekd-hf train`).
 
+The edge of the package: argv becomes the trainer's objects in movekd_hf/training/train.py, and the Hub model
+card of movekd_hf.hub_cards (which sits above training) is plugged in here, written into every saved folder.
+Then: train (or resume) -> final save -> push when `push_to_hub` is set.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
 import sys
+from pathlib import Path
 
-from movekd_hf.training.train import main
+from movekd_hf.training import train as training
+
+
+def write_model_card(trainer, folder: str) -> None:
+    """README.md (and eval-result files) for a folder the trainer saved, built by movekd_hf.hub_cards."""
+    from movekd_hf.hub_cards.card import render_repo_files
+    from movekd_hf.hub_cards.run_dir import RunDir
+
+    config = json.loads(Path(folder, "config.json").read_text(encoding="utf-8"))
+    run = RunDir(
+        root=Path(trainer.args.output_dir),
+        checkpoint=Path(folder),
+        config=config,
+        train_config=trainer.train_config or None,
+        training_args=json.loads(trainer.args.to_json_string()),
+    )
+    for path_in_repo, text in render_repo_files(run, trainer.args.hub_model_id).items():
+        target = Path(folder, path_in_repo)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text, encoding="utf-8")
+
+
+def build_trainer(argv: list[str], **trainer_kwargs):
+    """The trainer this entry runs for `argv`: movekd_hf.training.train.build_trainer with the Hub model card.
+    `trainer_kwargs` (e.g. `callbacks`) go to `MoVEKDTrainer`."""
+    return training.build_trainer(argv, card_writer=write_model_card, **trainer_kwargs)
+
+
+def run(trainer) -> int:
+    """Train (resuming from `resume_from_checkpoint` when set), save the final model, push it if asked."""
+    trainer.train(resume_from_checkpoint=trainer.args.resume_from_checkpoint)
+    trainer.save_model()
+    if trainer.args.push_to_hub:
+        trainer.push_to_hub()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    import transformers
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    transformers.utils.logging.set_verbosity_warning()
+    return run(build_trainer(argv))
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -9,11 +9,14 @@ from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
 
+from movekd_hf.modeling.llava_conventions import IMAGE_TOKEN
+
 STUDENT_SIZE = 40  # processor crop; patch 8 -> 5 x 5 = 25 image tokens
 PATCH_SIZE = 8
 NUM_IMAGE_TOKENS = 25
 TEACHER_SIZE = 24
-SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<image>"]
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", IMAGE_TOKEN]
+# Text the BPE merges are learnt from (kept as two lines: joined, its merges and so every token id would change).
 _CORPUS = [
     "A chat between a curious human and an artificial intelligence assistant.",
     "The assistant gives helpful, detailed, and polite answers to the human's questions.",
@@ -38,7 +41,7 @@ def build_tokenizer(add_bos: bool = False) -> PreTrainedTokenizerFast:
         bos_token="<s>",
         eos_token="</s>",
         pad_token="<pad>",
-        extra_special_tokens={"image_token": "<image>"},
+        extra_special_tokens={"image_token": IMAGE_TOKEN},
     )
 
 

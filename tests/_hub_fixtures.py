@@ -264,7 +264,7 @@ def make_authors_checkpoint(folder: Path, seed: int = 0, with_tokenizer: bool = 
     torch.save(adapters, folder / "encoder_adapter.bin")
     write_json(folder / "config.json", authors_config())
     if with_tokenizer:
-        from movekd_hf.presets import build_byte_tokenizer
+        from movekd_hf.models import build_byte_tokenizer
 
         build_byte_tokenizer().save_pretrained(folder)
     return {**llm, **tower, **projector, **adapters, **mole}

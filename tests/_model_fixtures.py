@@ -14,13 +14,14 @@ import pytest
 import torch
 from PIL import Image
 
-from movekd_hf import presets
+from movekd_hf.distill.presets import TINY_CLIP
+from movekd_hf.models import TINY_TEXT as _TINY_TEXT
 
 REPO = Path(__file__).resolve().parents[1]
 
 # The package's tiny preset: vision 32 wide / 48 MLP / 3 layers, LLM 40 wide / 56 MLP, 16 patches + CLS.
-TINY_VISION = dict(presets.TINY_VISION)
-TINY_TEXT = dict(vocab_size=261, bos_token_id=1, eos_token_id=2, pad_token_id=3, **presets.TINY_TEXT)
+TINY_VISION = dict(TINY_CLIP)
+TINY_TEXT = dict(vocab_size=261, bos_token_id=1, eos_token_id=2, pad_token_id=3, **_TINY_TEXT)
 
 
 class SideEnv(NamedTuple):

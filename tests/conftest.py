@@ -31,7 +31,7 @@ def second_photo() -> Image.Image:
 @pytest.fixture()
 def tiny():
     """A fresh tiny model and processor (default, improved MoLE settings)."""
-    from movekd_hf.presets import build_tiny_model
+    from movekd_hf.models import build_tiny_model
 
     return build_tiny_model(seed=0)
 
@@ -39,7 +39,7 @@ def tiny():
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A saved tiny checkpoint with trained-looking (non-zero) LoRA weights, so MoLE matters in outputs."""
-    from movekd_hf.presets import build_tiny_model
+    from movekd_hf.models import build_tiny_model
 
     model, processor = build_tiny_model(seed=0)
     perturb_lora(model, seed=1)

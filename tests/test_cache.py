@@ -73,8 +73,9 @@ def test_write_resume_and_same_loss_as_online(tmp_path, toy, teachers, grid, ada
 
 
 def test_teacher_view_matches_the_collator(toy):
-    from movekd_hf.presets import build_image_processor
-    from movekd_hf.training.collator import MoVEKDDataCollator, mean_colour
+    from movekd_hf.modeling.llava_conventions import mean_colour
+    from movekd_hf.models import build_image_processor
+    from movekd_hf.training.collator import MoVEKDDataCollator
 
     processor = build_image_processor(32)
     for aspect in ("pad", "resize"):

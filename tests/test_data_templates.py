@@ -6,15 +6,14 @@ import pytest
 from _data_fixtures import NUM_IMAGE_TOKENS, build_processor, build_tokenizer
 from PIL import Image
 
+from movekd_hf.modeling.llava_conventions import VICUNA_SYSTEM, vicuna_v1_generation_prompt
 from movekd_hf.training.data_args import num_image_tokens
 from movekd_hf.training.templates import (
     IGNORE_INDEX,
-    VICUNA_V1_SYSTEM,
     ConversationError,
     render_conversation,
     tokenize_segments,
     tokenizer_adds_bos,
-    vicuna_v1_generation_prompt,
 )
 
 IMAGE_ID = 3
@@ -60,7 +59,7 @@ def test_v1_trains_exactly_the_answers_and_their_eos():
     ]
     out = encode("v1", turns, tokenizer)
     text = (
-        f"{VICUNA_V1_SYSTEM} USER: <image>\nWhat shape is in the image? ASSISTANT: A red circle.</s>"
+        f"{VICUNA_SYSTEM} USER: <image>\nWhat shape is in the image? ASSISTANT: A red circle.</s>"
         "USER: What colour is the background? ASSISTANT: It is white.</s>"
     )
     first = text.index(" A red circle.</s>")
@@ -149,7 +148,7 @@ def test_unknown_template_is_rejected():
 
 def test_v1_equals_the_shipped_processor_chat_template_and_its_inference_prompt():
     """`v1` training tokens = the tiny MoVE-KD processor's chat template (what `pipeline` users get)."""
-    from movekd_hf.presets import build_tiny_model
+    from movekd_hf.models import build_tiny_model
 
     _, processor = build_tiny_model(seed=0)
     tokenizer, image_id = processor.tokenizer, processor.image_token_id

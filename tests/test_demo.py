@@ -186,15 +186,15 @@ def test_teacher_pretraining_is_deterministic():
 
 
 def test_arms_differ_only_in_the_kd_setting():
-    from movekd_hf.demo.train import StageSettings, stage_argv
+    from movekd_hf.demo.train import StageSettings, stage_arguments
 
     settings = StageSettings("stage2", "d.json", "images", "v1", max_steps=5, batch_size=4, learning_rate=1e-3)
-    argvs = [dict(zip(argv[::2], argv[1::2])) for argv in (stage_argv(settings, "m", a.kd_preset, "o") for a in ARMS)]
-    for argv in argvs:
-        assert {k: v for k, v in argv.items() if k != "--kd_preset"} == {
-            k: v for k, v in argvs[0].items() if k != "--kd_preset"
+    arguments = [stage_arguments(settings, arm.kd_preset, "o").to_dict() for arm in ARMS]
+    for values in arguments:
+        assert {k: v for k, v in values.items() if k != "kd_preset"} == {
+            k: v for k, v in arguments[0].items() if k != "kd_preset"
         }
-    assert [argv["--kd_preset"] for argv in argvs] == ["none", "mse_baseline", "faithful", "improved"]
+    assert [values["kd_preset"] for values in arguments] == ["none", "mse_baseline", "faithful", "improved"]
 
 
 def test_verdict_is_honest_either_way():

@@ -10,8 +10,8 @@ from movekd_hf.distill.adapters import (
     StudentPredictionHead,
     TokenMixAdapter,
     build_adapter,
-    resample_tokens,
 )
+from movekd_hf.modeling.llava_conventions import resample_tokens
 
 
 def test_token_mix_adapter_is_channel_linear_gelu_token_linear():

@@ -24,7 +24,11 @@ def meta_outputs():
 
 
 def test_teacher_sets_and_real_ids():
-    assert TEACHER_SETS == {"v1.0": ("clip", "eva", "convnext"), "v1.1": ("clip", "eva", "convnext", "sam")}
+    assert TEACHER_SETS == {
+        "v1.0": ("clip", "eva", "convnext"),
+        "v1.1": ("clip", "eva", "convnext", "sam"),
+        "tiny": ("clip", "convnext", "sam"),
+    }
     assert PAPER_TEACHERS["clip"].model_id == "openai/clip-vit-large-patch14-336"
     assert (PAPER_TEACHERS["eva"].model_id, PAPER_TEACHERS["eva"].filename) == (
         "Yuxin-CV/EVA-02",
@@ -78,3 +82,35 @@ def test_plan_rows_list_frozen_teachers_and_trainable_adapters():
     assert params["adapter/convnext"] == (3072 * 1024 + 1024 + 1024 * 576 + 576, True)
     assert params["adapter/sam"] == (256 * 1024 + 1024 + 4096 * 576 + 576, True)
     assert all(count > 0 for _, count, _ in rows)
+
+
+def test_factories_fix_the_kind_and_take_sizes_and_fields():
+    from movekd_hf.distill.presets import TINY_SAM, clip_teacher, eva_teacher, sam_teacher
+
+    tiny_sam = sam_teacher(TINY_SAM, model_id="tiny-sam", pretrained=False)
+    assert (tiny_sam.slug, tiny_sam.model_class, tiny_sam.resize_mode, tiny_sam.output) == (
+        "sam",
+        "SamVisionModel",
+        "pad",
+        "feature_map",
+    )
+    assert tiny_sam.mean == PAPER_TEACHERS["sam"].mean and tiny_sam.image_size == TINY_SAM["image_size"] == 64
+    assert tiny_sam.config == {"model_type": "sam_vision_model", **TINY_SAM} and not tiny_sam.pretrained
+    # Fields override the preset's, sizes included in the config; the paper's EVA checkpoint file only goes
+    # with the paper's repository.
+    clip = clip_teacher(image_size=224, feature_layer=-1)
+    assert (clip.image_size, clip.feature_layer, clip.config["image_size"]) == (224, -1, 336)
+    assert eva_teacher().filename == "eva02/det/eva02_L_coco_det_sys_o365.pth"
+    assert eva_teacher({"image_size": 64}, model_id="tiny-eva").filename is None
+    with pytest.raises(TypeError, match="unexpected keyword argument 'widht'"):
+        sam_teacher(widht=3)
+
+
+def test_tiny_set_has_random_weights_and_the_tiny_students_clip():
+    from movekd_hf.distill.presets import TINY_CLIP
+    from movekd_hf.models import build_config
+
+    specs = teacher_specs("tiny", pretrained=True)
+    assert [s.slug for s in specs] == ["clip", "convnext", "sam"] and not any(s.pretrained for s in specs)
+    assert build_config("tiny").vision_config.hidden_size == TINY_CLIP["hidden_size"] == specs[0].config["hidden_size"]
+    assert {s.image_size for s in specs[1:]} == {64}

@@ -11,13 +11,12 @@ import torch.nn.functional as F
 from _distill_fixtures import TINY_CLIP_CONFIG, TINY_CONVNEXT_KWARGS, TINY_SAM_CONFIG, images, tiny_spec
 
 from movekd_hf.distill.teachers import (
-    CLIP_MEAN,
-    CLIP_STD,
     TeacherSpec,
     build_teacher,
     prepare_images,
     sam_faithful_layout,
 )
+from movekd_hf.modeling.llava_conventions import CLIP_MEAN, CLIP_STD
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from movekd_hf.evaluation.diagnostics import linear_probe_accuracy, student_teacher_fidelity, teacher_fidelity
-from movekd_hf.presets import build_tiny_model
+from movekd_hf.models import build_tiny_model
 
 
 def test_fidelity_known_cases():

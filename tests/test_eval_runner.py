@@ -15,11 +15,10 @@ from skimage import data
 
 from movekd_hf.evaluation import commands
 from movekd_hf.evaluation.benchmarks import EvalSample
-from movekd_hf.evaluation.prompts import V1_SYSTEM
 from movekd_hf.evaluation.runner import build_prompt, generate_batch, run_generation
 from movekd_hf.hub_cards.run_dir import validate_eval_results
-from movekd_hf.presets import build_tiny_model
-from movekd_hf.training.collator import expand_to_square
+from movekd_hf.modeling.llava_conventions import VICUNA_SYSTEM, expand_to_square
+from movekd_hf.models import build_tiny_model
 
 QUESTIONS = ["What is this?", "Is it red?", "Count the cups in the picture please."]
 
@@ -87,7 +86,7 @@ def test_run_generation_resumes_and_merges_leftover_parts(tiny, tmp_path):
 def test_prompt_formats(tiny):
     _, processor = tiny
     sample = EvalSample("k", 0, None, "Is it red?")
-    assert build_prompt(sample, processor, "v1") == f"{V1_SYSTEM} USER: <image>\nIs it red? ASSISTANT:"
+    assert build_prompt(sample, processor, "v1") == f"{VICUNA_SYSTEM} USER: <image>\nIs it red? ASSISTANT:"
     templated = build_prompt(sample, processor, "chat_template")
     assert "Is it red?" in templated and "<image>" in templated
     with pytest.raises(ValueError, match="prompt_format must be"):

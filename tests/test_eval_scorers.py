@@ -148,6 +148,15 @@ def test_cli_registers_evaluation_commands():
     assert "movekd_hf.evaluation.commands" in cli.COMMAND_MODULES
 
 
+def test_benchmark_names_in_any_spelling():
+    from movekd_hf.evaluation.benchmarks import benchmark_key, canonical_name
+
+    assert [canonical_name(name) for name in ("VQA-v2", "SQA-IMG", "ScienceQA_IMG", "MMB", "MMBench-EN")] == [
+        "vqav2", "scienceqa", "scienceqa", "mmbench", "mmbench",
+    ]  # fmt: skip
+    assert benchmark_key("My-Private bench") == "myprivatebench"  # normalised, not checked (cards keep it)
+
+
 def test_unknown_benchmark_and_missing_files_are_named():
     with pytest.raises(ValueError, match="unknown benchmark 'okvqa'"):
         score_files("okvqa", FIXTURES / "gqa" / "answers.jsonl", FIXTURES / "gqa")

@@ -16,7 +16,7 @@ REPO_ID = "me/movekd-tiny"
 @pytest.fixture(scope="module")
 def saved_model(tmp_path_factory):
     """A real tiny checkpoint folder (weights, remote code, processor), saved once for the module."""
-    from movekd_hf.presets import build_tiny_model
+    from movekd_hf.models import build_tiny_model
 
     folder = tmp_path_factory.mktemp("saved")
     model, processor = build_tiny_model(seed=0)
@@ -56,8 +56,8 @@ def test_push_uploads_everything_in_one_commit(run_dir, token, monkeypatch):
     checkpoint = run_dir / "checkpoint"
     expected_local = {
         "config.json", "model.safetensors", "generation_config.json", "configuration_movekd.py",
-        "modeling_movekd.py", "mole.py", "processing_movekd.py", "processor_config.json", "tokenizer.json",
-        "tokenizer_config.json", "chat_template.jinja",
+        "modeling_movekd.py", "mole.py", "processing_movekd.py", "llava_conventions.py", "processor_config.json",
+        "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
     }  # fmt: skip
     expected = expected_local | {"README.md", "plots/loss.png", "plots/router_balance.png"}
     expected |= {

@@ -18,7 +18,7 @@ from transformers import (
 from movekd_hf import MoVEKDForConditionalGeneration
 from movekd_hf.cli import main
 from movekd_hf.commands import plan_rows
-from movekd_hf.presets import build_byte_tokenizer, build_image_processor, build_processor
+from movekd_hf.models import build_byte_tokenizer, build_image_processor, build_processor
 
 
 def _mole_key(name: str) -> bool:
@@ -112,7 +112,7 @@ def test_plan_counts_match_the_hand_count_at_paper_scale():
 
 @pytest.mark.parametrize(("preset", "width", "layers"), [("llava-1.5-13b", 5120, 40), ("mobilellama-1.4b", 2048, 24)])
 def test_other_paper_presets_build_on_meta_with_their_shapes(preset, width, layers):
-    from movekd_hf.presets import build_config
+    from movekd_hf.models import build_config
 
     config = build_config(preset)
     with torch.device("meta"):

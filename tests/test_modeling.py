@@ -8,7 +8,7 @@ from transformers import AutoModel, AutoModelForImageTextToText, CLIPVisionModel
 
 from movekd_hf import MoVEKDForConditionalGeneration, MoVEKDModel
 from movekd_hf.modeling import MoVEKDOutputMixin
-from movekd_hf.presets import build_tiny_model
+from movekd_hf.models import build_tiny_model
 from movekd_hf.training.stages import apply_stage, component_of
 
 
@@ -180,7 +180,7 @@ def test_llava_next_variant_forward_and_generate(routing, photo):
     from transformers import LlavaNextImageProcessor, LlavaNextProcessor
 
     from movekd_hf import MoVEKDNextConfig, MoVEKDNextForConditionalGeneration
-    from movekd_hf.presets import build_byte_tokenizer
+    from movekd_hf.models import build_byte_tokenizer
 
     pinpoints = [[32, 32], [32, 64], [64, 32]]
     config = MoVEKDNextConfig(

@@ -89,3 +89,23 @@ def test_the_check_catches_what_broke_before(tmp_path):
 def test_allow_list_entries_are_still_used():
     used = {(m, n) for path in MODELING.glob("*.py") for m, n, _ in _transformers_names(ast.parse(path.read_text()))}
     assert set(ALLOWED_INTERNAL) <= used, set(ALLOWED_INTERNAL) - used
+
+
+def _sibling_imports(path: Path) -> set[str]:
+    """The sibling modules a remote-code file imports (`from .x import y`)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    return {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level == 1}
+
+
+def test_remote_code_imports_siblings_one_level_deep():
+    """transformers (4.57 and 5.x) copies a local checkpoint's remote code into its module cache one import deep:
+    the loaded file and the siblings it imports, not what those import. So every sibling a file needs must be
+    imported by that file itself, or loading the processor alone fails with a missing module."""
+    problems = []
+    for path in sorted(MODELING.glob("[!_]*.py")):  # __init__.py is the package's, never copied
+        direct = _sibling_imports(path)
+        for sibling in sorted(direct):
+            missing = _sibling_imports(MODELING / f"{sibling}.py") - direct
+            if missing:
+                problems.append(f"{path.name} imports {sibling}.py, which imports {sorted(missing)} that it does not")
+    assert not problems, "\n".join(problems)

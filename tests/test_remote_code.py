@@ -126,6 +126,26 @@ torch.save({"result": result, "tensors": tensors}, out)
 """
 
 
+# Loads the processor alone, in a fresh module cache: transformers copies only the files the processor's module
+# imports itself, so a sibling they import in turn (and the model's files, copied when the model loads first) is
+# not there.
+PROCESSOR_ALONE = r"""
+import os, sys
+os.environ["HF_MODULES_CACHE"] = sys.argv[2]  # read when transformers is imported
+from transformers import AutoProcessor
+processor = AutoProcessor.from_pretrained(sys.argv[1], trust_remote_code=True)
+messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi?"}]}]
+print(type(processor).__module__, processor.apply_chat_template(messages, add_generation_prompt=True), sep="\n")
+"""
+
+
+@pytest.mark.parametrize("env", remote_matrix_params())
+def test_processor_loads_alone_from_a_fresh_module_cache(env, tiny_checkpoint, tmp_path):
+    module, prompt = run_side(env, PROCESSOR_ALONE, str(tiny_checkpoint), str(tmp_path / "modules")).split("\n", 1)
+    assert module.startswith("transformers_modules.") and module.endswith("processing_movekd"), module
+    assert prompt.strip().endswith("USER: <image>\nHi? ASSISTANT:")
+
+
 def _exact(side: dict) -> bool:
     """Bit-for-bit agreement is expected within the main environment's major release (5.0.0 and 5.24.0 compute
     the same float32 values here). 4.57 routes the same weights through its own LLaVA/CLIP/LLaMA code (attention

@@ -1,5 +1,7 @@
-"""The launch entry for real: `python -m movekd_hf.train` killed with SIGKILL and resumed, two CPU ranks under
-`accelerate launch` with DDP (gloo) and with DeepSpeed ZeRO-2, and every shipped config parsed."""
+"""The launch entry for real: the entry's trainer killed with SIGKILL and resumed (against an uninterrupted
+`python -m movekd_hf.train`), two CPU ranks under `accelerate launch` with DDP (gloo) and with DeepSpeed ZeRO-2/3,
+and every shipped config parsed. The kill and the per-rank reports are callbacks the tests pass in
+(_train_fixtures.py run as the child's script)."""
 
 from __future__ import annotations
 
@@ -18,10 +20,10 @@ from _train_fixtures import (
     child_env,
     load_safetensors,
     run_module,
+    run_with_callbacks,
 )
 
 from movekd_hf.training.arguments import parse_args
-from movekd_hf.training.callbacks import SIGKILL_ENV
 from movekd_hf.training.checkpoint import DISTILLER_FILE
 
 RUN = ("--max_steps", "4", "--save_steps", "2", "--logging_steps", "1", "--warmup_steps", "0")
@@ -35,7 +37,7 @@ def _final_weights(folder: Path) -> dict[str, torch.Tensor]:
 def test_sigkill_then_resume_ends_with_the_uninterrupted_weights(tmp_path):
     killed = tmp_path / "killed"
     # The child SIGKILLs itself at the end of step 3: checkpoint-2 is on disk, step 3's work is lost.
-    result = run_module([TINY_STAGE1, "--output_dir", str(killed), *RUN], env=child_env(**{SIGKILL_ENV: "3"}))
+    result = run_with_callbacks(["--sigkill-after", "3"], [TINY_STAGE1, "--output_dir", str(killed), *RUN])
     assert result.returncode == -9, result.stderr[-3000:]
     assert (killed / "checkpoint-2" / "trainer_state.json").is_file()
     assert not (killed / "checkpoint-4").exists() and not (killed / "model.safetensors").exists()
@@ -43,15 +45,19 @@ def test_sigkill_then_resume_ends_with_the_uninterrupted_weights(tmp_path):
     resumed = build(TINY_STAGE1, killed, *RUN, "--resume_from_checkpoint", str(killed / "checkpoint-2"))
     resumed.train(resume_from_checkpoint=str(killed / "checkpoint-2"))
     resumed.save_model()
-    reference = build(TINY_STAGE1, tmp_path / "reference", *RUN)
-    reference.train()
-    reference.save_model()
-    assert resumed.state.global_step == reference.state.global_step == 4
-    expected, actual = _final_weights(tmp_path / "reference"), _final_weights(killed)
+    # The uninterrupted run through the real module entry, which also writes the model card at every save.
+    reference = tmp_path / "reference"
+    result = run_module([TINY_STAGE1, "--output_dir", str(reference), *RUN])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2501.01709" in (reference / "checkpoint-2" / "README.md").read_text()
+    assert "2501.01709" in (reference / "README.md").read_text()
+    history = json.loads((reference / "checkpoint-4" / "trainer_state.json").read_text())
+    assert resumed.state.global_step == history["global_step"] == 4
+    expected, actual = _final_weights(reference), _final_weights(killed)
     assert expected.keys() == actual.keys()
     for key in expected:
         torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=1e-6, msg=lambda m, k=key: f"{k}: {m}")
-    losses = [[e["loss"] for e in t.state.log_history if "loss" in e] for t in (resumed, reference)]
+    losses = [[e["loss"] for e in h if "loss" in e] for h in (resumed.state.log_history, history["log_history"])]
     assert losses[0] == pytest.approx(losses[1], abs=1e-6)
 
 
@@ -70,9 +76,9 @@ def two_rank_runs(tmp_path_factory):
         ),
         ("zero3", ["--config_file", "configs/accelerate/deepspeed_zero3.yaml"]),
     ):
-        out = root / name
-        accelerate_launch(launch, [*train, "--output_dir", str(out), "--run_report", str(out / "report")], env)
-        reports[name] = [json.loads((out / "report" / f"rank{r}.json").read_text()) for r in (0, 1)]
+        out, report = root / name, root / f"{name}-report"
+        accelerate_launch(launch, [*train, "--output_dir", str(out)], env, report)
+        reports[name] = [json.loads((report / f"rank{r}.json").read_text()) for r in (0, 1)]
         reports[name + "_dir"] = out
     return reports
 
@@ -113,8 +119,8 @@ def test_every_train_config_parses(path):
     if path.stem.startswith("tiny"):
         assert model_args.preset == "tiny" and data_args.data_path.startswith("toy:")
         return
-    stage1 = model_args.stage == "stage1"
-    assert model_args.teacher_set in path.stem and model_args.kd_preset == "faithful"
+    stage1 = args.stage == "stage1"
+    assert model_args.teacher_set in path.stem and args.kd_preset == "faithful"
     assert args.learning_rate == (1e-3 if stage1 else 2e-5)
     assert args.per_device_train_batch_size == (16 if stage1 else 8)
     assert (args.lr_scheduler_type.value, args.warmup_steps, args.bf16) == ("cosine", 0.03, True)

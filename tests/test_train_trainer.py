@@ -181,17 +181,14 @@ def test_modality_grouped_batches_hold_one_modality(tmp_path):
 
 
 def test_adapters_can_start_from_a_previous_stage(tmp_path):
-    from movekd_hf.training.train import build_trainer
-
     first = build(TINY_STAGE1, tmp_path / "stage1")
     with torch.no_grad():
         for param in first.model.distiller.parameters():
             param.add_(0.25)  # as if stage 1 had trained them
     first.save_model()
-    argv = [TINY_STAGE1, "--output_dir", str(tmp_path / "stage2"), "--disable_tqdm", "true"]
-    second = build_trainer(argv, adapters_from=str(tmp_path / "stage1"))
+    second = build(TINY_STAGE1, tmp_path / "stage2", "--adapters_from", str(tmp_path / "stage1"))
     expected = first.model.distiller.state_dict()
     for name, tensor in second.model.distiller.state_dict().items():
         assert torch.equal(tensor, expected[name]), name
     with pytest.raises(ValueError, match="distill_adapters.safetensors"):
-        build_trainer(argv, adapters_from=str(tmp_path / "nowhere"))
+        build(TINY_STAGE1, tmp_path / "stage2", "--adapters_from", str(tmp_path / "nowhere"))

@@ -1,5 +1,5 @@
 """Start the demo VLM as LLaVA training starts: a pretrained vision encoder (the `clip` teacher) plus a pretrained
-LLM, joined by `movekd_hf.builders.from_vision_and_llm` (MoLE and projector new).
+LLM, joined by `movekd_hf.models.from_vision_and_llm` (MoLE and projector new).
 
 The LLM is a small LLaMA pretrained here for a few seconds on the world's text alone (questions, answers and
 captions without images), so it knows the words and the conversation format before it ever sees an image, as
@@ -13,11 +13,10 @@ import os
 from collections.abc import Callable
 
 import torch
-from transformers import CLIPImageProcessor, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
-from ..builders import from_vision_and_llm
-from ..modeling.processing_movekd import VICUNA_SYSTEM
-from ..presets import CLIP_MEAN, CLIP_STD
+from ..modeling.llava_conventions import IMAGE_TOKEN, VICUNA_SYSTEM, vicuna_v1_turn
+from ..models import build_image_processor, from_vision_and_llm
 from .teachers import STUDENT_VISION, _learning_rate
 from .vocab import build_word_tokenizer
 
@@ -44,7 +43,7 @@ def llm_texts(finetune_json: str, pretrain_json: str) -> list[str]:
         for record in json.load(handle):
             turns = record["conversations"]
             body = "".join(
-                f"USER: {q['value'].replace('<image>', '').strip()} ASSISTANT: {a['value']}</s>"
+                f"{vicuna_v1_turn(q['value'].replace(IMAGE_TOKEN, '').strip())} {a['value']}</s>"
                 for q, a in zip(turns[0::2], turns[1::2])
             )
             texts.append(f"{VICUNA_SYSTEM} {body}")
@@ -90,13 +89,7 @@ def pretrain_llm(
 def save_vision_encoder(clip_model: torch.nn.Module, folder: str) -> str:
     """The pretrained `clip` teacher as a stock CLIP vision checkpoint with its image processor."""
     clip_model.save_pretrained(folder)
-    size = STUDENT_VISION["image_size"]
-    CLIPImageProcessor(
-        size={"shortest_edge": size},
-        crop_size={"height": size, "width": size},
-        image_mean=CLIP_MEAN,
-        image_std=CLIP_STD,
-    ).save_pretrained(folder)
+    build_image_processor(STUDENT_VISION["image_size"]).save_pretrained(folder)
     return folder
 
 

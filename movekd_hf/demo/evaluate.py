@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 
 from ..evaluation.scorers import pope_scores, vqa_accuracy
-from ..training.templates import vicuna_v1_generation_prompt
+from ..modeling.llava_conventions import IMAGE_TOKEN, vicuna_v1_generation_prompt
 from . import world
 
 OPEN_TYPES = ("colour", "shape", "count", "position")
@@ -21,7 +21,7 @@ COLUMNS = (*OPEN_TYPES, "pope", "overall")
 
 
 def prompt(question: world.Question) -> str:
-    return vicuna_v1_generation_prompt(f"<image>\n{question.text} {world.SHORT_ANSWER}")
+    return vicuna_v1_generation_prompt(f"{IMAGE_TOKEN}\n{question.text} {world.SHORT_ANSWER}")
 
 
 @torch.no_grad()

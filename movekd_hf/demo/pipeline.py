@@ -141,7 +141,7 @@ def prepare_initial_models(run: Path, data: world.DemoData, specs, size: DemoSiz
 
 def train_arm(run: Path, arm: Arm, data: world.DemoData, specs, init: dict, size: DemoSize) -> dict:
     """Stage 1 then stage 2 of one arm; returns both log histories and the final folder."""
-    from .train import run_stage, stage_argv
+    from .train import run_stage
 
     folder = run / "arms" / arm.name
     stage1 = StageSettings("stage1", data.pretrain_json, data.image_folder, "plain", size.stage1_steps,
@@ -149,11 +149,9 @@ def train_arm(run: Path, arm: Arm, data: world.DemoData, specs, init: dict, size
     stage2 = StageSettings("stage2", data.finetune_json, data.image_folder, "v1", size.stage2_steps,
                            size.batch_size, size.stage2_lr, size.seed)  # fmt: skip
     start = init["folders"][arm.faithful_mole]
-    first = run_stage(stage_argv(stage1, start, arm.kd_preset, str(folder / "stage1")), specs)
+    first = run_stage(stage1, start, arm.kd_preset, str(folder / "stage1"), specs)
     second = run_stage(
-        stage_argv(stage2, str(folder / "stage1"), arm.kd_preset, str(folder / "stage2")),
-        specs,
-        previous=str(folder / "stage1"),
+        stage2, str(folder / "stage1"), arm.kd_preset, str(folder / "stage2"), specs, previous=str(folder / "stage1")
     )
     return {"histories": [first["history"], second["history"]], "folder": str(folder / "stage2"), "last": second}
 

@@ -23,19 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..distill.teachers import (
-    BACKENDS,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    Teacher,
-    TeacherSpec,
-    build_teacher,
-    prepare_images,
-)
+from ..distill.presets import TINY_SAM, clip_teacher, convnext_teacher, sam_teacher
+from ..distill.teachers import BACKENDS, Teacher, TeacherSpec, build_teacher, prepare_images
+from ..modeling.llava_conventions import student_grid
 from . import world
 
 STUDENT_VISION = dict(
-    model_type="clip_vision_model",
     hidden_size=64,
     intermediate_size=128,
     projection_dim=32,
@@ -45,59 +38,15 @@ STUDENT_VISION = dict(
     patch_size=16,  # 4 x 4 = 16 image tokens: short sequences, and each token sees a whole object
     hidden_act="quick_gelu",
 )
-SAM_VISION = dict(
-    model_type="sam_vision_model",
-    hidden_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    mlp_dim=96,
-    image_size=96,
-    patch_size=12,
-    output_channels=40,
-    window_size=4,
-    global_attn_indexes=[1],
-    num_pos_feats=12,
-    initializer_range=0.02,  # SAM's stock 1e-10 makes every output vanish
-)
+# The package's tiny SAM, wider and at 96 px.
+SAM_VISION = dict(TINY_SAM, hidden_size=48, mlp_dim=96, image_size=96, patch_size=12, output_channels=40)
 # timm ConvNeXt always has 4 stages; output_stride 8 dilates the last two, so 48 px gives a 6 x 6 map.
 CONVNEXT_KWARGS = dict(dims=(16, 24, 40, 72), depths=(1, 1, 2, 1), output_stride=8, num_classes=0)
 
 DEMO_TEACHERS: dict[str, TeacherSpec] = {
-    "clip": TeacherSpec(
-        slug="clip",
-        backend="transformers",
-        model_id="demo-clip",
-        model_class="CLIPVisionModel",
-        image_size=64,
-        num_prefix_tokens=1,
-        has_cls=True,
-        cls_attention=True,
-        pretrained=False,
-        config=STUDENT_VISION,
-    ),
-    "convnext": TeacherSpec(
-        slug="convnext",
-        backend="timm",
-        model_id="convnext_atto",
-        image_size=48,
-        output="feature_map",
-        pretrained=False,
-        config=CONVNEXT_KWARGS,
-    ),
-    "sam": TeacherSpec(
-        slug="sam",
-        backend="transformers",
-        model_id="demo-sam",
-        model_class="SamVisionModel",
-        image_size=96,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        resize_mode="pad",
-        interpolation="bilinear",
-        output="feature_map",
-        pretrained=False,
-        config=SAM_VISION,
-    ),
+    "clip": clip_teacher(STUDENT_VISION, model_id="demo-clip", pretrained=False),
+    "convnext": convnext_teacher(CONVNEXT_KWARGS, model_id="convnext_atto", image_size=48, pretrained=False),
+    "sam": sam_teacher(SAM_VISION, model_id="demo-sam", pretrained=False),
 }
 
 
@@ -157,9 +106,7 @@ PRETRAIN_TASKS: dict[str, PretrainTask] = {
         "segmentation per patch (colour-scrambled)",
         features=lambda model, x: _token_map(model(pixel_values=x).last_hidden_state[:, 1:]),  # [B, 64, g, g]
         head=lambda: nn.Conv2d(STUDENT_VISION["hidden_size"], 1 + len(world.SHAPES), kernel_size=1),
-        targets=lambda scenes: segmentation_targets(
-            scenes, STUDENT_VISION["image_size"] // STUDENT_VISION["patch_size"]
-        ),
+        targets=lambda scenes: segmentation_targets(scenes, student_grid(STUDENT_VISION)[0]),
         loss=_soft_cross_entropy,
         augment=scramble_colours,
     ),

@@ -1,9 +1,9 @@
 """The demo's VLM: assembled from the pretrained `clip` teacher and a small pretrained LLM, then trained in the
 paper's two stages through the real `MoVEKDTrainer`, once per arm.
 
-Each stage is a command line for `accelerate launch -m movekd_hf.train`, built into a trainer by the same
-`movekd_hf.training.train.build_trainer`; the demo only hands it its own pretrained teachers
-(`teachers.DEMO_TEACHERS`), which a YAML teacher set cannot name, and the stage-1 adapters for stage 2. The `clip`
+Each stage builds its trainer from objects, as a Python user would: the VLM and processor loaded from the previous
+folder, `MoVEKDTrainingArguments` (sizes from configs/train/tiny_stage{1,2}.yaml), the demo's own pretrained
+teachers (`teachers.DEMO_TEACHERS`, as specs), and for stage 2 the stage-1 adapters (`adapters_from`). The `clip`
 teacher is, as always, the frozen copy of the student's initial tower.
 """
 
@@ -14,12 +14,12 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from transformers import PrinterCallback, ProgressCallback
+from transformers import ProgressCallback
 
-from ..distill.losses import KDLossConfig
 from ..distill.teachers import TeacherSpec
-from ..training.arguments import parse_args
-from ..training.train import build_trainer
+from ..training.arguments import MoVEKDTrainingArguments
+from ..training.data_args import MoVEKDDataArguments, build_train_data
+from ..training.trainer import MoVEKDTrainer
 
 
 @dataclass(frozen=True)
@@ -54,58 +54,44 @@ class StageSettings:
     seed: int = 0
 
 
-def stage_argv(settings: StageSettings, model_path: str, kd_preset: str, output_dir: str) -> list[str]:
-    """The command line `accelerate launch -m movekd_hf.train` would get for this stage (as a list)."""
-    values = {
-        "model_name_or_path": model_path,
-        "teacher_set": "tiny",  # replaced by the demo teachers in `build_demo_trainer`
-        "kd_preset": kd_preset,
-        "stage": settings.stage,
-        "data_path": settings.data_path,
-        "image_folder": settings.image_folder,
-        "template": settings.template,
-        "image_aspect": "pad",
-        "max_length": 512,
-        "output_dir": output_dir,
-        "max_steps": settings.max_steps,
-        "per_device_train_batch_size": settings.batch_size,
-        "gradient_accumulation_steps": 1,
-        "learning_rate": settings.learning_rate,
-        "lr_scheduler_type": "cosine",
-        "warmup_steps": 0.03,
-        "weight_decay": 0.0,
-        "lambda_kd": 0.5,
-        "lambda_bal": 0.01,
-        "logging_steps": max(1, settings.max_steps // 40),
-        "save_strategy": "no",
-        "seed": settings.seed,
-        "data_seed": settings.seed,
-        "dataloader_num_workers": 0,
-        "report_to": "none",
-        "disable_tqdm": False,
-        "use_cpu": True,
-        "full_determinism": False,  # set by the demo itself (torch.use_deterministic_algorithms)
-    }
-    argv = []
-    for key, value in values.items():
-        argv += [f"--{key}", str(value)]
-    return argv
-
-
-def build_demo_trainer(argv: list[str], specs: Mapping[str, TeacherSpec], previous: str | None = None):
-    """`build_trainer` of movekd_hf.training.train with the demo's pretrained teachers; `previous` (the stage-1
-    folder) hands its trained adapters to stage 2, so the distiller carries on instead of starting again."""
-    others = [spec for slug, spec in specs.items() if slug != "clip"]  # clip: the student's own tower, as there
-    kd = parse_args(argv)[0].kd_preset != "none"
-    trainer = build_trainer(argv, teacher_specs=others, adapters_from=previous if kd and previous else None)
-    trainer.train_config.update(
-        teacher_set="demo" if kd else None, kd_loss=_kd_dict(trainer.train_config["kd_preset"])
+def stage_arguments(
+    settings: StageSettings, kd_preset: str, output_dir: str, adapters_from: str | None = None
+) -> MoVEKDTrainingArguments:
+    """The training arguments of one stage of one arm (arms differ only in `kd_preset`)."""
+    return MoVEKDTrainingArguments(
+        output_dir=output_dir,
+        stage=settings.stage,
+        kd_preset=kd_preset,
+        lambda_kd=0.5,
+        lambda_bal=0.01,
+        adapters_from=adapters_from,
+        max_steps=settings.max_steps,
+        per_device_train_batch_size=settings.batch_size,
+        gradient_accumulation_steps=1,
+        learning_rate=settings.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=0.03,
+        weight_decay=0.0,
+        logging_steps=max(1, settings.max_steps // 40),
+        save_strategy="no",
+        seed=settings.seed,
+        data_seed=settings.seed,
+        dataloader_num_workers=0,
+        report_to="none",
+        disable_tqdm=False,
+        use_cpu=True,
+        full_determinism=False,  # set by the demo itself (torch.use_deterministic_algorithms)
     )
-    return trainer
 
 
-def _kd_dict(preset: str) -> dict | None:
-    return None if preset == "none" else KDLossConfig.from_preset(preset).to_dict()
+def stage_data(settings: StageSettings) -> MoVEKDDataArguments:
+    return MoVEKDDataArguments(
+        data_path=settings.data_path,
+        image_folder=settings.image_folder,
+        template=settings.template,
+        image_aspect="pad",
+        max_length=512,
+    )
 
 
 class _BarOnly(ProgressCallback):
@@ -115,13 +101,49 @@ class _BarOnly(ProgressCallback):
         return None
 
 
-def run_stage(argv: list[str], specs: Mapping[str, TeacherSpec], previous: str | None = None) -> dict:
+def build_stage_trainer(
+    settings: StageSettings,
+    model_path: str,
+    kd_preset: str,
+    output_dir: str,
+    specs: Mapping[str, TeacherSpec],
+    previous: str | None = None,
+) -> MoVEKDTrainer:
+    """One stage's trainer, from objects. `previous` (the stage-1 folder) hands its trained adapters to stage 2, so
+    the distiller carries on instead of starting again."""
+    from ..modeling import MoVEKDForConditionalGeneration, MoVEKDProcessor
+
+    kd = kd_preset != "none"
+    vlm = MoVEKDForConditionalGeneration.from_pretrained(model_path)
+    processor = MoVEKDProcessor.from_pretrained(model_path)
+    data = build_train_data(stage_data(settings), processor)
+    trainer = MoVEKDTrainer(
+        model=vlm,
+        args=stage_arguments(settings, kd_preset, output_dir, previous if kd else None),
+        # clip is the student's own tower, as always; the others are the demo's pretrained teachers.
+        teachers=[spec for slug, spec in specs.items() if slug != "clip"] if kd else None,
+        train_dataset=data.dataset,  # the trainer's collator also gives the teachers their view
+        processing_class=processor,
+        train_config={"teacher_set": "demo" if kd else None, "base_model": model_path, "template": settings.template},
+    )
+    # The Trainer adds its progress bar itself (no constructor argument replaces it); swap it, through the
+    # documented callback API, for the same bar without the printed log dicts.
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(_BarOnly())
+    return trainer
+
+
+def run_stage(
+    settings: StageSettings,
+    model_path: str,
+    kd_preset: str,
+    output_dir: str,
+    specs: Mapping[str, TeacherSpec],
+    previous: str | None = None,
+) -> dict:
     """Train one stage and save its folder. Returns {"history": the trainer's log history (also saved as
     log_history.json), "training_args": TrainingArguments as a dict, "train_config": the run's settings}."""
-    trainer = build_demo_trainer(argv, specs, previous)
-    for callback in (ProgressCallback, PrinterCallback):
-        trainer.remove_callback(callback)
-    trainer.add_callback(_BarOnly())
+    trainer = build_stage_trainer(settings, model_path, kd_preset, output_dir, specs, previous)
     trainer.train()
     trainer.save_model()
     history = trainer.state.log_history

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import random
 
-from ..modeling.processing_movekd import VICUNA_SYSTEM
-from ..presets import IMAGE_TOKEN, SPECIAL_TOKENS
+from ..modeling.llava_conventions import IMAGE_TOKEN, VICUNA_SYSTEM
+from ..models import SPECIAL_TOKENS
 from . import world
 
 ROLE_WORDS = "USER: ASSISTANT:"

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..modeling.llava_conventions import IMAGE_TOKEN
+
 IMAGE_SIZE = 64
 GRID = 3  # objects sit in the cells of a GRID x GRID layout
 COLOURS = {
@@ -212,7 +214,7 @@ def popular_pairs(scenes: list[Scene]) -> list[tuple[str, str]]:
 def _turns(pairs: list[tuple[str, str]]) -> list[dict[str, str]]:
     turns: list[dict[str, str]] = []
     for position, (question, answer) in enumerate(pairs):
-        prefix = "<image>\n" if position == 0 else ""
+        prefix = f"{IMAGE_TOKEN}\n" if position == 0 else ""
         suffix = "" if question == DESCRIBE else f" {SHORT_ANSWER}"
         turns += [{"from": "human", "value": f"{prefix}{question}{suffix}"}, {"from": "gpt", "value": answer}]
     return turns
@@ -278,7 +280,7 @@ def build_world(out_dir: str, num_train: int, num_test: int, seed: int = 0) -> D
     pretrain, finetune = [], []
     for index, scene in enumerate(train.scenes):
         image = f"train-{index:05d}.png"
-        turns = [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": caption(scene)}]
+        turns = [{"from": "human", "value": IMAGE_TOKEN}, {"from": "gpt", "value": caption(scene)}]
         pretrain.append({"id": f"cap-{index}", "image": image, "conversations": turns})
         finetune.append({"id": f"qa-{index}", "image": image, "conversations": training_conversation(scene, rng)})
     paths = DemoData(

@@ -3,7 +3,15 @@
 from .adapters import ResampleAdapter, StudentPredictionHead, TokenMixAdapter, build_adapter
 from .distiller import FeatureStandardizer, MoVEKDDistiller, TeacherShape
 from .losses import KD_LOSS_PRESETS, KDLossConfig, mole_balance_loss
-from .presets import PAPER_TEACHERS, TEACHER_SETS, teacher_specs
+from .presets import (
+    PAPER_TEACHERS,
+    TEACHER_SETS,
+    clip_teacher,
+    convnext_teacher,
+    eva_teacher,
+    sam_teacher,
+    teacher_specs,
+)
 from .teachers import Teacher, TeacherOutput, TeacherSpec, build_teacher
 
 __all__ = [
@@ -22,6 +30,10 @@ __all__ = [
     "TokenMixAdapter",
     "build_adapter",
     "build_teacher",
+    "clip_teacher",
+    "convnext_teacher",
+    "eva_teacher",
     "mole_balance_loss",
+    "sam_teacher",
     "teacher_specs",
 ]

@@ -8,28 +8,11 @@ width; the student-to-teacher head (as RADIO and Theia use) maps student tokens 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..modeling.mole import upcast
+from ..modeling.llava_conventions import resample_tokens
 
 ADAPTER_KINDS = ("token_mix", "resample", "student_head")
-
-
-def resample_tokens(tokens: torch.Tensor, grid: tuple[int, int], target_grid: tuple[int, int]) -> torch.Tensor:
-    """Bilinearly resample tokens on a grid to another grid (antialiased, so shrinking averages neighbours).
-
-    tokens [B, h*w, C] -> [B, th*tw, C], in `tokens`' dtype. Interpolated in at least float32: the CPU has no
-    half-precision antialiased kernel.
-    """
-    h, w = grid
-    if tokens.shape[1] != h * w:
-        raise ValueError(f"tokens have {tokens.shape[1]} positions but grid {grid} has {h * w}")
-    if tuple(grid) == tuple(target_grid):
-        return tokens
-    fmap = upcast(tokens).transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], h, w)  # [B, C, h, w]
-    fmap = F.interpolate(fmap, size=tuple(target_grid), mode="bilinear", align_corners=False, antialias=True)
-    return fmap.flatten(2).transpose(1, 2).to(tokens.dtype)
 
 
 class TokenMixAdapter(nn.Module):

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from ..modeling.llava_conventions import CLIP_MEAN_COLOUR
 from .teachers import BACKENDS, TeacherOutput, TeacherSpec
 
 CACHE_FORMAT_VERSION = 1
@@ -62,7 +63,7 @@ class CacheSettings:
     grid: str = "student"
     teacher_image_size: int = 1024
     image_aspect: str = "pad"
-    background: tuple[int, int, int] = (122, 116, 104)  # CLIP mean as bytes, LLaVA's expand2square colour
+    background: tuple[int, int, int] = CLIP_MEAN_COLOUR  # LLaVA's expand2square colour
     compress: Mapping[str, int] = field(default_factory=dict)
     compression_seed: int = 0
     revisions: Mapping[str, str] = field(default_factory=dict)

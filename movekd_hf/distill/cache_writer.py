@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
+from ..modeling.llava_conventions import ImageLoadError, load_image, resample_tokens, teacher_images
 from ..modeling.mole import upcast
-from .adapters import resample_tokens
 from .cache import (
     META_FILE,
     PROJECTION_FILE,
@@ -175,18 +175,15 @@ def dataset_items(records: Iterable[Mapping]) -> list[CacheItem]:
 
 
 def teacher_view(items: Sequence[CacheItem], settings: CacheSettings) -> torch.Tensor:
-    """The collator's `teacher_images` for these images: square view (pad or centre crop), [N, 3, S, S] in [0, 1]."""
-    from movekd_hf.training.collator import centre_crop_square, expand_to_square, images_to_unit_tensor
-    from movekd_hf.training.data import open_image
-
-    squares = []
+    """The collator's `teacher_images` for these images (`llava_conventions.teacher_images` with the cache's
+    view settings): [N, 3, S, S] in [0, 1]."""
+    images = []
     for item in items:
-        image = open_image(item.image, item.name)
-        if settings.image_aspect == "pad":
-            squares.append(expand_to_square(image, tuple(settings.background)))
-        else:
-            squares.append(centre_crop_square(image))
-    return images_to_unit_tensor(squares, settings.teacher_image_size)
+        try:
+            images.append(load_image(item.image))
+        except ImageLoadError as error:
+            raise ValueError(f"cannot cache the teachers' features of sample {item.name}: {error}") from error
+    return teacher_images(images, settings.image_aspect, settings.background, settings.teacher_image_size)
 
 
 def cache_teacher_features(

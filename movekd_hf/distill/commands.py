@@ -32,7 +32,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--data-path", help="LLaVA .json/.jsonl, a save_to_disk folder or a local dataset folder")
     parser.add_argument("--image-folder", default=None)
     parser.add_argument("--cache-dir", help="root folder; each teacher gets <slug>-<hash12>/ inside it")
-    parser.add_argument("--teacher-set", default="v1.1", help="v1.0 or v1.1 (the paper's teachers); tiny with --model")
+    parser.add_argument(
+        "--teacher-set", default="v1.1", help="v1.0 or v1.1 (the paper's), or tiny (random, CPU-sized)"
+    )
     parser.add_argument(
         "--model",
         default=None,
@@ -84,14 +86,11 @@ def _specs(args: argparse.Namespace) -> list:
 
 
 def _settings(args: argparse.Namespace, specs: list):
+    from ..modeling.llava_conventions import CLIP_MEAN_COLOUR
     from .cache import CacheSettings
-    from .teachers import CLIP_MEAN
 
-    background = (
-        tuple(int(c) for c in args.background.split(","))
-        if args.background
-        else tuple(int(c * 255) for c in CLIP_MEAN)  # as the collator's mean_colour for a CLIP processor
-    )
+    # The default is what the collator pads with for a CLIP processor.
+    background = tuple(int(c) for c in args.background.split(",")) if args.background else CLIP_MEAN_COLOUR
     return CacheSettings(
         student_grid=args.student_grid,
         grid=args.grid,

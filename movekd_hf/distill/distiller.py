@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..modeling.llava_conventions import resample_tokens
 from ..modeling.mole import upcast
-from .adapters import build_adapter, resample_tokens
+from .adapters import build_adapter
 from .losses import (
     KDLossConfig,
     apply_teacher_dropout,

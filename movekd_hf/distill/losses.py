@@ -12,8 +12,9 @@ from dataclasses import asdict, dataclass, replace
 import torch
 import torch.nn.functional as F
 
+from ..modeling.llava_conventions import resample_tokens
 from ..modeling.mole import upcast
-from .adapters import ADAPTER_KINDS, resample_tokens
+from .adapters import ADAPTER_KINDS
 
 # ------------------------------------------------------------------------------------------------- options
 

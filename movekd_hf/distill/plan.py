@@ -9,6 +9,7 @@ from dataclasses import replace
 
 import torch
 
+from ..modeling.llava_conventions import student_grid
 from .adapters import build_adapter
 from .presets import teacher_specs
 from .teachers import TeacherSpec, build_teacher
@@ -65,5 +66,5 @@ def teacher_plan_rows(
 def student_token_shape(vision_config) -> tuple[int, int]:
     """(number of patch tokens, width) of a CLIP/SigLIP-style student vision config, e.g. (576, 1024) for
     CLIP ViT-L/14-336: what `teacher_plan_rows` needs as num_student_tokens and student_dim."""
-    side = vision_config.image_size // vision_config.patch_size
-    return side * side, vision_config.hidden_size
+    height, width = student_grid(vision_config)
+    return height * width, vision_config.hidden_size

@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..modeling.llava_conventions import CLIP_MEAN, CLIP_STD
 from ..modeling.mole import upcast
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# SAM's (and torchvision's) normalisation; CLIP's comes with LLaVA's conventions.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

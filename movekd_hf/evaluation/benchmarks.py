@@ -4,6 +4,7 @@ score, with one scorer per benchmark. Keys tie the two together and are unique w
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,12 +19,26 @@ HEADLINE_METRIC: dict[str, str] = {"vqav2": "accuracy", "gqa": "accuracy", "text
                                    "mme": "perception", "mmbench": "accuracy"}  # fmt: skip
 PAPER_COLUMNS: dict[str, str] = {"vqav2": "VQAv2", "gqa": "GQA", "textvqa": "TextVQA", "vizwiz": "VizWiz",
                                  "pope": "POPE", "scienceqa": "SQA", "mme": "MME", "mmbench": "MMB"}  # fmt: skip
-ALIASES = {"sqa": "scienceqa", "scienceqa-img": "scienceqa", "sqa-img": "scienceqa", "mmb": "mmbench"}
+# Other spellings of the benchmarks, keyed by the name in lowercase letters and digits only (see `benchmark_key`).
+ALIASES = {
+    "sqa": "scienceqa",
+    "sqaimg": "scienceqa",
+    "scienceqaimg": "scienceqa",
+    "mmb": "mmbench",
+    "mmbenchen": "mmbench",
+}
+
+
+def benchmark_key(name: str) -> str:
+    """A benchmark name as a key of `BENCHMARKS` ("VQA-v2" -> "vqav2", "SQA-IMG" -> "scienceqa"): lowercase,
+    letters and digits only, aliases resolved. Names of other benchmarks come back normalised, unchecked."""
+    key = re.sub(r"[^a-z0-9]", "", name.lower())
+    return ALIASES.get(key, key)
 
 
 def canonical_name(name: str) -> str:
     """Benchmark name in its canonical spelling, or a ValueError listing the known ones."""
-    key = ALIASES.get(name.lower(), name.lower())
+    key = benchmark_key(name)
     if key not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {name!r}; expected one of {', '.join(BENCHMARKS)}")
     return key

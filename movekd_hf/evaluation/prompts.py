@@ -1,17 +1,15 @@
-"""The prompts LLaVA-1.5 used per benchmark, and the `v1` (Vicuna) conversation format it generates with."""
+"""The prompts LLaVA-1.5 used per benchmark, put into the `v1` (Vicuna) conversation it generates with (the
+conversation itself is one of LLaVA's conventions, `modeling/llava_conventions.py`)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from ..modeling.llava_conventions import IMAGE_TOKEN, vicuna_v1_prompt
+
 SHORT_ANSWER = "Answer the question using a single word or phrase."
 UNANSWERABLE = "When the provided information is insufficient, respond with 'Unanswerable'."
 MULTIPLE_CHOICE = "Answer with the option's letter from the given choices directly."
-V1_SYSTEM = (
-    "A chat between a curious human and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the human's questions."
-)
-IMAGE_TOKEN = "<image>"
 
 
 def with_instruction(question: str, *instructions: str) -> str:
@@ -40,8 +38,8 @@ def multiple_choice_prompt(question: str, options: Sequence[str], hint: str | No
 
 
 def v1_conversation(prompt: str, image_token: str = IMAGE_TOKEN) -> str:
-    """LLaVA-1.5's `v1` generation prompt: system, `USER: <image>\\n{prompt} ASSISTANT:`."""
-    return f"{V1_SYSTEM} USER: {image_token}\n{prompt} ASSISTANT:"
+    """LLaVA-1.5's `v1` generation prompt: system, `USER: <image>\\n{prompt} ASSISTANT:` (`prompt` as given)."""
+    return vicuna_v1_prompt(f"{image_token}\n{prompt}")
 
 
 def chat_template_messages(prompt: str) -> list[Mapping]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import csv
-import io
 import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -131,9 +130,9 @@ def read_mme(annotations: Path, image_dir: Path | None) -> list[dict]:
 
 
 def _decode_image(value: str) -> Any:
-    from PIL import Image
+    from ..modeling.llava_conventions import load_image
 
-    return Image.open(io.BytesIO(base64.b64decode(value))).convert("RGB")
+    return load_image(base64.b64decode(value))
 
 
 def read_mmbench(annotations: Path, image_dir: Path | None = None) -> list[dict]:
@@ -187,6 +186,8 @@ def read_records(
 def apply_question_file(records: Iterable[dict], questions: Path, image_dir: Path | None) -> list[dict]:
     """Use a LLaVA question file's prompts (and images) verbatim, matching lines by question id (and category),
     and put the records in the file's order, the order LLaVA's answers files follow."""
+    from ..modeling.llava_conventions import IMAGE_TOKEN
+
     lines = [json.loads(line) for line in questions.read_text().splitlines() if line.strip()]
     # POPE's ids repeat across its splits: match on the category too when both sides have one.
     pending: dict[tuple, list[dict]] = {}
@@ -201,7 +202,7 @@ def apply_question_file(records: Iterable[dict], questions: Path, image_dir: Pat
         if matches:
             line = matches.pop(0)
             rank = position[id(line)]
-            record["prompt"] = line["text"].replace("<image>\n", "").strip()
+            record["prompt"] = line["text"].replace(f"{IMAGE_TOKEN}\n", "").strip()
             if line.get("image"):
                 record["image"] = _image_path(image_dir, line["image"])
         placed.append((rank, record))

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..modeling.llava_conventions import IMAGE_TOKEN, expand_to_square, load_image, mean_colour
 from .benchmarks import EvalSample
 from .prompts import chat_template_messages, v1_conversation
 
@@ -50,16 +51,9 @@ def done_keys(answers_file: Path) -> set[str]:
 
 
 def _load_image(image: Any, processor: Any, pad: bool) -> Any:
-    from PIL import Image
-
-    if isinstance(image, (str, Path)):
-        if not Path(image).is_file():
-            raise ValueError(f"image file {image} does not exist")
-        image = Image.open(image)
-    image = image.convert("RGB")
-    if pad:  # exactly as the training collator pads (LLaVA's expand2square with the mean colour)
-        from ..training.collator import expand_to_square, mean_colour
-
+    """A sample's image (path or PIL image) in RGB, padded to a square as training pads it when `pad`."""
+    image = load_image(image)
+    if pad:  # LLaVA's expand2square with the processor's mean colour, as the training collator pads
         image = expand_to_square(image, mean_colour(processor.image_processor))
     return image
 
@@ -67,7 +61,7 @@ def _load_image(image: Any, processor: Any, pad: bool) -> Any:
 def build_prompt(sample: EvalSample, processor: Any, prompt_format: str) -> str:
     """The text fed to the processor: LLaVA-1.5's `v1` conversation, or the processor's chat template."""
     if prompt_format == "v1":
-        return v1_conversation(sample.prompt, getattr(processor, "image_token", "<image>"))
+        return v1_conversation(sample.prompt, getattr(processor, "image_token", IMAGE_TOKEN))
     if prompt_format == "chat_template":
         return processor.apply_chat_template(chat_template_messages(sample.prompt), add_generation_prompt=True)
     raise ValueError(f"prompt_format must be 'v1' or 'chat_template', got {prompt_format!r}")

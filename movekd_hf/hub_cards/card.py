@@ -7,7 +7,6 @@ source, notes}` entries per benchmark dataset, built with `huggingface_hub.EvalR
 
 from __future__ import annotations
 
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 import yaml
 from huggingface_hub import EvalResult, EvalResultEntry, ModelCard, ModelCardData, eval_result_entries_to_yaml
 
+from ..evaluation.benchmarks import benchmark_key
 from .card_template import CARD_TEMPLATE
 from .run_dir import RunDir, read_run_dir
 
@@ -73,13 +73,6 @@ KNOWN_BENCHMARKS: dict[str, BenchmarkInfo] = {
     "mme": BenchmarkInfo("MME", "lmms-lab/MME"),
     "mmbench": BenchmarkInfo("MMBench", "lmms-lab/MMBench"),
 }
-_BENCHMARK_ALIASES = {
-    "sqa": "scienceqa",
-    "sqaimg": "scienceqa",
-    "scienceqaimg": "scienceqa",
-    "mmb": "mmbench",
-    "mmbenchen": "mmbench",
-}
 
 # Recipe fields worth showing from a `TrainingArguments.to_dict()` dump (it has ~100 entries).
 TRAINING_ARG_FIELDS = (
@@ -89,12 +82,6 @@ TRAINING_ARG_FIELDS = (
 )  # fmt: skip
 # train_config.json keys with their own place in the card, so not repeated as hyper-parameters.
 _TRAIN_CONFIG_SPECIAL = {"teachers", "teacher_set", "base_model", "vision_tower", "license", "datasets"}
-
-
-def benchmark_key(name: str) -> str:
-    """Normalise a benchmark name (`"VQA-v2"`, `"vqav2"`) to the registry key."""
-    key = re.sub(r"[^a-z0-9]", "", name.lower())
-    return _BENCHMARK_ALIASES.get(key, key)
 
 
 def resolve_teachers(train_config: dict[str, Any] | None) -> list[TeacherInfo]:

@@ -119,7 +119,7 @@ def add_special_token_rows(model_sd: dict[str, torch.Tensor], new_vocab: int) ->
 
 def _plan_tokens(src: Path, vocab_size: int):
     """(tokenizer or None, image token id, pad token id, new vocab size)."""
-    from movekd_hf.presets import IMAGE_TOKEN
+    from movekd_hf.modeling.llava_conventions import IMAGE_TOKEN
 
     if not (src / "tokenizer_config.json").is_file():
         return None, vocab_size, vocab_size + 1, math.ceil((vocab_size + 2) / 64) * 64
@@ -139,6 +139,7 @@ def build_converted_config(authors_config: dict, model_sd: dict, image_id: int, 
     from transformers import CLIPVisionConfig, LlamaConfig
 
     from movekd_hf import MoVEKDConfig
+    from movekd_hf.modeling.llava_conventions import student_grid
 
     if authors_config.get("mm_projector_type", "mlp2x_gelu") != "mlp2x_gelu":
         raise ValueError(f"mm_projector_type {authors_config['mm_projector_type']!r}: only 'mlp2x_gelu' converts.")
@@ -151,7 +152,7 @@ def build_converted_config(authors_config: dict, model_sd: dict, image_id: int, 
         vision_config=CLIPVisionConfig(**vision),
         text_config=text,
         image_token_index=image_id,
-        image_seq_length=(vision["image_size"] // vision["patch_size"]) ** 2,
+        image_seq_length=math.prod(student_grid(vision)),
         projector_hidden_act="gelu",
         vision_feature_layer=authors_config.get("mm_vision_select_layer", -2),
         vision_feature_select_strategy=strategy,
@@ -203,7 +204,7 @@ def convert_authors_checkpoint(src: str | Path, dst: str | Path, vision_config: 
     dst.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(dst)
     if tokenizer is not None:
-        from movekd_hf.presets import build_processor
+        from movekd_hf.models import build_processor
 
         build_processor(config, tokenizer).save_pretrained(dst)
     if adapters:

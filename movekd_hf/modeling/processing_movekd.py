@@ -1,7 +1,8 @@
 """Processor for MoVE-KD checkpoints: LLaVA's processor with the Vicuna `v1` conversation as chat template.
 
 `<image>` in the text expands to one image token per student patch (LlavaProcessor does the counting).
-Shipped as remote code: imports only transformers.
+The conversation and the `<image>` token are LLaVA's conventions (llava_conventions.py). Shipped as remote code:
+imports only transformers and its sibling files.
 """
 
 import json
@@ -9,27 +10,7 @@ import os
 
 from transformers import LlavaProcessor
 
-VICUNA_SYSTEM = (
-    "A chat between a curious human and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the human's questions."
-)
-
-# LLaVA-1.5 `v1`: "{system} USER: <image>\n{q} ASSISTANT: {a}</s>USER: ..." and "ASSISTANT:" to generate.
-# Images come first in a user turn, as LLaVA-1.5 placed them.
-VICUNA_V1_CHAT_TEMPLATE = (
-    "{{- '" + VICUNA_SYSTEM.replace("'", "\\'") + " ' -}}"
-    "{%- for message in messages -%}"
-    "{%- set role = 'USER' if message['role'] == 'user' else 'ASSISTANT' -%}"
-    "{{- role + ': ' -}}"
-    "{%- if message['content'] is string -%}{{- message['content'] -}}"
-    "{%- else -%}"
-    "{%- for item in message['content'] if item['type'] == 'image' -%}{{- '<image>\n' -}}{%- endfor -%}"
-    "{%- for item in message['content'] if item['type'] == 'text' -%}{{- item['text'] -}}{%- endfor -%}"
-    "{%- endif -%}"
-    "{{- ' ' if message['role'] == 'user' else '</s>' -}}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
-)
+from .llava_conventions import IMAGE_TOKEN, VICUNA_V1_CHAT_TEMPLATE
 
 
 class MoVEKDProcessor(LlavaProcessor):
@@ -43,7 +24,7 @@ class MoVEKDProcessor(LlavaProcessor):
         patch_size=None,
         vision_feature_select_strategy=None,
         chat_template=None,
-        image_token="<image>",
+        image_token=IMAGE_TOKEN,
         num_additional_image_tokens=0,
         **kwargs,
     ):

@@ -1,6 +1,7 @@
-"""What a MoVE-KD run is: the model and teachers (`MoVEKDModelArguments`), the optimisation and loss weights
-(`MoVEKDTrainingArguments`), and the data (`MoVEKDDataArguments`, data_args.py). `parse_args` reads a YAML file
-whose values become the defaults of one `HfArgumentParser`, so any `--key value` after it overrides the file.
+"""What a MoVE-KD run is: the stage, the loss and the optimisation (`MoVEKDTrainingArguments`, what
+`MoVEKDTrainer` reads), and for the command line also which model and teachers to load (`MoVEKDModelArguments`)
+and the data (`MoVEKDDataArguments`, data_args.py). `parse_args` reads a YAML file whose values become the
+defaults of one `HfArgumentParser`, so any `--key value` after it overrides the file.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ TEACHER_SOURCES = ("online", "cached")
 
 @dataclass
 class MoVEKDModelArguments:
-    """Which student, which teachers, which stage. Paper values: `teacher_set` v1.0/v1.1, `kd_preset` faithful."""
+    """Which student and which teachers to load, and whether the LLM trains through LoRA: what the command line
+    turns into the objects `MoVEKDTrainer` takes. Paper values: `teacher_set` v1.0/v1.1."""
 
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "A MoVE-KD checkpoint folder or Hub id (e.g. `movekd-hf init` output)."}
@@ -44,10 +46,6 @@ class MoVEKDModelArguments:
         default="native",
         metadata={"help": "Grid the cache stores (`native` suits every adapter; `student` only `resample`)."},
     )
-    kd_preset: str = field(
-        default="default", metadata={"help": f"One of {KD_PRESETS}; `none` trains the LLaVA baseline (no KD)."}
-    )
-    stage: str = field(default="stage1", metadata={"help": f"One of {tuple(STAGES)} (METHOD.md section 5)."})
     lora_llm: bool = field(default=False, metadata={"help": "Stage 2 low-memory: peft LoRA on the LLM's linears."})
     lora_llm_rank: int = field(default=128, metadata={"help": "LLaVA-1.5's LoRA recipe: r=128, alpha=256."})
     lora_llm_alpha: int = field(default=256)
@@ -59,15 +57,11 @@ class MoVEKDModelArguments:
             raise ValueError("give exactly one of `model_name_or_path` (a checkpoint) or `preset` (e.g. `tiny`)")
         for name, value, choices in (
             ("teacher_set", self.teacher_set, TEACHER_SETS),
-            ("kd_preset", self.kd_preset, KD_PRESETS),
-            ("stage", self.stage, tuple(STAGES)),
             ("teacher_source", self.teacher_source, TEACHER_SOURCES),
             ("teacher_cache_grid", self.teacher_cache_grid, ("native", "student")),
         ):
             if value not in choices:
                 raise ValueError(f"`{name}` must be one of {choices}, got {value!r}")
-        if (self.lora_llm or self.qlora) and self.stage != "stage2":
-            raise ValueError(f"`lora_llm`/`qlora` apply to stage2 (the LLM trains there), not {self.stage!r}")
         if self.qlora and not self.lora_llm:
             raise ValueError("`qlora` trains LoRA on a 4-bit LLM: set `lora_llm: true` too")
 
@@ -84,21 +78,31 @@ class MoVEKDModelArguments:
 
 @dataclass
 class MoVEKDTrainingArguments(TrainingArguments):
-    """`TrainingArguments` plus the loss weights of METHOD.md section 4 (L = L_lm + lambda_kd L_kd + lambda_bal L_bal).
+    """`TrainingArguments` plus what a MoVE-KD run adds (METHOD.md sections 4 and 5): the stage (what trains), the
+    distillation loss (`kd_preset`) and the weights of L = L_lm + lambda_kd L_kd + lambda_bal L_bal. Paper values:
+    `kd_preset` faithful, lambda_kd 0.5, lambda_bal 0.01.
 
     Image collators need `remove_unused_columns=False`: the default here.
     """
 
+    stage: str = field(default="stage1", metadata={"help": f"One of {tuple(STAGES)} (METHOD.md section 5)."})
+    kd_preset: str = field(
+        default="default", metadata={"help": f"One of {KD_PRESETS}; `none` trains the LLaVA baseline (no KD)."}
+    )
     lambda_kd: float = field(default=0.5, metadata={"help": "Weight of the distillation loss (paper 0.5)."})
     lambda_bal: float = field(default=0.01, metadata={"help": "Weight of the MoLE balance loss (paper 0.01)."})
-    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep image columns for the collator."})
-    run_report: str | None = field(
+    adapters_from: str | None = field(
         default=None,
-        metadata={"help": "Folder where every rank writes rank<N>.json (world size, ZeRO stage, losses)."},
-    )
+        metadata={"help": "A checkpoint whose distill_adapters.safetensors the teacher adapters start from (stage 2 "
+                  "carrying on from stage 1)."},
+    )  # fmt: skip
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep image columns for the collator."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        for name, value, choices in (("stage", self.stage, tuple(STAGES)), ("kd_preset", self.kd_preset, KD_PRESETS)):
+            if value not in choices:
+                raise ValueError(f"`{name}` must be one of {choices}, got {value!r}")
         if self.lambda_kd < 0 or self.lambda_bal < 0:
             raise ValueError(f"lambda_kd and lambda_bal must be >= 0, got {self.lambda_kd} and {self.lambda_bal}")
 
@@ -137,4 +141,7 @@ def parse_args(argv: list[str]) -> tuple[MoVEKDModelArguments, MoVEKDDataArgumen
         # accelerate makes a CPU process group (gloo, DistributedType.MULTI_CPU) only when asked for the CPU;
         # otherwise each of the launched processes silently trains alone (DistributedType.NO).
         parser.set_defaults(use_cpu=True)
-    return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    model_args, data_args, args = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    if model_args.lora_llm and args.stage != "stage2":
+        raise ValueError(f"`lora_llm`/`qlora` apply to stage2 (the LLM trains there), not {args.stage!r}")
+    return model_args, data_args, args

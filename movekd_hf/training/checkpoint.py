@@ -31,7 +31,7 @@ TRAIN_CONFIG_FILE = "train_config.json"
 # Training state: kept in checkpoints for resuming, never uploaded as part of the model.
 TRAINING_STATE_PATTERNS = (
     "optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state*.pth", "trainer_state.json", "training_args.bin",
-    DISTILLER_FILE, "global_step*", "zero_to_fp32.py", "latest", "_*", "checkpoint-*", "runs/*", "run_report/*",
+    DISTILLER_FILE, "global_step*", "zero_to_fp32.py", "latest", "_*", "checkpoint-*", "runs/*",
 )  # fmt: skip
 
 _PEFT_LORA_KEY = re.compile(r"\.lora_(A|B|embedding_A|embedding_B|magnitude_vector)\.")

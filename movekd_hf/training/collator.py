@@ -15,47 +15,16 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 
+from ..modeling.llava_conventions import IMAGE_ASPECTS, images_to_unit_tensor, mean_colour, square_view
 from .data import BadSampleError, BadSampleReport, check_on_bad_sample, open_image, sample_name
 from .templates import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 
-IMAGE_ASPECTS = ("pad", "resize")
 TeacherPreprocess = Callable[[list[Image.Image]], torch.Tensor]
-
-
-def expand_to_square(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
-    """LLaVA's `expand2square`: centre the image on a square canvas of the background colour."""
-    width, height = image.size
-    if width == height:
-        return image
-    side = max(width, height)
-    canvas = Image.new(image.mode, (side, side), background)
-    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
-    return canvas
-
-
-def centre_crop_square(image: Image.Image) -> Image.Image:
-    width, height = image.size
-    side = min(width, height)
-    left, top = (width - side) // 2, (height - side) // 2
-    return image.crop((left, top, left + side, top + side))
-
-
-def mean_colour(image_processor: Any) -> tuple[int, int, int]:
-    """The processor's normalisation mean as an RGB byte colour: padding that normalises to zero."""
-    mean = getattr(image_processor, "image_mean", None) or (0.5, 0.5, 0.5)
-    return tuple(int(channel * 255) for channel in mean)  # type: ignore[return-value]
-
-
-def images_to_unit_tensor(images: Sequence[Image.Image], size: int) -> torch.Tensor:
-    """Square RGB images -> float tensor [N, 3, size, size] in [0, 1] (bicubic resize, clamped)."""
-    arrays = [np.asarray(image.resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32) for image in images]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).div(255.0).clamp(0.0, 1.0)  # [N, 3, S, S]
 
 
 def pad_sequences(sequences: Sequence[Sequence[int]], value: int, side: str = "right") -> torch.Tensor:
@@ -129,11 +98,6 @@ class MoVEKDDataCollator:
             )
         return kept, images
 
-    def _square(self, image: Image.Image) -> Image.Image:
-        if self.image_aspect == "pad":
-            return expand_to_square(image, self.background)
-        return centre_crop_square(image)
-
     def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         kept, images = self._load_images(features)
         batch: dict[str, Any] = {
@@ -146,8 +110,9 @@ class MoVEKDDataCollator:
         }
         flat = [image for sample in images for image in sample]
         # Teachers always get a square view: the padded image (`pad`) or the student processor's centre crop
-        # (`resize`). The student gets the padded image (LLaVA's expand2square) or the raw one (`resize`).
-        squares = [self._square(image) for image in flat]
+        # (`resize`); `teacher_images` is llava_conventions.teacher_images, with the squares made once because the
+        # student gets the padded image too (LLaVA's expand2square), or the raw one (`resize`).
+        squares = [square_view(image, self.image_aspect, self.background) for image in flat]
         batch["pixel_values"] = self._student_pixels(squares if self.image_aspect == "pad" else flat)
         if self.teacher_image_size is not None:  # None when no image, like pixel_values (module docstring)
             batch["teacher_images"] = images_to_unit_tensor(squares, self.teacher_image_size) if flat else None

@@ -20,7 +20,9 @@ def add_parser(subparsers) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from .train import main
+    # The entry at the package's top (movekd_hf/train.py), as `accelerate launch -m movekd_hf.train` runs it: it
+    # adds the Hub model card, which training itself does not import.
+    from ..train import main
 
     return main(args.args)
 

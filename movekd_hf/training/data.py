@@ -25,12 +25,8 @@ from typing import Any
 import datasets
 from PIL import Image
 
-from .templates import (
-    IMAGE_PLACEHOLDER,
-    ConversationError,
-    render_conversation,
-    tokenize_segments,
-)
+from ..modeling.llava_conventions import IMAGE_TOKEN, ImageLoadError, load_image
+from .templates import ConversationError, render_conversation, tokenize_segments
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +141,7 @@ def _message_to_turn(message: Mapping[str, Any]) -> dict[str, str]:
         pieces = []
         for part in content or []:
             kind = part.get("type")
-            pieces.append(IMAGE_PLACEHOLDER if kind == "image" else part.get("text") or "")
+            pieces.append(IMAGE_TOKEN if kind == "image" else part.get("text") or "")
         text = "".join(pieces)
     return {"from": str(message.get("role", "")), "value": text}
 
@@ -226,24 +222,16 @@ def prepare_dataset(
 
 
 def open_image(reference: Mapping[str, Any], sample: str) -> Image.Image:
-    """Decode one image reference to RGB; a missing or undecodable file raises `BadSampleError`."""
-    path = reference.get("path")
-    if reference.get("bytes") is not None:
-        source: Any = io.BytesIO(reference["bytes"])
-        where = f"embedded image{f' {path}' if path else ''}"
-    else:
-        if path is None or not os.path.isfile(path):
-            raise BadSampleError("missing_image", sample, f"image file not found: {path}")
-        source, where = path, f"image file {path}"
+    """Decode one image reference `{"path", "bytes"}` to RGB (`load_image`); a missing or undecodable file raises
+    `BadSampleError` naming the sample."""
     try:
-        with Image.open(source) as image:
-            return image.convert("RGB")  # forces a full decode, so truncated files fail here, not mid-training
-    except (OSError, SyntaxError, ValueError) as error:
-        raise BadSampleError("corrupt_image", sample, f"cannot decode {where}: {error}") from error
+        return load_image(reference)
+    except ImageLoadError as error:
+        raise BadSampleError(f"{error.reason}_image", sample, str(error)) from error
 
 
 def count_placeholders(conversations: Iterable[Mapping[str, str]]) -> int:
-    return sum(turn["value"].count(IMAGE_PLACEHOLDER) for turn in conversations)
+    return sum(turn["value"].count(IMAGE_TOKEN) for turn in conversations)
 
 
 @dataclass(frozen=True)
@@ -273,7 +261,7 @@ def process_record(
     placeholders = count_placeholders(turns)
     if placeholders != len(images):
         raise BadSampleError(
-            "image_count_mismatch", name, f"{placeholders} '{IMAGE_PLACEHOLDER}' placeholders but {len(images)} images"
+            "image_count_mismatch", name, f"{placeholders} '{IMAGE_TOKEN}' placeholders but {len(images)} images"
         )
     try:
         segments = render_conversation(

@@ -8,7 +8,8 @@ from typing import Any
 
 import datasets
 
-from .collator import IMAGE_ASPECTS, MoVEKDDataCollator, TeacherPreprocess
+from ..modeling.llava_conventions import IMAGE_ASPECTS, IMAGE_TOKEN
+from .collator import MoVEKDDataCollator, TeacherPreprocess
 from .data import (
     ON_BAD_SAMPLE_CHOICES,
     BadSampleReport,
@@ -18,7 +19,7 @@ from .data import (
     tokenize_dataset,
 )
 from .sampler import ModalityLengthGroupedSampler
-from .templates import IMAGE_PLACEHOLDER, TEMPLATE_NAMES, tokenizer_adds_bos
+from .templates import TEMPLATE_NAMES, tokenizer_adds_bos
 
 
 @dataclass
@@ -85,9 +86,9 @@ def num_image_tokens(processor: Any) -> int:
 def image_token_id(processor: Any) -> int:
     token_id = getattr(processor, "image_token_id", None)
     if token_id is None:
-        token_id = processor.tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
+        token_id = processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     if token_id is None or token_id == processor.tokenizer.unk_token_id:
-        raise ValueError(f"the tokenizer has no {IMAGE_PLACEHOLDER!r} token; add it as a special token")
+        raise ValueError(f"the tokenizer has no {IMAGE_TOKEN!r} token; add it as a special token")
     return int(token_id)
 
 

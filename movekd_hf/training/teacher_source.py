@@ -18,52 +18,11 @@ from torch import nn
 
 from ..distill.distiller import TeacherShape
 from ..distill.plan import meta_teacher_shape
-from ..distill.presets import teacher_specs
-from ..distill.teachers import IMAGENET_MEAN, IMAGENET_STD, Teacher, TeacherOutput, TeacherSpec, build_teacher
+from ..distill.presets import clip_teacher, teacher_specs
+from ..distill.teachers import Teacher, TeacherOutput, TeacherSpec, build_teacher
+from ..modeling.llava_conventions import mean_colour, student_grid
 
 ANCHOR = "clip"
-
-# The `tiny` teacher set: real architectures at CPU-test sizes, every width distinct from the tiny student's
-# (32 wide, 16 tokens) so a shape mix-up fails. The clip teacher is always the student's own initial tower.
-TINY_SAM_CONFIG = dict(
-    model_type="sam_vision_model",
-    hidden_size=28,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    mlp_dim=44,
-    image_size=64,
-    patch_size=8,
-    output_channels=20,
-    window_size=4,
-    global_attn_indexes=[1],
-    num_pos_feats=12,
-    initializer_range=0.02,  # SAM's stock 1e-10 makes every output ~1e-22
-)
-TINY_TEACHER_SPECS = (
-    TeacherSpec(
-        slug="convnext",
-        backend="timm",
-        model_id="convnext_atto",
-        image_size=64,
-        output="feature_map",
-        pretrained=False,
-        config=dict(dims=(8, 12, 16, 40), depths=(1, 1, 1, 1)),
-    ),
-    TeacherSpec(
-        slug="sam",
-        backend="transformers",
-        model_id="tiny-sam",
-        model_class="SamVisionModel",
-        image_size=64,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        resize_mode="pad",
-        interpolation="bilinear",
-        output="feature_map",
-        pretrained=False,
-        config=TINY_SAM_CONFIG,
-    ),
-)
 
 
 class TeacherSource(Protocol):
@@ -140,18 +99,14 @@ def clip_teacher_from_student(vlm: nn.Module, image_mean=None, image_std=None) -
 
 def clip_teacher_spec(config, image_mean=None, image_std=None) -> TeacherSpec:
     """The spec of the `clip` teacher copied from a student with this VLM config (no weights involved)."""
-    vision = config.vision_config
-    return TeacherSpec(
+    # No architecture config (`config={}`): the weights and their shapes come from the student's tower.
+    return clip_teacher(
         slug=ANCHOR,
-        backend="transformers",
         model_id="student-initial-vision-tower",
-        model_class="CLIPVisionModel",
-        image_size=vision.image_size,
-        num_prefix_tokens=1,
-        has_cls=True,
-        cls_attention=True,
+        image_size=config.vision_config.image_size,
         feature_layer=config.vision_feature_layer,
         pretrained=False,
+        config={},
         **({"mean": tuple(image_mean), "std": tuple(image_std)} if image_mean is not None else {}),
     )
 
@@ -165,12 +120,9 @@ def teacher_cache_settings(config, image_processor, specs: list[TeacherSpec], gr
     """The `CacheSettings` a training run with this student, processor and data view reads its cache with;
     `movekd-hf cache-teachers --model` writes with the same, so the cache keys agree."""
     from ..distill.cache import CacheSettings
-    from .collator import mean_colour
 
-    vision = config.vision_config
-    side = vision.image_size // vision.patch_size
     return CacheSettings(
-        student_grid=(side, side),
+        student_grid=student_grid(config.vision_config),
         grid=grid,
         teacher_image_size=teacher_view_size(config, specs),
         image_aspect=image_aspect,
@@ -179,9 +131,9 @@ def teacher_cache_settings(config, image_processor, specs: list[TeacherSpec], gr
 
 
 def run_teacher_specs(teacher_set: str, pretrained: bool, checkpoints: Mapping[str, str]) -> list[TeacherSpec]:
-    """Specs of the non-anchor teachers of a set, with local checkpoints swapped in."""
-    specs = list(TINY_TEACHER_SPECS) if teacher_set == "tiny" else teacher_specs(teacher_set, pretrained=pretrained)
-    specs = [spec for spec in specs if spec.slug != ANCHOR]
+    """Specs of the non-anchor teachers of a set (the anchor is the student's own tower), with local checkpoints
+    swapped in."""
+    specs = [spec for spec in teacher_specs(teacher_set, pretrained=pretrained) if spec.slug != ANCHOR]
     unknown = sorted(set(checkpoints) - {spec.slug for spec in specs})
     if unknown:
         raise ValueError(f"`teacher_checkpoints` names {unknown}, not teachers of set {teacher_set!r}")
@@ -200,8 +152,8 @@ def build_teachers(vlm: nn.Module, specs: list[TeacherSpec], image_mean=None, im
 def teacher_shapes(vlm: nn.Module, specs: list[TeacherSpec]) -> dict[str, TeacherShape]:
     """Token width and count of every teacher at its input size (non-anchor ones measured on the meta device)."""
     vision = vlm.config.vision_config
-    side = vision.image_size // vision.patch_size
-    shapes = {ANCHOR: TeacherShape(dim=vision.hidden_size, num_tokens=side * side)}
+    height, width = student_grid(vision)
+    shapes = {ANCHOR: TeacherShape(dim=vision.hidden_size, num_tokens=height * width)}
     for spec in specs:
         with outside_zero3():
             _, (num_tokens, dim, _) = meta_teacher_shape(spec)

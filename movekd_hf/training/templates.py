@@ -20,13 +20,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-IGNORE_INDEX = -100
-IMAGE_PLACEHOLDER = "<image>"
-TEMPLATE_NAMES = ("plain", "v1", "chat_template")
-VICUNA_V1_SYSTEM = (
-    "A chat between a curious human and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+from ..modeling.llava_conventions import (
+    IMAGE_TOKEN,
+    move_image_to_front,
+    vicuna_v1_prompt,
+    vicuna_v1_turn,
 )
+
+IGNORE_INDEX = -100
+TEMPLATE_NAMES = ("plain", "v1", "chat_template")
 _ROLE_ALIASES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
 
 
@@ -66,13 +68,6 @@ def check_turns(conversations: Sequence[dict[str, str]]) -> list[tuple[str, str]
     return turns
 
 
-def move_image_to_front(text: str) -> str:
-    """LLaVA-1.5 normalises a single-image turn to `<image>\\n{question}` wherever the placeholder was."""
-    if IMAGE_PLACEHOLDER not in text:
-        return text
-    return IMAGE_PLACEHOLDER + "\n" + text.replace(IMAGE_PLACEHOLDER, "").strip()
-
-
 def render_plain(conversations: Sequence[dict[str, str]], num_images: int) -> list[Segment]:
     """Stage-1 template: image, caption, newline; the human text is discarded."""
     turns = check_turns(conversations)
@@ -81,7 +76,7 @@ def render_plain(conversations: Sequence[dict[str, str]], num_images: int) -> li
             f"the `plain` template needs one human/gpt pair and one image, got {len(turns)} turns and "
             f"{num_images} images"
         )
-    return [Segment(IMAGE_PLACEHOLDER, trained=False), Segment(turns[1][1] + "\n", trained=True)]
+    return [Segment(IMAGE_TOKEN, trained=False), Segment(turns[1][1] + "\n", trained=True)]
 
 
 def render_vicuna_v1(
@@ -90,19 +85,13 @@ def render_vicuna_v1(
     """Stage-2 Vicuna v1 template; answers end with the EOS token (`</s>` for LLaMA tokenizers)."""
     turns = check_turns(conversations)
     segments: list[Segment] = []
-    prompt = (system or VICUNA_V1_SYSTEM) + " "
-    for question, answer in zip(turns[0::2], turns[1::2]):
+    for index, (question, answer) in enumerate(zip(turns[0::2], turns[1::2])):
         text = move_image_to_front(question[1]) if num_images == 1 else question[1]
-        prompt += f"USER: {text} ASSISTANT:"
+        # Only the first turn carries the system text (`vicuna_v1_prompt`, what inference sends too).
+        prompt = vicuna_v1_prompt(text, system) if index == 0 else vicuna_v1_turn(text)
         segments.append(Segment(prompt, trained=False))
         segments.append(Segment(" " + answer[1], trained=True, eos=True))
-        prompt = ""
     return segments
-
-
-def vicuna_v1_generation_prompt(question: str, system: str | None = None) -> str:
-    """The inference prompt matching `v1` training: the same text up to and including `ASSISTANT:`."""
-    return f"{system or VICUNA_V1_SYSTEM} USER: {move_image_to_front(question)} ASSISTANT:"
 
 
 def _to_messages(turns: list[tuple[str, str]], system: str | None) -> list[dict[str, Any]]:
@@ -112,7 +101,7 @@ def _to_messages(turns: list[tuple[str, str]], system: str | None) -> list[dict[
     )
     for role, text in turns:
         parts: list[dict[str, str]] = []
-        pieces = text.split(IMAGE_PLACEHOLDER)
+        pieces = text.split(IMAGE_TOKEN)
         for position, piece in enumerate(pieces):
             if position > 0:
                 parts.append({"type": "image"})
@@ -192,7 +181,7 @@ def tokenize_segments(
     for segment in segments:
         ids: list[int] = []
         trainable: list[bool] = []
-        for position, piece in enumerate(segment.text.split(IMAGE_PLACEHOLDER)):
+        for position, piece in enumerate(segment.text.split(IMAGE_TOKEN)):
             if position > 0:
                 ids += [image_token_id] * num_image_tokens
                 trainable += [False] * num_image_tokens

@@ -15,10 +15,12 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
 
+from ..modeling.llava_conventions import IMAGE_TOKEN
+
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220), "yellow": (235, 210, 40)}
 BACKGROUNDS = {"white": (250, 250, 250), "black": (15, 15, 15), "grey": (128, 128, 128)}
 SHAPES = ("circle", "square", "triangle")
-PRETRAIN_PROMPTS = ("<image>\nDescribe the image briefly.", "Give a short caption.\n<image>")
+PRETRAIN_PROMPTS = (f"{IMAGE_TOKEN}\nDescribe the image briefly.", f"Give a short caption.\n{IMAGE_TOKEN}")
 TEXT_ONLY = (
     ("What is two plus three?", "Five."),
     ("Name a colour of the sky.", "Blue."),
@@ -61,7 +63,7 @@ def _finetune_turns(shape: str, colour: str, background: str, rng: random.Random
     turns: list[dict[str, str]] = []
     for position, (question, answer) in enumerate(chosen):
         if position == 0:  # LLaVA data puts the placeholder before or after the first question
-            question = f"<image>\n{question}" if rng.random() < 0.5 else f"{question}\n<image>"
+            question = f"{IMAGE_TOKEN}\n{question}" if rng.random() < 0.5 else f"{question}\n{IMAGE_TOKEN}"
         turns += [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
     return turns
 

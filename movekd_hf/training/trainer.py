@@ -1,10 +1,19 @@
 """`MoVEKDTrainer`: the Hugging Face Trainer with the MoVE-KD loss L = L_lm + lambda_kd L_kd + lambda_bal L_bal.
 
-What the Trainer (and DDP / DeepSpeed under it) wraps is `MoVEKDTrainingModule`: the VLM plus the distiller
-(teacher adapters and standardisers). Both train, so both must sit inside the wrapped module: that is what gets
-their gradients all-reduced under DDP, partitioned and optimised under DeepSpeed, and moved and cast with the
-model. Saving undoes the pairing: a checkpoint folder is the plain VLM (`save_pretrained`, loadable through
-remote code) plus `distill_adapters.safetensors` (checkpoint.py). Teachers stay outside, in a `TeacherSource`.
+Built from objects, as TRL's trainers are; the command line (`movekd-hf train`, train.py) only turns argv into
+these objects:
+
+    trainer = MoVEKDTrainer(model=vlm, args=MoVEKDTrainingArguments(output_dir="run", stage="stage1"),
+                            teachers="tiny", train_dataset=dataset, processing_class=processor)
+
+`model` is the VLM (`MoVEKDForConditionalGeneration`, or a peft `PeftModel` around it; `peft_config` wraps it
+here). Construction copies the `clip` teacher from the student's tower as it is now, builds the other teachers
+and the distiller (teacher adapters and standardisers) for `args.kd_preset`, freezes what `args.stage` does not
+train, and wraps VLM and distiller in `MoVEKDTrainingModule`. Both train, so both must sit inside the wrapped
+module: that is what gets their gradients all-reduced under DDP, partitioned and optimised under DeepSpeed, and
+moved and cast with the model. Saving undoes the pairing: a checkpoint folder is the plain VLM
+(`save_pretrained`, loadable through remote code) plus `distill_adapters.safetensors` (checkpoint.py). Teachers
+stay outside, in a `TeacherSource`.
 
 Gradient accumulation: the Trainer counts the label tokens of the whole accumulated batch (`num_items_in_batch`,
 over all ranks) and the VLM returns sum / count, so the LM term needs no division. The KD and balance terms are
@@ -14,10 +23,11 @@ per-image means; they are rescaled here to per-image sums over the images of the
 
 from __future__ import annotations
 
-import json
 import logging
 import os
+import re
 from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,20 +37,43 @@ from transformers import Trainer
 from transformers.trainer_utils import HubStrategy
 
 from ..distill.distiller import MoVEKDDistiller
-from ..distill.losses import mole_balance_loss
+from ..distill.losses import KDLossConfig, mole_balance_loss
+from ..distill.teachers import TeacherSpec
 from ..modeling.mole import upcast
+from .arguments import MoVEKDTrainingArguments
 from .checkpoint import (
+    DISTILLER_FILE,
     TRAINING_STATE_PATTERNS,
     copy_loadable_files,
     load_training_folder,
     save_training_folder,
 )
-from .teacher_source import TeacherSource
+from .stages import COMPONENTS, STAGES, apply_stage, component_of
+from .teacher_source import (
+    ANCHOR,
+    OnlineTeachers,
+    TeacherSource,
+    build_teachers,
+    run_teacher_specs,
+    teacher_shapes,
+    teacher_view_size,
+)
 
 logger = logging.getLogger(__name__)
 
 # Collator keys that are not VLM inputs: they feed the teachers (or a feature cache) and the loss scaling.
-NON_MODEL_KEYS = ("images_per_sample", "teacher_images", "teacher_pixel_values", "sample_ids")
+NON_MODEL_KEYS = ("images_per_sample", "teacher_images", "sample_ids")
+
+# What `teachers=` takes: a teacher set name ("tiny", "v1.0", "v1.1"), the specs of the teachers besides `clip`
+# (always the student's own initial tower), or a ready source such as `CachedTeachers` (then with `distiller=`).
+Teachers = str | Sequence[TeacherSpec] | TeacherSource
+# Writes the model card into a saved folder; called with (trainer, folder) after every save.
+CardWriter = Callable[["MoVEKDTrainer", str], None]
+
+# peft targets: the LLM's linear layers only (MoLE, projector and adapters train in full).
+LLM_LORA_TARGETS = r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+_PEFT_LORA_PARAM = re.compile(r"\.lora_(A|B)\.[^.]+\.weight$")
+_PEFT_PREFIX = "base_model.model."
 
 
 class MoVEKDTrainingModule(nn.Module):
@@ -107,35 +140,228 @@ class MoVEKDTrainingModule(nn.Module):
         return result
 
 
-class MoVEKDTrainer(Trainer):
-    """Trainer for a `MoVEKDTrainingModule` with `MoVEKDTrainingArguments` (lambda_kd, lambda_bal).
+def training_dtype(args: MoVEKDTrainingArguments) -> torch.dtype:
+    return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
 
-    teacher_source: `{slug: TeacherOutput}` per batch (None: no distillation). trainable_counts: parameters per
-    component, logged once. train_config: the run's MoVE-KD settings, saved as train_config.json and shown in the
-    model card. train_sampler: replaces the Trainer's random sampler (LLaVA's modality-length grouping).
+
+def llm_lora_config(r: int = 128, lora_alpha: int = 256, lora_dropout: float = 0.05):
+    """peft LoRA on the LLM's linear layers, LLaVA-1.5's recipe by default (r=128, alpha=256), for stage 2."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=LLM_LORA_TARGETS, bias="none"
+    )
+
+
+def _is_peft(model: nn.Module) -> bool:
+    return hasattr(model, "peft_config")
+
+
+def load_adapters(distiller: MoVEKDDistiller, folder: str) -> None:
+    """Start the adapters (and standardisers) from a checkpoint's `distill_adapters.safetensors`."""
+    from safetensors.torch import load_file
+
+    path = os.path.join(folder, DISTILLER_FILE)
+    if not os.path.isfile(path):
+        raise ValueError(f"adapters_from={folder!r}: no {DISTILLER_FILE} there (a run without distillation?)")
+    distiller.load_state_dict(load_file(path))
+
+
+def build_distiller(vlm: nn.Module, specs: Sequence[TeacherSpec], args: MoVEKDTrainingArguments) -> MoVEKDDistiller:
+    """Adapters for the `clip` anchor plus `specs`, with the loss of `args.kd_preset`. Seeded with `args.seed`, so
+    they start the same whether the teachers run online or are read from a cache."""
+    shapes = teacher_shapes(vlm, list(specs))
+    vision = vlm.config.vision_config
+    num_tokens = (vision.image_size // vision.patch_size) ** 2
+    torch.manual_seed(args.seed)
+    return MoVEKDDistiller(shapes, vision.hidden_size, num_tokens, KDLossConfig.from_preset(args.kd_preset))
+
+
+def _teacher_specs(teachers: Teachers) -> list[TeacherSpec] | None:
+    """The non-anchor specs `teachers` stands for; None for a ready teacher source."""
+    if isinstance(teachers, str):
+        return run_teacher_specs(teachers, pretrained=True, checkpoints={})
+    if callable(teachers):
+        return None
+    specs = list(teachers)
+    wrong = [type(spec).__name__ for spec in specs if not isinstance(spec, TeacherSpec)]
+    if wrong:
+        raise TypeError(f"`teachers` must be a teacher set name, TeacherSpecs or a teacher source; got {wrong}")
+    if any(spec.slug == ANCHOR for spec in specs):
+        raise ValueError(f"leave {ANCHOR!r} out of `teachers`: that teacher is always the student's own tower")
+    return specs
+
+
+def _distillation(vlm, args, teachers, distiller, processing_class):
+    """(teacher source, distiller, specs of the online teachers or None) for `args.kd_preset`."""
+    if args.kd_preset == "none":
+        if teachers is not None or distiller is not None:
+            raise ValueError("kd_preset='none' trains the LLaVA baseline: pass no `teachers` and no `distiller`")
+        if args.adapters_from:
+            raise ValueError("adapters_from is set, but kd_preset='none' trains without adapters")
+        return None, None, None
+    if teachers is None:
+        raise ValueError(
+            f"kd_preset={args.kd_preset!r} distils, but no `teachers` were given: pass a teacher set name ('tiny', "
+            "'v1.1'), TeacherSpecs or a teacher source, or set kd_preset='none' for the LLaVA baseline"
+        )
+    specs = _teacher_specs(teachers)
+    source = teachers
+    if specs is None and distiller is None:
+        raise ValueError("a ready teacher source needs `distiller=` too: the trainer cannot see its teachers' shapes")
+    if specs is not None:
+        image_processor = getattr(processing_class, "image_processor", None)
+        if image_processor is None:
+            raise ValueError("building teachers needs `processing_class`: `clip` reads images as the student does")
+        torch.manual_seed(args.seed)  # random (tiny) teacher weights follow the seed, the same on every rank
+        built = build_teachers(vlm, specs, image_processor.image_mean, image_processor.image_std)
+        source = OnlineTeachers(built).to(args.device, training_dtype(args))
+        distiller = distiller if distiller is not None else build_distiller(vlm, specs, args)
+        missing = sorted(set(distiller.teacher_names) - set(built))
+        if missing:
+            raise ValueError(f"the distiller distils {missing}, which are not among the teachers {sorted(built)}")
+    if args.adapters_from:
+        load_adapters(distiller, args.adapters_from)
+    return source, distiller, specs
+
+
+def prepare_model(model: nn.Module, args: MoVEKDTrainingArguments, peft_config=None) -> nn.Module:
+    """Freeze all but what `args.stage` trains (METHOD.md section 5). With LoRA on the LLM (a peft model, or
+    `peft_config` to wrap it in one) the LLM trains through its LoRA matrices only; MoLE and projector in full."""
+    if (peft_config is not None or _is_peft(model)) and args.stage != "stage2":
+        raise ValueError(f"LoRA on the LLM applies to stage2 (the LLM trains there), not {args.stage!r}")
+    if peft_config is not None:
+        if _is_peft(model):
+            raise ValueError("`model` is already a peft model: pass no `peft_config`")
+        from peft import get_peft_model, prepare_model_for_kbit_training
+
+        if getattr(model, "hf_quantizer", None) is not None:  # QLoRA: a quantized LLM under the LoRA
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
+        model = get_peft_model(model, peft_config)
+    if not _is_peft(model):
+        apply_stage(model, args.stage)
+        return model
+    in_full = set(STAGES[args.stage]) - {"llm"}  # peft froze everything but its LoRA: give these back
+    for name, param in model.named_parameters():
+        component = component_of(name.removeprefix(_PEFT_PREFIX))
+        param.requires_grad_(bool(_PEFT_LORA_PARAM.search(name)) or component in in_full)
+    return model
+
+
+def trainable_parameters(module: MoVEKDTrainingModule) -> dict[str, int]:
+    """Trainable parameters per component (`adapters`: the distiller's)."""
+    counts = dict.fromkeys(COMPONENTS, 0)
+    for name, param in module.vlm.named_parameters():
+        if param.requires_grad:
+            counts[component_of(name.removeprefix(_PEFT_PREFIX))] += param.numel()
+    if module.distiller is not None:
+        counts["adapters"] = sum(p.numel() for p in module.distiller.parameters())
+    return counts
+
+
+def _default_collator(processing_class, teacher_image_size: int | None):
+    from .collator import MoVEKDDataCollator
+
+    pad_token_id = processing_class.tokenizer.pad_token_id
+    return MoVEKDDataCollator(processing_class.image_processor, pad_token_id, teacher_image_size=teacher_image_size)
+
+
+def _check_collator(collator, view_size: int | None) -> None:
+    if view_size is not None and getattr(collator, "teacher_image_size", 0) is None:
+        raise ValueError(
+            f"the data collator gives the teachers no images (teacher_image_size=None): build it with "
+            f"teacher_image_size={view_size}, or pass no data_collator and the trainer builds one"
+        )
+
+
+class MoVEKDTrainer(Trainer):
+    """Trainer for a MoVE-KD VLM with `MoVEKDTrainingArguments` (stage, kd_preset, lambda_kd, lambda_bal).
+
+    model: a `MoVEKDForConditionalGeneration`, possibly a peft `PeftModel` around it (stage 2 with LoRA on the
+        LLM); `peft_config` (e.g. `llm_lora_config()`) wraps it here instead.
+    teachers: a teacher set name ("tiny", "v1.0", "v1.1"), specs of the teachers besides `clip` (always a frozen
+        copy of the student's tower as given), or a ready `TeacherSource` such as `CachedTeachers` (then pass
+        `distiller`). None with `kd_preset="none"` (the LLaVA baseline).
+    distiller: the adapters and loss; by default built for the teachers with `args.kd_preset`'s loss, and loaded
+        from `args.adapters_from` when set.
+    data_collator: by default a `MoVEKDDataCollator` of `processing_class` that also gives the teachers their view.
+    train_sampler: replaces the Trainer's random sampler (LLaVA's modality-length grouping).
+    card_writer: `(trainer, folder) -> None`, writes the model card into every saved folder (the command line
+        passes the Hub card of movekd_hf.hub_cards); None writes none.
+    train_config: entries for train_config.json (shown in the model card) beyond the ones recorded here, e.g.
+        `base_model`, `template`, `teacher_set`.
+    Everything else (eval_dataset, callbacks, optimizers, ...) goes to `Trainer`.
     """
 
     loss_is_scaled_for_ga = True  # see the module docstring
 
     def __init__(
         self,
-        model: MoVEKDTrainingModule,
-        args,
-        teacher_source: TeacherSource | None = None,
-        trainable_counts: dict[str, int] | None = None,
-        train_config: dict[str, Any] | None = None,
+        model: nn.Module,
+        args: MoVEKDTrainingArguments | None = None,
+        teachers: Teachers | None = None,
+        distiller: MoVEKDDistiller | None = None,
+        train_dataset=None,
+        data_collator=None,
+        processing_class=None,
+        peft_config=None,
         train_sampler=None,
+        card_writer: CardWriter | None = None,
+        train_config: Mapping[str, Any] | None = None,
         **kwargs,
     ):
-        if not isinstance(model, MoVEKDTrainingModule):
-            raise TypeError(f"MoVEKDTrainer trains a MoVEKDTrainingModule, got {type(model).__name__}")
-        super().__init__(model=model, args=args, **kwargs)
-        self.teacher_source = teacher_source
-        self.train_config = dict(train_config or {})
+        args = args if args is not None else MoVEKDTrainingArguments()
+        if not isinstance(args, MoVEKDTrainingArguments):
+            raise TypeError(f"MoVEKDTrainer needs MoVEKDTrainingArguments, got {type(args).__name__}")
+        base = model.get_base_model() if _is_peft(model) else model
+        if isinstance(model, MoVEKDTrainingModule) or not hasattr(getattr(base, "config", None), "vision_config"):
+            raise TypeError(f"MoVEKDTrainer trains a MoVE-KD VLM (or a peft model of one), got {type(model).__name__}")
+        if args.fp16 and args.device.type == "cpu":
+            logger.warning(
+                "fp16 on the CPU: accelerate autocasts only bf16 there (fp16 gets no autocast and no loss scaling), "
+                "so the model trains in float32 and only the teachers run in float16; use `bf16: true` for mixed "
+                "precision"
+            )
+        # Teachers first: `clip` copies the tower before anything (peft, the stage) touches the model.
+        source, distiller, specs = _distillation(base, args, teachers, distiller, processing_class)
+        view_size = teacher_view_size(base.config, specs) if specs is not None else None
+        if data_collator is None and processing_class is not None:
+            data_collator = _default_collator(processing_class, view_size)
+        _check_collator(data_collator, view_size)
+        module = MoVEKDTrainingModule(prepare_model(model, args, peft_config), distiller)
+        counts = trainable_parameters(module)
+        logger.info("stage %s trains %s parameters per component", args.stage, counts)
+        super().__init__(
+            model=module,
+            args=args,
+            train_dataset=train_dataset,
+            data_collator=data_collator,
+            processing_class=processing_class,
+            **kwargs,
+        )
+        self.teacher_source = source
+        self.card_writer = card_writer
+        self.train_config = {**self._recorded_config(module, teachers, counts), **dict(train_config or {})}
         self._metrics: dict[str, list[float]] = defaultdict(list)
-        self._pending_logs = {f"trainable_params/{k}": float(v) for k, v in (trainable_counts or {}).items()}
+        self._pending_logs = {f"trainable_params/{k}": float(v) for k, v in counts.items()}
         self._window_images: torch.Tensor | None = None
         self._train_sampler = train_sampler
+
+    def _recorded_config(self, module: MoVEKDTrainingModule, teachers, counts: dict[str, int]) -> dict[str, Any]:
+        """What train_config.json records of the run by itself (the model card reads it)."""
+        distiller = module.distiller
+        return {
+            "teacher_set": teachers if isinstance(teachers, str) else None,
+            "teachers": list(distiller.teacher_names) if distiller is not None else [],
+            "kd_preset": self.args.kd_preset,
+            "kd_loss": distiller.config.to_dict() if distiller is not None else None,
+            "stage": self.args.stage,
+            "lambda_kd": self.args.lambda_kd,
+            "lambda_bal": self.args.lambda_bal,
+            "lora_llm": module.is_peft,
+            "qlora": getattr(module.base_vlm(), "hf_quantizer", None) is not None,
+            "trainable_parameters": counts,
+        }
 
     def _get_train_sampler(self, train_dataset=None):
         # LLaVA's modality-length grouping (image and text-only samples in separate batches) when configured.
@@ -223,35 +449,20 @@ class MoVEKDTrainer(Trainer):
             return
         module = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         save_training_folder(output_dir, module, state_dict, self.processing_class, self.train_config)
-        self.write_model_card(output_dir)
+        if self.card_writer is not None:
+            self.card_writer(self, output_dir)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         module = self.accelerator.unwrap_model(model if model is not None else self.model)
         load_training_folder(resume_from_checkpoint, module)
 
-    def write_model_card(self, folder: str) -> None:
-        """README.md (and eval-result files) for a saved folder, built by movekd_hf.hub_cards."""
-        from ..hub_cards.card import render_repo_files
-        from ..hub_cards.run_dir import RunDir
-
-        config = json.loads(Path(folder, "config.json").read_text(encoding="utf-8"))
-        run = RunDir(
-            root=Path(self.args.output_dir),
-            checkpoint=Path(folder),
-            config=config,
-            train_config=self.train_config or None,
-            training_args=json.loads(self.args.to_json_string()),
-        )
-        for path_in_repo, text in render_repo_files(run, self.args.hub_model_id).items():
-            target = Path(folder, path_in_repo)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text(text, encoding="utf-8")
-
     def create_model_card(self, *args, **kwargs) -> None:
-        # Our card (written with every save) replaces the Trainer's generic one.
+        # The card writer's card (written with every save) replaces the Trainer's generic one.
+        if self.card_writer is None:
+            return super().create_model_card(*args, **kwargs)
         if self.is_world_process_zero():
-            self.write_model_card(self.args.output_dir)
+            self.card_writer(self, self.args.output_dir)
 
     # ------------------------------------------------------------------------------------------------ Hub
 
