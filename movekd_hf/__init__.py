@@ -1,61 +1,57 @@
 """movekd_hf: MoVE-KD (CVPR 2025) in Hugging Face form.
 
-Importing the package registers the MoVE-KD classes with transformers' Auto classes, so saved checkpoints
-load with or without `trust_remote_code` wherever the package is installed.
+`import movekd_hf` is light: it imports neither torch nor transformers. The public classes load on first use
+(`movekd_hf.MoVEKDForConditionalGeneration`, or `import movekd_hf.modeling`), and loading them registers the
+MoVE-KD classes with transformers' Auto classes, so saved checkpoints then load with or without
+`trust_remote_code`. The layers, bottom up: `modeling` (remote code) <- `distill` <- `training` <- `evaluation`,
+`hub_cards` <- `demo`, `cli`.
 """
 
-from transformers import (
-    AutoConfig,
-    AutoModel,
-    AutoModelForImageTextToText,
-    AutoProcessor,
-)
+from __future__ import annotations
 
-from . import modeling
-from .modeling import (  # noqa: F401 (re-exported)
-    MoLELinear,
-    MoLEMLP,
-    MoVEKDConfig,
-    MoVEKDForConditionalGeneration,
-    MoVEKDModel,
-    MoVEKDNextConfig,
-    MoVEKDNextForConditionalGeneration,
-    MoVEKDNextModel,
-    MoVEKDOutputMixin,
-    MoVEKDProcessor,
-    MoVEKDVisionConfig,
-    MoVEKDVisionModel,
-)
+import importlib
 
 __version__ = "0.2.0"
 
+# Public name -> the module that defines it, imported when the name is first read (PEP 562).
+_LAZY = {
+    name: "movekd_hf.modeling"
+    for name in (
+        "MoLELinear",
+        "MoLEMLP",
+        "MoVEKDConfig",
+        "MoVEKDForConditionalGeneration",
+        "MoVEKDModel",
+        "MoVEKDNextConfig",
+        "MoVEKDNextForConditionalGeneration",
+        "MoVEKDNextModel",
+        "MoVEKDOutputMixin",
+        "MoVEKDProcessor",
+        "MoVEKDVisionConfig",
+        "MoVEKDVisionModel",
+    )
+}
+_LAZY.update(
+    {
+        "MoVEKDTrainer": "movekd_hf.training",
+        "MoVEKDTrainingArguments": "movekd_hf.training",
+        "MoVEKDDataArguments": "movekd_hf.training",
+        "KDLossConfig": "movekd_hf.distill",
+        "TeacherSpec": "movekd_hf.distill",
+    }
+)
 
-def _register_auto_classes() -> None:
-    import transformers
-
-    multimodal = getattr(transformers, "AutoModelForMultimodalLM", None)
-    for config_class, base, head in (
-        (MoVEKDConfig, MoVEKDModel, MoVEKDForConditionalGeneration),
-        (MoVEKDNextConfig, MoVEKDNextModel, MoVEKDNextForConditionalGeneration),
-    ):
-        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
-        AutoModel.register(config_class, base, exist_ok=True)
-        AutoModelForImageTextToText.register(config_class, head, exist_ok=True)
-        if multimodal is not None:
-            multimodal.register(config_class, head, exist_ok=True)
-        AutoProcessor.register(config_class, MoVEKDProcessor, exist_ok=True)
-    AutoConfig.register(MoVEKDVisionConfig.model_type, MoVEKDVisionConfig, exist_ok=True)
-    AutoModel.register(MoVEKDVisionConfig, MoVEKDVisionModel, exist_ok=True)
-    MoVEKDVisionConfig.register_for_auto_class()
-    MoVEKDVisionModel.register_for_auto_class("AutoModel")
-    # Saving copies these classes' modules (and what they import) next to the weights.
-    MoVEKDConfig.register_for_auto_class()
-    MoVEKDNextConfig.register_for_auto_class()
-    MoVEKDForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
-    MoVEKDNextForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
-    MoVEKDProcessor.register_for_auto_class("AutoProcessor")
+__all__ = sorted(_LAZY)
 
 
-_register_auto_classes()
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'movekd_hf' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
 
-__all__ = modeling.__all__
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

@@ -12,14 +12,13 @@ import logging
 import sys
 from pathlib import Path
 
+from movekd_hf.hub_cards.card import render_repo_files
+from movekd_hf.hub_cards.run_dir import RunDir
 from movekd_hf.training import train as training
 
 
 def write_model_card(trainer, folder: str) -> None:
     """README.md (and eval-result files) for a folder the trainer saved, built by movekd_hf.hub_cards."""
-    from movekd_hf.hub_cards.card import render_repo_files
-    from movekd_hf.hub_cards.run_dir import RunDir
-
     config = json.loads(Path(folder, "config.json").read_text(encoding="utf-8"))
     run = RunDir(
         root=Path(trainer.args.output_dir),

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from skimage import data
 
-from movekd_hf.evaluation import commands
+from movekd_hf.cli import evaluate as commands
 from movekd_hf.evaluation.benchmarks import EvalSample
 from movekd_hf.evaluation.runner import build_prompt, generate_batch, run_generation
 from movekd_hf.hub_cards.run_dir import validate_eval_results

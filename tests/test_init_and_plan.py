@@ -17,7 +17,7 @@ from transformers import (
 
 from movekd_hf import MoVEKDForConditionalGeneration
 from movekd_hf.cli import main
-from movekd_hf.commands import plan_rows
+from movekd_hf.cli.model import plan_rows
 from movekd_hf.models import build_byte_tokenizer, build_image_processor, build_processor
 
 

@@ -22,8 +22,17 @@ from pathlib import Path
 
 import torch
 
-from . import world
-from .train import ARMS, Arm, StageSettings
+from ..distill.losses import token_weights_from_cls_attention
+from ..hub_cards.card import write_card
+from ..isolated import run_without_package
+from ..modeling import MoVEKDForConditionalGeneration, MoVEKDProcessor
+from ..training.checkpoint import DISTILLER_FILE
+from . import assemble, plots, world
+from .assemble import LLM_CONFIG
+from .evaluate import answer_questions, prompt, score, table_row
+from .report import markdown_table, verdict
+from .teachers import load_teachers, pretrain_teachers, seed_everything
+from .train import ARMS, Arm, StageSettings, run_stage
 
 FINAL_ARM = "movekd_improved"
 TRIED = (
@@ -63,7 +72,6 @@ def _say(text: str) -> None:
 @contextlib.contextmanager
 def deterministic(seed: int):
     """Fixed seeds and deterministic kernels for the run; the previous global setting is restored afterwards."""
-    from .teachers import seed_everything
 
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -102,7 +110,6 @@ def _bar(description: str, total: int):
 
 
 def prepare_teachers(run: Path, data: world.DemoData, size: DemoSize):
-    from .teachers import pretrain_teachers
 
     train = (world.scene_tensor(data.train.scenes), data.train.scenes)
     test = (world.scene_tensor(data.test.scenes), data.test.scenes)
@@ -119,8 +126,6 @@ def prepare_teachers(run: Path, data: world.DemoData, size: DemoSize):
 
 
 def prepare_initial_models(run: Path, data: world.DemoData, specs, size: DemoSize) -> dict:
-    from . import assemble
-    from .teachers import load_teachers
 
     texts = assemble.llm_texts(data.finetune_json, data.pretrain_json)
     bar = _bar("pretraining the LLM on world text", size.llm_steps)
@@ -141,7 +146,6 @@ def prepare_initial_models(run: Path, data: world.DemoData, specs, size: DemoSiz
 
 def train_arm(run: Path, arm: Arm, data: world.DemoData, specs, init: dict, size: DemoSize) -> dict:
     """Stage 1 then stage 2 of one arm; returns both log histories and the final folder."""
-    from .train import run_stage
 
     folder = run / "arms" / arm.name
     stage1 = StageSettings("stage1", data.pretrain_json, data.image_folder, "plain", size.stage1_steps,
@@ -157,8 +161,6 @@ def train_arm(run: Path, arm: Arm, data: world.DemoData, specs, init: dict, size
 
 
 def evaluate_arm(folder: str, data: world.DemoData, label: str) -> dict:
-    from ..modeling import MoVEKDForConditionalGeneration, MoVEKDProcessor
-    from .evaluate import answer_questions, score, table_row
 
     model = MoVEKDForConditionalGeneration.from_pretrained(folder)
     processor = MoVEKDProcessor.from_pretrained(folder)
@@ -174,7 +176,6 @@ def evaluate_arm(folder: str, data: world.DemoData, label: str) -> dict:
 @torch.no_grad()
 def expert_use(model, processor, data: world.DemoData, num_images: int = 32) -> list[list[float]]:
     """Share of held-out image tokens routed to each expert (argmax of the router), per encoder layer."""
-    from .evaluate import prompt
 
     questions = [q for q in data.test.questions if q.kind == "count"][:num_images]
     images = [world.render_scene(data.test.scenes[q.scene]) for q in questions]
@@ -192,7 +193,6 @@ def expert_use(model, processor, data: world.DemoData, num_images: int = 32) -> 
 
 def write_results(run: Path, arms: dict, teachers: dict, size: DemoSize, llm: str) -> dict:
     """results.md / results.json (every arm) and eval/results.json (the released arm, for the model card)."""
-    from .report import markdown_table, verdict
 
     labels = {arm.name: arm.label for arm in ARMS if arm.name in arms}
     rows = {name: arms[name]["row"] for name in labels}
@@ -224,10 +224,6 @@ def make_plots(run: Path, arms: dict, specs) -> list[str]:
     import numpy as np
     from skimage import data as skdata
 
-    from ..distill.losses import token_weights_from_cls_attention
-    from . import plots
-    from .teachers import load_teachers
-
     labels = {arm.name: arm.label for arm in ARMS if arm.name in arms}
     histories = {name: arms[name]["histories"] for name in labels}
     folder = run / "plots"
@@ -249,8 +245,6 @@ def make_plots(run: Path, arms: dict, specs) -> list[str]:
 
 def publish_checkpoint(run: Path, arms: dict) -> Path:
     """Copy the released arm's loadable files to RUN/checkpoint and write the card from the run folder."""
-    from ..hub_cards.card import write_card
-    from ..training.checkpoint import DISTILLER_FILE
 
     checkpoint = run / "checkpoint"
     if checkpoint.exists():
@@ -296,7 +290,6 @@ print(json.dumps({"model_class": type(model).__name__, "module": type(model).__m
 
 def final_check(run: Path, checkpoint: Path, data: world.DemoData) -> dict:
     """Reload the checkpoint where `movekd_hf` is not importable (Auto class + pipeline) and ask one question."""
-    from ..isolated import run_without_package
 
     question = next(q for q in data.test.questions if q.kind == "colour")
     image_path = run / "final_check.png"
@@ -351,6 +344,5 @@ def run(out_dir: str, quick: bool = False) -> int:
 
 
 def init_llm_label() -> str:
-    from .assemble import LLM_CONFIG
 
     return f"{LLM_CONFIG['num_hidden_layers']}x{LLM_CONFIG['hidden_size']}"

@@ -53,11 +53,6 @@ DEMO_TEACHERS: dict[str, TeacherSpec] = {
 # ------------------------------------------------------------------------------------------- supervised signals
 
 
-def shape_presence(scenes: list[world.Scene]) -> torch.Tensor:
-    """[N, 3] multi-hot: which shapes appear."""
-    return torch.tensor([[float(any(o.shape == s for o in sc.objects)) for s in world.SHAPES] for sc in scenes])
-
-
 def colour_presence(scenes: list[world.Scene]) -> torch.Tensor:
     """[N, 5] multi-hot: which colours appear."""
     return torch.tensor([[float(any(o.colour == c for o in sc.objects)) for c in world.COLOURS] for sc in scenes])

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from transformers import ProgressCallback
 
 from ..distill.teachers import TeacherSpec
+from ..modeling import MoVEKDForConditionalGeneration, MoVEKDProcessor
 from ..training.arguments import MoVEKDTrainingArguments
 from ..training.data_args import MoVEKDDataArguments, build_train_data
 from ..training.trainer import MoVEKDTrainer
@@ -111,7 +112,6 @@ def build_stage_trainer(
 ) -> MoVEKDTrainer:
     """One stage's trainer, from objects. `previous` (the stage-1 folder) hands its trained adapters to stage 2, so
     the distiller carries on instead of starting again."""
-    from ..modeling import MoVEKDForConditionalGeneration, MoVEKDProcessor
 
     kd = kd_preset != "none"
     vlm = MoVEKDForConditionalGeneration.from_pretrained(model_path)

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from ..modeling.llava_conventions import CLIP_MEAN_COLOUR
+from .adapters import ResampleAdapter
 from .teachers import BACKENDS, TeacherOutput, TeacherSpec
 
 CACHE_FORMAT_VERSION = 1
@@ -378,7 +379,6 @@ def check_cache_fits_distiller(source: CachedTeachers, distiller) -> None:
     token_mix adapters and student-to-teacher heads work on the teacher's own tokens, so they need `native`;
     running feature standardisation is fitted on the teacher's own tokens too.
     """
-    from .adapters import ResampleAdapter
 
     for name in distiller.teacher_names:
         if name not in source.caches:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ..modeling.llava_conventions import ImageLoadError, load_image, resample_tokens, teacher_images
+from ..modeling.llava_conventions import ImageLoadError, load_image, resample_tokens, sample_name, teacher_images
 from ..modeling.mole import upcast
 from .cache import (
     META_FILE,
@@ -157,8 +157,6 @@ def dataset_items(records: Iterable[Mapping]) -> list[CacheItem]:
 
     Two samples with the same id and the same image reference are one image; with different images the sample id
     cannot key the cache, which raises."""
-    from movekd_hf.training.data import sample_name
-
     items: dict[tuple[str, int], CacheItem] = {}
     for record in records:
         for index, reference in enumerate(record["images"] or []):

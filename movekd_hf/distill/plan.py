@@ -1,6 +1,6 @@
 """Parameter plan of a teacher set and its adapters, built on the meta device (no memory, no download).
 
-`teacher_plan_rows` feeds `movekd-hf plan --teachers NAME`; `teacher_token_shapes` is the shape check.
+`teacher_plan_rows` feeds `movekd-hf plan --teachers NAME`.
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from dataclasses import replace
 
 import torch
 
-from ..modeling.llava_conventions import student_grid
 from .adapters import build_adapter
 from .presets import teacher_specs
 from .teachers import TeacherSpec, build_teacher
@@ -29,15 +28,6 @@ def meta_teacher_shape(spec: TeacherSpec) -> tuple[int, tuple[int, int, int]]:
         images = torch.empty(1, 3, spec.image_size, spec.image_size)
         out = teacher(images)
     return _count(teacher), (out.tokens.shape[1], out.tokens.shape[2], int(out.cls is not None))
-
-
-def teacher_token_shapes(teacher_set: str) -> dict[str, tuple[int, int]]:
-    """slug -> (N_t, C_t) of each teacher of a set at its paper input size, computed on the meta device."""
-    shapes = {}
-    for spec in teacher_specs(teacher_set, pretrained=False):
-        _, (num_tokens, dim, _) = meta_teacher_shape(spec)
-        shapes[spec.slug] = (num_tokens, dim)
-    return shapes
 
 
 def teacher_plan_rows(
@@ -61,10 +51,3 @@ def teacher_plan_rows(
             )
         )
     return rows
-
-
-def student_token_shape(vision_config) -> tuple[int, int]:
-    """(number of patch tokens, width) of a CLIP/SigLIP-style student vision config, e.g. (576, 1024) for
-    CLIP ViT-L/14-336: what `teacher_plan_rows` needs as num_student_tokens and student_dim."""
-    height, width = student_grid(vision_config)
-    return height * width, vision_config.hidden_size

@@ -19,6 +19,7 @@ from torch import nn
 
 from ..modeling.llava_conventions import CLIP_MEAN, CLIP_STD
 from ..modeling.mole import upcast
+from .vitdet_eva import EVA02ViTDet, EVA02ViTDetConfig, load_eva02_det_state_dict
 
 # SAM's (and torchvision's) normalisation; CLIP's comes with LLaVA's conventions.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -302,7 +303,6 @@ def extract_timm(model: nn.Module, pixel_values: torch.Tensor, spec: TeacherSpec
 
 
 def load_vitdet_teacher(spec: TeacherSpec) -> nn.Module:
-    from .vitdet_eva import EVA02ViTDet, EVA02ViTDetConfig, load_eva02_det_state_dict
 
     model = EVA02ViTDet(EVA02ViTDetConfig(**spec.config))
     if spec.pretrained:

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .readers import _mmbench_record
+from .records import mmbench_record
 
 
 def _answers(value: Any) -> list[str] | None:
@@ -54,7 +54,7 @@ def _mme(i: int, row: Mapping) -> dict:
 
 
 def _mmbench(i: int, row: Mapping) -> dict:
-    return _mmbench_record(dict(row, index=row.get("index", i)))
+    return mmbench_record(dict(row, index=row.get("index", i)))
 
 
 HF_ROW_READERS = {"vqav2": _vqa_like, "textvqa": _vqa_like, "vizwiz": _vqa_like, "gqa": _gqa, "pope": _pope,

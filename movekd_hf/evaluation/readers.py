@@ -9,14 +9,16 @@ answers / answer_type (VQAv2, TextVQA, VizWiz), answer / structural (GQA), label
 
 from __future__ import annotations
 
-import base64
 import csv
 import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from ..modeling.llava_conventions import IMAGE_TOKEN
 from .benchmarks import Benchmark, build_benchmark, canonical_name, read_predictions
+from .hf_readers import read_hf_records
+from .records import mmbench_record
 
 
 def _load_json(path: Path) -> Any:
@@ -129,12 +131,6 @@ def read_mme(annotations: Path, image_dir: Path | None) -> list[dict]:
     return records
 
 
-def _decode_image(value: str) -> Any:
-    from ..modeling.llava_conventions import load_image
-
-    return load_image(base64.b64decode(value))
-
-
 def read_mmbench(annotations: Path, image_dir: Path | None = None) -> list[dict]:
     """MMBench TSV (`mmbench_dev_20230712.tsv`): index, question, hint, A-D, answer, category, image (base64).
 
@@ -145,18 +141,7 @@ def read_mmbench(annotations: Path, image_dir: Path | None = None) -> list[dict]
     csv.field_size_limit(1 << 30)  # base64 images exceed the default field limit
     with annotations.open(newline="") as handle:
         rows = list(csv.DictReader(handle, delimiter="\t"))
-    return [_mmbench_record(row) for row in rows if int(row["index"]) < 1_000_000]
-
-
-def _mmbench_record(row: Mapping[str, Any]) -> dict:
-    def present(value: Any) -> bool:
-        return value is not None and str(value).strip() not in ("", "nan", "None")
-
-    options = {letter: str(row[letter]) for letter in "ABCDEFGHI" if letter in row and present(row[letter])}
-    return {"index": int(row["index"]), "question": row["question"], "options": options,
-            "hint": row["hint"] if present(row.get("hint")) else None, "answer": row.get("answer") or None,
-            "category": row.get("category"),
-            "image": _decode_image(row["image"]) if isinstance(row["image"], str) else row["image"]}  # fmt: skip
+    return [mmbench_record(row) for row in rows if int(row["index"]) < 1_000_000]
 
 
 FILE_READERS = {"vqav2": read_vqav2, "textvqa": read_textvqa, "vizwiz": read_vizwiz, "gqa": read_gqa,
@@ -170,8 +155,6 @@ def read_records(
     name, annotations = canonical_name(name), Path(annotations)
     image_dir = Path(image_dir) if image_dir is not None else None
     if (annotations / "dataset_info.json").is_file() or (annotations / "dataset_dict.json").is_file():
-        from .hf_readers import read_hf_records
-
         return read_hf_records(name, annotations)
     kwargs = {"questions": Path(questions)} if name == "vqav2" and questions else {}
     try:
@@ -186,7 +169,6 @@ def read_records(
 def apply_question_file(records: Iterable[dict], questions: Path, image_dir: Path | None) -> list[dict]:
     """Use a LLaVA question file's prompts (and images) verbatim, matching lines by question id (and category),
     and put the records in the file's order, the order LLaVA's answers files follow."""
-    from ..modeling.llava_conventions import IMAGE_TOKEN
 
     lines = [json.loads(line) for line in questions.read_text().splitlines() if line.strip()]
     # POPE's ids repeat across its splits: match on the category too when both sides have one.

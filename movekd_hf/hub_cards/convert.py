@@ -22,6 +22,9 @@ from typing import Any
 
 import torch
 
+from ..modeling import MoVEKDConfig, MoVEKDForConditionalGeneration
+from ..modeling.llava_conventions import IMAGE_TOKEN, student_grid
+from ..models import build_processor
 from .convert_keys import VISION_PREFIX, align_to_model_keys, convert_state_dict
 
 SEPARATE_FILES = ("mm_projector.bin", "mole_encoder.bin", "encoder_adapter.bin")
@@ -119,7 +122,6 @@ def add_special_token_rows(model_sd: dict[str, torch.Tensor], new_vocab: int) ->
 
 def _plan_tokens(src: Path, vocab_size: int):
     """(tokenizer or None, image token id, pad token id, new vocab size)."""
-    from movekd_hf.modeling.llava_conventions import IMAGE_TOKEN
 
     if not (src / "tokenizer_config.json").is_file():
         return None, vocab_size, vocab_size + 1, math.ceil((vocab_size + 2) / 64) * 64
@@ -137,9 +139,6 @@ def _plan_tokens(src: Path, vocab_size: int):
 
 def build_converted_config(authors_config: dict, model_sd: dict, image_id: int, pad_id: int, vocab: int, vision: dict):
     from transformers import CLIPVisionConfig, LlamaConfig
-
-    from movekd_hf import MoVEKDConfig
-    from movekd_hf.modeling.llava_conventions import student_grid
 
     if authors_config.get("mm_projector_type", "mlp2x_gelu") != "mlp2x_gelu":
         raise ValueError(f"mm_projector_type {authors_config['mm_projector_type']!r}: only 'mlp2x_gelu' converts.")
@@ -162,7 +161,6 @@ def build_converted_config(authors_config: dict, model_sd: dict, image_id: int, 
 
 def _model_with_weights(config, model_sd: dict[str, torch.Tensor]):
     """Our model with the converted weights assigned (built on `meta`, so a 7B conversion holds one copy)."""
-    from movekd_hf import MoVEKDForConditionalGeneration
 
     with torch.device("meta"):
         model = MoVEKDForConditionalGeneration(config)
@@ -204,8 +202,6 @@ def convert_authors_checkpoint(src: str | Path, dst: str | Path, vision_config: 
     dst.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(dst)
     if tokenizer is not None:
-        from movekd_hf.models import build_processor
-
         build_processor(config, tokenizer).save_pretrained(dst)
     if adapters:
         save_file({k: v.contiguous() for k, v in adapters.items()}, str(dst / ADAPTERS_FILE))

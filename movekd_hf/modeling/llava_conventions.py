@@ -82,6 +82,11 @@ def vicuna_v1_generation_prompt(question: str, system: str | None = None) -> str
 # -------------------------------------------------------------------------------------------- images and views
 
 
+def sample_name(record: Mapping[str, Any]) -> str:
+    """How an error message names a LLaVA data sample: its `id` and its row in the data file."""
+    return f"{record['id']!r} (row {record['row']})"
+
+
 class ImageLoadError(ValueError):
     """An image that cannot be read. `reason` is "missing" (no such file) or "corrupt" (undecodable)."""
 

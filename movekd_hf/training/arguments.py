@@ -15,10 +15,10 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
 from ..distill.losses import KD_LOSS_PRESETS
+from ..distill.presets import TEACHER_SETS
 from .data_args import MoVEKDDataArguments
 from .stages import STAGES
 
-TEACHER_SETS = ("v1.0", "v1.1", "tiny")
 KD_PRESETS = (*KD_LOSS_PRESETS, "none")
 TEACHER_SOURCES = ("online", "cached")
 
@@ -33,7 +33,7 @@ class MoVEKDModelArguments:
     )
     preset: str | None = field(default=None, metadata={"help": "Build a random model instead: `tiny`."})
     seed_model: int = field(default=0, metadata={"help": "Seed of the random `preset` model."})
-    teacher_set: str = field(default="v1.1", metadata={"help": f"One of {TEACHER_SETS}; `tiny` for CPU runs."})
+    teacher_set: str = field(default="v1.1", metadata={"help": f"One of {tuple(TEACHER_SETS)}; `tiny` for CPU runs."})
     teacher_pretrained: bool = field(
         default=True, metadata={"help": "Load teacher weights (False: random weights of the same architecture)."}
     )
@@ -56,7 +56,7 @@ class MoVEKDModelArguments:
         if (self.model_name_or_path is None) == (self.preset is None):
             raise ValueError("give exactly one of `model_name_or_path` (a checkpoint) or `preset` (e.g. `tiny`)")
         for name, value, choices in (
-            ("teacher_set", self.teacher_set, TEACHER_SETS),
+            ("teacher_set", self.teacher_set, tuple(TEACHER_SETS)),
             ("teacher_source", self.teacher_source, TEACHER_SOURCES),
             ("teacher_cache_grid", self.teacher_cache_grid, ("native", "student")),
         ):

@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..modeling import MoVEKDForConditionalGeneration
+
 DISTILLER_FILE = "distill_adapters.safetensors"
 LLM_LORA_DIR = "llm_lora"
 TRAIN_CONFIG_FILE = "train_config.json"
@@ -106,7 +108,6 @@ def load_training_folder(folder: str, module) -> None:
     The VLM's weights go through `from_pretrained`, so the key conversions of transformers' saving are undone by
     the same code that applies them; the loaded tensors are then copied into the live model.
     """
-    from ..modeling import MoVEKDForConditionalGeneration
 
     loaded = MoVEKDForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).state_dict()
     target = module.base_vlm()

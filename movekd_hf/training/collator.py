@@ -12,7 +12,7 @@ run a dummy image and add its output times zero to the loss.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -23,8 +23,6 @@ from .data import BadSampleError, BadSampleReport, check_on_bad_sample, open_ima
 from .templates import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
-
-TeacherPreprocess = Callable[[list[Image.Image]], torch.Tensor]
 
 
 def pad_sequences(sequences: Sequence[Sequence[int]], value: int, side: str = "right") -> torch.Tensor:
@@ -45,7 +43,7 @@ class MoVEKDDataCollator:
 
     Returns `input_ids`, `attention_mask`, `labels` [B, L]; `pixel_values` [N_img, 3, H, W] (None if N_img = 0);
     `images_per_sample` [B]; `sample_ids` (list[str]); and, when asked, `teacher_images` [N_img, 3, S, S] in
-    [0, 1] (teachers resize and normalise on device) and/or `teacher_pixel_values` {teacher: tensor} from per-teacher CPU preprocessing.
+    [0, 1] (teachers resize and normalise on device).
     Teachers see the same square view as the student: padded (`pad`) or centre-cropped (`resize`, as CLIP's
     resize-and-crop does). Keys other than the model's own must be popped by the trainer before `model(**batch)`.
     """
@@ -56,7 +54,6 @@ class MoVEKDDataCollator:
         pad_token_id: int,
         image_aspect: str = "pad",
         teacher_image_size: int | None = None,
-        teacher_preprocessors: Mapping[str, TeacherPreprocess] | None = None,
         on_bad_sample: str = "raise",
         report: BadSampleReport | None = None,
         padding_side: str = "right",
@@ -72,7 +69,6 @@ class MoVEKDDataCollator:
         self.pad_token_id = pad_token_id
         self.image_aspect = image_aspect
         self.teacher_image_size = teacher_image_size
-        self.teacher_preprocessors = dict(teacher_preprocessors or {})
         self.on_bad_sample = on_bad_sample
         self.report = report if report is not None else BadSampleReport()
         self.padding_side = padding_side
@@ -116,12 +112,6 @@ class MoVEKDDataCollator:
         batch["pixel_values"] = self._student_pixels(squares if self.image_aspect == "pad" else flat)
         if self.teacher_image_size is not None:  # None when no image, like pixel_values (module docstring)
             batch["teacher_images"] = images_to_unit_tensor(squares, self.teacher_image_size) if flat else None
-        if self.teacher_preprocessors:
-            batch["teacher_pixel_values"] = (
-                {name: preprocess(squares) for name, preprocess in self.teacher_preprocessors.items()}
-                if flat
-                else None
-            )
         return batch
 
     def _student_pixels(self, images: list[Image.Image]) -> torch.Tensor | None:

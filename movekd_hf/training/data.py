@@ -25,7 +25,7 @@ from typing import Any
 import datasets
 from PIL import Image
 
-from ..modeling.llava_conventions import IMAGE_TOKEN, ImageLoadError, load_image
+from ..modeling.llava_conventions import IMAGE_TOKEN, ImageLoadError, load_image, sample_name
 from .templates import ConversationError, render_conversation, tokenize_segments
 
 logger = logging.getLogger(__name__)
@@ -83,10 +83,6 @@ class BadSampleReport:
 def check_on_bad_sample(on_bad_sample: str) -> None:
     if on_bad_sample not in ON_BAD_SAMPLE_CHOICES:
         raise ValueError(f"on_bad_sample must be one of {ON_BAD_SAMPLE_CHOICES}, got {on_bad_sample!r}")
-
-
-def sample_name(record: Mapping[str, Any]) -> str:
-    return f"{record['id']!r} (row {record['row']})"
 
 
 # ---------------------------------------------------------------------------------------------- reading sources

@@ -9,7 +9,7 @@ from typing import Any
 import datasets
 
 from ..modeling.llava_conventions import IMAGE_ASPECTS, IMAGE_TOKEN
-from .collator import MoVEKDDataCollator, TeacherPreprocess
+from .collator import MoVEKDDataCollator
 from .data import (
     ON_BAD_SAMPLE_CHOICES,
     BadSampleReport,
@@ -95,7 +95,6 @@ def image_token_id(processor: Any) -> int:
 def build_train_data(
     data_args: MoVEKDDataArguments,
     processor: Any,
-    teacher_preprocessors: Mapping[str, TeacherPreprocess] | None = None,
 ) -> MoVEKDTrainData:
     """Source -> normalised Arrow (saved if `processed_dir`) -> tokenised dataset, collator and lengths.
 
@@ -126,7 +125,6 @@ def build_train_data(
         pad_token_id=tokenizer.pad_token_id,
         image_aspect=data_args.image_aspect,
         teacher_image_size=data_args.teacher_image_size,
-        teacher_preprocessors=teacher_preprocessors,
         on_bad_sample=data_args.on_bad_sample,
         report=report,
     )

@@ -11,6 +11,7 @@ import os
 import shutil
 from pathlib import Path
 
+from ..modeling import MoVEKDForConditionalGeneration, MoVEKDProcessor
 from .checkpoint import LLM_LORA_DIR
 
 CARRIED_FILES = ("README.md", "train_config.json")
@@ -18,8 +19,6 @@ CARRIED_FILES = ("README.md", "train_config.json")
 
 def merge_lora_checkpoint(checkpoint: str | os.PathLike, output_dir: str | os.PathLike) -> Path:
     from peft import PeftModel
-
-    from ..modeling import MoVEKDForConditionalGeneration, MoVEKDProcessor
 
     checkpoint, output_dir = Path(checkpoint), Path(output_dir)
     lora = checkpoint / LLM_LORA_DIR

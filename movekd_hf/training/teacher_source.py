@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from ..distill.cache import CacheSettings
 from ..distill.distiller import TeacherShape
 from ..distill.plan import meta_teacher_shape
 from ..distill.presets import clip_teacher, teacher_specs
@@ -119,7 +120,6 @@ def teacher_view_size(config, specs: list[TeacherSpec]) -> int:
 def teacher_cache_settings(config, image_processor, specs: list[TeacherSpec], grid: str, image_aspect: str):
     """The `CacheSettings` a training run with this student, processor and data view reads its cache with;
     `movekd-hf cache-teachers --model` writes with the same, so the cache keys agree."""
-    from ..distill.cache import CacheSettings
 
     return CacheSettings(
         student_grid=student_grid(config.vision_config),

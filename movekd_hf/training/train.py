@@ -15,6 +15,9 @@ from typing import Any
 import torch
 from transformers import set_seed
 
+from ..distill.cache import CachedTeachers
+from ..modeling import MoVEKDForConditionalGeneration, MoVEKDProcessor
+from ..models import from_preset
 from .arguments import MoVEKDModelArguments, MoVEKDTrainingArguments, parse_args
 from .data_args import MoVEKDDataArguments, build_train_data
 from .teacher_source import (
@@ -24,6 +27,7 @@ from .teacher_source import (
     teacher_cache_settings,
     teacher_view_size,
 )
+from .toy_data import make_toy_llava_dataset
 from .trainer import MoVEKDTrainer, build_distiller, llm_lora_config
 
 logger = logging.getLogger("movekd_hf.train")
@@ -31,8 +35,6 @@ logger = logging.getLogger("movekd_hf.train")
 
 def load_model(model_args: MoVEKDModelArguments):
     """(MoVE-KD VLM, processor) from a checkpoint folder / Hub id or from a preset."""
-    from ..modeling import MoVEKDForConditionalGeneration, MoVEKDProcessor
-    from ..models import from_preset
 
     if model_args.preset is not None:
         vlm, processor = from_preset(model_args.preset, seed=model_args.seed_model)
@@ -67,7 +69,6 @@ def resolve_toy_data(data_args: MoVEKDDataArguments, args: MoVEKDTrainingArgumen
     """`data_path: toy:pretrain[:N]` / `toy:finetune[:N]`: generate the package's toy data set and point at it."""
     if not data_args.data_path.startswith("toy:"):
         return
-    from .toy_data import make_toy_llava_dataset
 
     _, kind, *count = data_args.data_path.split(":")
     if kind not in ("pretrain", "finetune"):
@@ -94,7 +95,6 @@ def resolve_teachers(vlm, processor, model_args, data_args, args) -> dict[str, A
         return {"teachers": specs}
     # Teacher outputs read from `movekd-hf cache-teachers` output: the cache must have been written for this
     # student, teacher set and data view (checked through its key), and suit the adapters (checked against them).
-    from ..distill.cache import CachedTeachers
 
     if not model_args.teacher_cache_dir:
         raise ValueError("`teacher_source: cached` needs `teacher_cache_dir` (written by `movekd-hf cache-teachers`)")

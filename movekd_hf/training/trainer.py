@@ -39,6 +39,7 @@ from transformers.trainer_utils import HubStrategy
 from ..distill.distiller import MoVEKDDistiller
 from ..distill.losses import KDLossConfig, mole_balance_loss
 from ..distill.teachers import TeacherSpec
+from ..modeling.llava_conventions import student_grid
 from ..modeling.mole import upcast
 from .arguments import MoVEKDTrainingArguments
 from .checkpoint import (
@@ -48,6 +49,7 @@ from .checkpoint import (
     load_training_folder,
     save_training_folder,
 )
+from .collator import MoVEKDDataCollator
 from .stages import COMPONENTS, STAGES, apply_stage, component_of
 from .teacher_source import (
     ANCHOR,
@@ -88,9 +90,7 @@ class MoVEKDTrainingModule(nn.Module):
         super().__init__()
         self.vlm = vlm
         self.distiller = distiller
-        vision = self.config.vision_config
-        side = vision.image_size // vision.patch_size
-        self.student_grid = (side, side)
+        self.student_grid = student_grid(self.config.vision_config)
 
     @property
     def is_peft(self) -> bool:
@@ -172,9 +172,9 @@ def build_distiller(vlm: nn.Module, specs: Sequence[TeacherSpec], args: MoVEKDTr
     they start the same whether the teachers run online or are read from a cache."""
     shapes = teacher_shapes(vlm, list(specs))
     vision = vlm.config.vision_config
-    num_tokens = (vision.image_size // vision.patch_size) ** 2
+    height, width = student_grid(vision)
     torch.manual_seed(args.seed)
-    return MoVEKDDistiller(shapes, vision.hidden_size, num_tokens, KDLossConfig.from_preset(args.kd_preset))
+    return MoVEKDDistiller(shapes, vision.hidden_size, height * width, KDLossConfig.from_preset(args.kd_preset))
 
 
 def _teacher_specs(teachers: Teachers) -> list[TeacherSpec] | None:
@@ -260,7 +260,6 @@ def trainable_parameters(module: MoVEKDTrainingModule) -> dict[str, int]:
 
 
 def _default_collator(processing_class, teacher_image_size: int | None):
-    from .collator import MoVEKDDataCollator
 
     pad_token_id = processing_class.tokenizer.pad_token_id
     return MoVEKDDataCollator(processing_class.image_processor, pad_token_id, teacher_image_size=teacher_image_size)

@@ -16,7 +16,7 @@ def _fail(command: str, error: Exception) -> int:
 
 
 def _card(args: argparse.Namespace) -> int:
-    from .card import write_card
+    from movekd_hf.hub_cards.card import write_card
 
     try:
         written = write_card(args.run_dir, output_dir=args.output, repo_id=args.repo_id)
@@ -28,7 +28,7 @@ def _card(args: argparse.Namespace) -> int:
 
 
 def _push(args: argparse.Namespace) -> int:
-    from .publish import PushError, push_run
+    from movekd_hf.hub_cards.publish import PushError, push_run
 
     try:
         url = push_run(args.run_dir, args.repo_id, private=args.private, token=args.token, card_path=args.card)
@@ -42,7 +42,7 @@ def _convert(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from .convert import convert_authors_checkpoint
+    from movekd_hf.hub_cards.convert import convert_authors_checkpoint
 
     vision = args.vision_config
     if vision is not None:
@@ -56,7 +56,7 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .export import export_student_encoder
+    from movekd_hf.hub_cards.export import export_student_encoder
 
     try:
         out = export_student_encoder(args.checkpoint, args.out)

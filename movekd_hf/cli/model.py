@@ -44,7 +44,7 @@ def _mole_settings(args: argparse.Namespace) -> dict:
 
 
 def run_init(args: argparse.Namespace) -> int:
-    from . import models
+    from movekd_hf import models
 
     settings = _mole_settings(args)
     if args.llava:
@@ -71,17 +71,17 @@ def plan_rows(preset: str, teachers: str | None = None) -> dict:
     """Parameter counts per component, per stage, and bf16 weight memory for a preset (meta device)."""
     import torch
 
-    from .modeling import MoVEKDForConditionalGeneration
-    from .modeling.llava_conventions import student_grid
-    from .models import build_config
-    from .training.stages import STAGES, count_parameters
+    from movekd_hf.modeling import MoVEKDForConditionalGeneration
+    from movekd_hf.modeling.llava_conventions import student_grid
+    from movekd_hf.models import build_config
+    from movekd_hf.training.stages import STAGES, count_parameters
 
     config = build_config(preset)
     with torch.device("meta"):
         model = MoVEKDForConditionalGeneration(config)
     components = count_parameters(model)
     if teachers:
-        from .distill.plan import teacher_plan_rows
+        from movekd_hf.distill.plan import teacher_plan_rows
 
         vision = config.vision_config
         height, width = student_grid(vision)
@@ -94,7 +94,7 @@ def plan_rows(preset: str, teachers: str | None = None) -> dict:
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    from .training.stages import STAGES
+    from movekd_hf.training.stages import STAGES
 
     plan = plan_rows(args.preset, args.teachers)
     if args.json:
@@ -111,6 +111,6 @@ def run_plan(args: argparse.Namespace) -> int:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from .demo import run
+    from movekd_hf.demo import run
 
     return run(args.out, quick=args.quick)

@@ -67,8 +67,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def _specs(args: argparse.Namespace) -> list:
     from dataclasses import replace
 
-    from .presets import teacher_specs
-    from .teachers import TeacherSpec
+    from movekd_hf.distill.presets import teacher_specs
+    from movekd_hf.distill.teachers import TeacherSpec
 
     if args.teachers_json:
         with open(args.teachers_json, encoding="utf-8") as handle:
@@ -86,8 +86,8 @@ def _specs(args: argparse.Namespace) -> list:
 
 
 def _settings(args: argparse.Namespace, specs: list):
-    from ..modeling.llava_conventions import CLIP_MEAN_COLOUR
-    from .cache import CacheSettings
+    from movekd_hf.distill.cache import CacheSettings
+    from movekd_hf.modeling.llava_conventions import CLIP_MEAN_COLOUR
 
     # The default is what the collator pads with for a CLIP processor.
     background = tuple(int(c) for c in args.background.split(",")) if args.background else CLIP_MEAN_COLOUR
@@ -149,9 +149,9 @@ def print_estimate(estimate: dict) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from .cache import estimate_cache_size
-    from .cache_writer import cache_teacher_features, dataset_items
-    from .teachers import build_teacher
+    from movekd_hf.distill.cache import estimate_cache_size
+    from movekd_hf.distill.cache_writer import cache_teacher_features, dataset_items
+    from movekd_hf.distill.teachers import build_teacher
 
     if args.model:
         teachers, settings = _teachers_like_training(args)

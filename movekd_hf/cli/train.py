@@ -22,7 +22,7 @@ def add_parser(subparsers) -> None:
 def run_train(args: argparse.Namespace) -> int:
     # The entry at the package's top (movekd_hf/train.py), as `accelerate launch -m movekd_hf.train` runs it: it
     # adds the Hub model card, which training itself does not import.
-    from ..train import main
+    from movekd_hf.train import main
 
     return main(args.args)
 
@@ -30,7 +30,7 @@ def run_train(args: argparse.Namespace) -> int:
 def run_merge(args: argparse.Namespace) -> int:
     import sys
 
-    from .merge import merge_lora_checkpoint
+    from movekd_hf.training.merge import merge_lora_checkpoint
 
     try:
         print(merge_lora_checkpoint(args.checkpoint, args.output_dir))

@@ -1,5 +1,6 @@
-"""The `movekd-hf` command. Each subcommand lives next to the code it drives and is imported lazily, so
-`movekd-hf --help` stays fast and an optional dependency only matters to the subcommand that needs it."""
+"""The `movekd-hf` command, the package's edge: each subcommand module here parses argv and imports the code it
+drives only when it runs, so `movekd-hf --help` stays fast and an optional dependency only matters to the
+subcommand that needs it."""
 
 from __future__ import annotations
 
@@ -10,11 +11,11 @@ import sys
 # Modules exposing `add_parser(subparsers)`, which registers their subcommands, each setting
 # `func(args) -> int | None`. Keep these modules' top-level imports light (torch inside `func`).
 COMMAND_MODULES: list[str] = [
-    "movekd_hf.commands",
-    "movekd_hf.distill.commands",
-    "movekd_hf.evaluation.commands",
-    "movekd_hf.hub_cards.commands",
-    "movekd_hf.training.commands",
+    "movekd_hf.cli.model",
+    "movekd_hf.cli.distill",
+    "movekd_hf.cli.evaluate",
+    "movekd_hf.cli.hub",
+    "movekd_hf.cli.train",
 ]
 
 

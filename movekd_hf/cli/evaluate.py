@@ -49,7 +49,7 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run_score(args: argparse.Namespace) -> int:
-    from .readers import score_files
+    from movekd_hf.evaluation.readers import score_files
 
     metrics = score_files(args.benchmark, args.predictions, args.annotations, args.questions)
     print(json.dumps(metrics, sort_keys=True))
@@ -74,7 +74,7 @@ def resolve_data(name: str, data: Path, annotations: str | None, images: str | N
 def card_metrics(name: str, metrics: dict[str, float]) -> dict[str, float]:
     """The metrics a model card shows: the paper's number first, then the other overall values (no per-split /
     per-category breakdowns, no counts)."""
-    from .benchmarks import HEADLINE_METRIC
+    from movekd_hf.evaluation.benchmarks import HEADLINE_METRIC
 
     headline = HEADLINE_METRIC[name]
     rest = {k: v for k, v in metrics.items() if k != headline and "/" not in k and not k.startswith("num_")}
@@ -84,7 +84,7 @@ def card_metrics(name: str, metrics: dict[str, float]) -> dict[str, float]:
 def write_results(out_dir: Path, name: str, metrics: dict[str, float], model: str) -> dict[str, dict[str, float]]:
     """Write `<name>.json` (every metric) and update the combined `results.json` (`{benchmark: {metric: value}}`,
     the run-dir contract the model card reads from `RUN_DIR/eval/`) and `results.md` (the paper's columns)."""
-    from .benchmarks import HEADLINE_METRIC, PAPER_COLUMNS
+    from movekd_hf.evaluation.benchmarks import HEADLINE_METRIC, PAPER_COLUMNS
 
     headline = HEADLINE_METRIC[name]
     entry = {"benchmark": name, "metric": headline, "value": metrics[headline], "metrics": metrics, "model": model}
@@ -103,9 +103,9 @@ def write_results(out_dir: Path, name: str, metrics: dict[str, float], model: st
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from .benchmarks import canonical_name, read_predictions
-    from .readers import load_benchmark
-    from .runner import distributed_state, load_model_and_processor, run_generation
+    from movekd_hf.evaluation.benchmarks import canonical_name, read_predictions
+    from movekd_hf.evaluation.readers import load_benchmark
+    from movekd_hf.evaluation.runner import distributed_state, load_model_and_processor, run_generation
 
     name = canonical_name(args.benchmark)
     annotations, images = resolve_data(name, Path(args.data), args.annotations, args.images)
