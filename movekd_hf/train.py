@@ -1,6 +1,6 @@
 """The training entry: `accelerate launch -m movekd_hf.train CONFIG.yaml [--key value ...]` (or `movekd-hf train`).
 
-The edge of the package: argv becomes the trainer's objects in movekd_hf/training/train.py, and the Hub model
+The edge of the package: argv becomes the trainer's objects in movekd_hf/training/from_config.py, and the Hub model
 card of movekd_hf.hub_cards (which sits above training) is plugged in here, written into every saved folder.
 Then: train (or resume) -> final save -> push when `push_to_hub` is set.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from movekd_hf.hub_cards.card import render_repo_files
 from movekd_hf.hub_cards.run_dir import RunDir
-from movekd_hf.training import train as training
+from movekd_hf.training import from_config as training
 
 
 def write_model_card(trainer, folder: str) -> None:
@@ -34,7 +34,7 @@ def write_model_card(trainer, folder: str) -> None:
 
 
 def build_trainer(argv: list[str], **trainer_kwargs):
-    """The trainer this entry runs for `argv`: movekd_hf.training.train.build_trainer with the Hub model card.
+    """The trainer this entry runs for `argv`: movekd_hf.training.from_config.build_trainer with the Hub model card.
     `trainer_kwargs` (e.g. `callbacks`) go to `MoVEKDTrainer`."""
     return training.build_trainer(argv, card_writer=write_model_card, **trainer_kwargs)
 

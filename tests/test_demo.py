@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from movekd_hf.demo import report, world
+from movekd_hf.demo.arms import ARMS
 from movekd_hf.demo.evaluate import COLUMNS, OPEN_TYPES
-from movekd_hf.demo.train import ARMS
 
 PLOTS = ("loss_components.png", "teacher_weights.png", "expert_utilisation.png", "cls_attention_astronaut.png")
 
@@ -186,7 +186,7 @@ def test_teacher_pretraining_is_deterministic():
 
 
 def test_arms_differ_only_in_the_kd_setting():
-    from movekd_hf.demo.train import StageSettings, stage_arguments
+    from movekd_hf.demo.arms import StageSettings, stage_arguments
 
     settings = StageSettings("stage2", "d.json", "images", "v1", max_steps=5, batch_size=4, learning_rate=1e-3)
     arguments = [stage_arguments(settings, arm.kd_preset, "o").to_dict() for arm in ARMS]

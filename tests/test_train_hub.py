@@ -124,7 +124,7 @@ def test_merge_refuses_a_checkpoint_without_lora(lora_run, tmp_path):
 def test_qlora_without_a_gpu_fails_clearly(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU: the CPU error path does not apply")
-    from movekd_hf.training.train import qlora_config
+    from movekd_hf.training.from_config import qlora_config
 
     with pytest.raises(ValueError, match="needs a CUDA GPU"):
         qlora_config()

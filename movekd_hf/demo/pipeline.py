@@ -28,11 +28,11 @@ from ..isolated import run_without_package
 from ..modeling import MoVEKDForConditionalGeneration, MoVEKDProcessor
 from ..training.checkpoint import DISTILLER_FILE
 from . import assemble, plots, world
+from .arms import ARMS, Arm, StageSettings, run_stage
 from .assemble import LLM_CONFIG
 from .evaluate import answer_questions, prompt, score, table_row
 from .report import markdown_table, verdict
 from .teachers import load_teachers, pretrain_teachers, seed_everything
-from .train import ARMS, Arm, StageSettings, run_stage
 
 FINAL_ARM = "movekd_improved"
 TRIED = (

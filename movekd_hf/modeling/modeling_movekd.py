@@ -269,6 +269,15 @@ class _MoVEKDHeadMixin(_MoLEInitMixin):
     def mole_mlps(self) -> list:
         return self.model.mole_mlps()
 
+    def _build_head(self, config, base_model_class: type) -> None:
+        """Our base model and LM head, built in place of LLaVA's (whose `__init__` would build a plain base
+        model first), and the `auto_map` every Auto class loads the checkpoint through."""
+        self.model = base_model_class(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        own = _auto_map(type(config).__name__, self._head_name, base_model_class.__name__)
+        self.config.auto_map = {**own, **(getattr(config, "auto_map", None) or {})}
+        self.post_init()
+
 
 class MoVEKDModel(_MoLEModelMixin, LlavaModel):
     config_class = MoVEKDConfig
@@ -283,19 +292,13 @@ class MoVEKDForConditionalGeneration(_MoVEKDHeadMixin, LlavaForConditionalGenera
     """LLaVA-1.5 with a MoLE student encoder; at inference it runs like LLaVA (the teachers are not here)."""
 
     config_class = MoVEKDConfig
+    _head_name = "MoVEKDForConditionalGeneration"
     if _LEGACY_TOWER:
         _checkpoint_conversion_mapping = _V4_KEY_MAPPING
 
     def __init__(self, config: MoVEKDConfig):
-        # LLaVA's own __init__ would build a plain LlavaModel first; build ours directly instead.
         super(LlavaForConditionalGeneration, self).__init__(config)
-        self.model = MoVEKDModel(config)
-        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
-        self.config.auto_map = {
-            **_auto_map("MoVEKDConfig", "MoVEKDForConditionalGeneration", "MoVEKDModel"),
-            **(getattr(config, "auto_map", None) or {}),
-        }
-        self.post_init()
+        self._build_head(config, MoVEKDModel)
 
 
 class MoVEKDNextModel(_MoLEModelMixin, LlavaNextModel):
@@ -311,18 +314,13 @@ class MoVEKDNextForConditionalGeneration(_MoVEKDHeadMixin, LlavaNextForCondition
     """LLaVA-NeXT (any-resolution tiles) with a MoLE student encoder."""
 
     config_class = MoVEKDNextConfig
+    _head_name = "MoVEKDNextForConditionalGeneration"
     if _LEGACY_TOWER:
         _checkpoint_conversion_mapping = _V4_KEY_MAPPING
 
     def __init__(self, config: MoVEKDNextConfig):
         super(LlavaNextForConditionalGeneration, self).__init__(config)
-        self.model = MoVEKDNextModel(config)
-        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
-        self.config.auto_map = {
-            **_auto_map("MoVEKDNextConfig", "MoVEKDNextForConditionalGeneration", "MoVEKDNextModel"),
-            **(getattr(config, "auto_map", None) or {}),
-        }
-        self.post_init()
+        self._build_head(config, MoVEKDNextModel)
 
 
 class MoVEKDVisionModel(_MoLEInitMixin, CLIPVisionModel):
