@@ -232,13 +232,16 @@ class _MoLEModelMixin(_MoLEInitMixin):
         return [layer.mlp for layer in vision_encoder_layers(self.vision_tower)]
 
     def _take_vision_records(self) -> dict:
-        """Router logits and projector input of the forward that just ran (None without images)."""
+        """Router logits and projector input of the forward that just ran (None without images).
+
+        Router logits come from the layers that ran: a release that stops the tower after the last layer LLaVA
+        reads would leave the later layers out, and their routers then have nothing to balance."""
         mlps = self.mole_mlps()
-        router_logits = tuple(mlp.router_logits for mlp in mlps)
+        router_logits = tuple(mlp.router_logits for mlp in mlps if mlp.router_logits is not None)
         for mlp in mlps:
             mlp.router_logits = None
         inputs, self._projector_inputs = self._projector_inputs, []
-        if any(logits is None for logits in router_logits) or not inputs:
+        if not router_logits or not inputs:
             return dict.fromkeys(MOLE_OUTPUT_FIELDS)
         tokens = inputs[0] if len(inputs) == 1 else torch.cat(inputs, dim=0)  # [I, P, D * len(feature layers)]
         return {"router_logits": router_logits, "vision_hidden_states": tokens}
