@@ -1,12 +1,20 @@
 """The `movekd-hf` command, the package's edge: each subcommand module here parses argv and imports the code it
 drives only when it runs, so `movekd-hf --help` stays fast and an optional dependency only matters to the
-subcommand that needs it."""
+subcommand that needs it.
+
+Errors: a wrong option (argparse) or a wrong input (`movekd_hf.errors.InputError` and kin) ends in one line on
+stderr, `movekd-hf COMMAND: error: ...`, and exit code 2; `--debug` shows the traceback instead. Subcommands turn
+"this model id or path cannot be loaded" into such an error with `loading(option, value)`.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 # Modules exposing `add_parser(subparsers)`, which registers their subcommands, each setting
 # `func(args) -> int | None`. Keep these modules' top-level imports light (torch inside `func`).
@@ -17,13 +25,49 @@ COMMAND_MODULES: list[str] = [
     "movekd_hf.cli.hub",
     "movekd_hf.cli.train",
 ]
+DISTRIBUTION = "movekd_hf"
+
+
+class CommandParser(argparse.ArgumentParser):
+    """An `ArgumentParser` whose usage errors are one line (`PROG: error: MESSAGE`) and exit code 2, like every
+    other user error of the command; `PROG --help` still prints the usage. Subcommand parsers inherit it."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+class VersionAction(argparse.Action):
+    """`--version`: the installed distribution's version, read only when asked (keeps `--help` light)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.exit(0, version_line() + "\n")
+
+
+def version_line() -> str:
+    """`movekd-hf X.Y.Z`, X.Y.Z from the installed metadata (`importlib.metadata`). An editable install whose
+    metadata lags the source (`movekd_hf.__version__`) says so, since its entry points may be stale too."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from movekd_hf import __version__
+
+    try:
+        installed = version(DISTRIBUTION)
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return f"movekd-hf {__version__} (not installed)"
+    if installed != __version__:
+        return f"movekd-hf {installed} (source {__version__}; reinstall with `pip install -e .`)"
+    return f"movekd-hf {installed}"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="movekd-hf",
         description="MoVE-KD for Hugging Face: start, size, train, evaluate and publish MoVE-KD vision-language models.",
     )
+    parser.add_argument("--version", action=VersionAction, help="Print the installed package version and exit.")
     parser.add_argument(
         "--debug",
         action="store_true",
@@ -43,6 +87,11 @@ def user_errors() -> tuple[type[BaseException], ...]:
     return (InputError, ImageLoadError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
 
 
+def _one_line(error: BaseException) -> str:
+    """The error's message on one line (multi-line messages of other libraries joined with "; ")."""
+    return "; ".join(part.strip() for part in str(error).splitlines() if part.strip()) or type(error).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one subcommand. Expected user errors (`movekd_hf.errors.InputError` and kin) end in one line on stderr,
     `movekd-hf COMMAND: error: ...`, and exit code 2; a non-finite training run exits 1 likewise. `--debug`
@@ -58,11 +107,103 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except user_errors() as error:
-        print(f"movekd-hf {args.command}: error: {error}", file=sys.stderr)
+        print(f"movekd-hf {args.command}: error: {_one_line(error)}", file=sys.stderr)
         return 2
     except NonFiniteError as error:
-        print(f"movekd-hf {args.command}: error: {error}", file=sys.stderr)
+        print(f"movekd-hf {args.command}: error: {_one_line(error)}", file=sys.stderr)
         return 1
+
+
+# ------------------------------------------------------------------------------------- helpers for subcommands
+
+
+def existing_path(option: str, value: str | os.PathLike | None, kind: str = "file or folder") -> None:
+    """Raise `InputError` naming `option` unless `value` (when given) exists as `kind` ("file", "folder" or
+    "file or folder"). Local inputs are checked before anything heavy is imported or loaded."""
+    from movekd_hf.errors import InputError
+
+    if value is None:
+        return
+    path = os.fspath(value)
+    found = {"file": os.path.isfile, "folder": os.path.isdir}.get(kind, os.path.exists)(path)
+    if not found:
+        what = f"is not a {kind}" if os.path.exists(path) else "does not exist"
+        raise InputError(what, file=path, field=option, expected=f"an existing {kind}")
+
+
+def model_source(option: str, value: str) -> None:
+    """Raise `InputError` naming `option` unless `value` is an existing local path or at least spelled like a Hub
+    id (`org/name`, checked by `huggingface_hub.utils.validate_repo_id`): a mistyped local path fails here, at
+    once, rather than as an offline-Hub error after other models were loaded."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    from movekd_hf.errors import InputError
+
+    if os.path.exists(value):
+        return
+    try:
+        validate_repo_id(value)
+    except HFValidationError:
+        raise InputError(
+            "no such file or folder, and not a Hub id", file=value, field=option, expected="a local folder or a Hub id"
+        ) from None
+
+
+@contextmanager
+def loading(option: str, value: str) -> Iterator[None]:
+    """Turn the errors of loading `value` (a local folder or a Hub id, given as `option`) into one `InputError`
+    naming both: offline or not-found Hub errors from huggingface_hub, transformers or timm, and a checkpoint
+    whose files or config the loader refuses (OSError / ValueError). `InputError`s pass through unchanged."""
+    from movekd_hf.errors import InputError
+
+    try:
+        yield
+    except InputError:
+        raise
+    except (OSError, ValueError) as error:
+        raise InputError(_load_problem(value, error), field=option, expected=_load_expected(value)) from error
+
+
+def _load_problem(value: str, error: BaseException) -> str:
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    chain = [error]
+    while chain[-1].__cause__ is not None or chain[-1].__context__ is not None:
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+        if len(chain) > 20:  # a cycle would be a bug elsewhere; do not hang on it
+            break
+    kinds = {type(e) for e in chain}
+
+    def seen(*classes) -> bool:
+        return any(issubclass(kind, classes) for kind in kinds)
+
+    local = os.path.exists(value)
+    offline = constants.HF_HUB_OFFLINE or seen(OfflineModeIsEnabled)
+    if not local and offline and (seen(OfflineModeIsEnabled, LocalEntryNotFoundError) or isinstance(error, OSError)):
+        return f"Hub id {value!r} is not in the local cache, and HF_HUB_OFFLINE=1 forbids downloading it"
+    if not local and seen(GatedRepoError):
+        return f"Hub repository {value!r} is gated: accept its terms on the Hub and log in (`hf auth login`)"
+    if not local and seen(RepositoryNotFoundError):
+        return f"Hub repository {value!r} does not exist (or is private: log in with `hf auth login`)"
+    if not local and seen(RevisionNotFoundError):
+        return f"Hub repository {value!r} has no such revision"
+    if not local and seen(LocalEntryNotFoundError):
+        return f"Hub id {value!r} is not in the local cache and the Hub could not be reached"
+    return f"cannot load {value!r}: {_one_line(error)}"
+
+
+def _load_expected(value: str) -> str:
+    if os.path.exists(value):
+        return "a checkpoint folder written by save_pretrained (config.json and weights)"
+    return "a local folder, or a Hub id that is cached or reachable"
 
 
 if __name__ == "__main__":
