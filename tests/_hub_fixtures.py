@@ -10,7 +10,6 @@ from pathlib import Path
 
 import httpx2
 import matplotlib
-import torch
 
 matplotlib.use("Agg")  # headless: the plots are real PNG files, drawn without a display
 
@@ -189,82 +188,3 @@ def make_run_dir(root: Path, full: bool = True) -> Path:
         write_plot(root / "plots" / "loss.png")
         write_plot(root / "plots" / "router_balance.png")
     return root
-
-
-# The authors' checkpoint format (their LLaVA fork), at tiny sizes with every dimension distinct.
-AUTHORS_VISION = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                      image_size=32, patch_size=8, hidden_act="quick_gelu")  # fmt: skip
-AUTHORS_TEXT = dict(hidden_size=40, intermediate_size=56, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, vocab_size=261, max_position_embeddings=512, rms_norm_eps=1e-5,
-                    bos_token_id=1, eos_token_id=2)  # fmt: skip
-AUTHORS_EXPERTS, AUTHORS_RANK = 3, 4
-AUTHORS_VISION_PREFIX = "model.vision_tower.vision_tower.vision_model."
-
-
-def authors_config() -> dict:
-    return {
-        "model_type": "move_llava_llama",
-        "architectures": ["MoVELlavaLlamaForCausalLM"],
-        **AUTHORS_TEXT,
-        "hidden_act": "silu",
-        "mm_vision_tower": "openai/clip-vit-large-patch14-336",
-        "mm_hidden_size": AUTHORS_VISION["hidden_size"],
-        "mm_projector_type": "mlp2x_gelu",
-        "mm_vision_select_layer": -2,
-        "mm_vision_select_feature": "patch",
-        "image_aspect_ratio": "pad",
-        "tokenizer_model_max_length": 2048,
-    }
-
-
-def _mole_tensors(generator) -> dict:
-    """Per-expert LoRA tensors with the authors' names: moe_up on fc1 (D->r->I), moe_down on fc2 (I->r->D)."""
-    d, i, r = AUTHORS_VISION["hidden_size"], AUTHORS_VISION["intermediate_size"], AUTHORS_RANK
-    tensors = {}
-    for layer in range(AUTHORS_VISION["num_hidden_layers"]):
-        mlp = f"{AUTHORS_VISION_PREFIX}encoder.layers.{layer}.mlp"
-        for group, (n_in, n_out) in (("moe_up", (d, i)), ("moe_down", (i, d))):
-            for expert in range(AUTHORS_EXPERTS):
-                base = f"{mlp}.{group}.{expert}"
-                tensors[f"{base}.lora_A.weight"] = torch.randn(r, n_in, generator=generator) * 0.3
-                tensors[f"{base}.lora_A.bias"] = torch.randn(r, generator=generator) * 0.3
-                tensors[f"{base}.lora_B.weight"] = torch.randn(n_out, r, generator=generator) * 0.3
-                tensors[f"{base}.lora_B.bias"] = torch.randn(n_out, generator=generator) * 0.3
-        tensors[f"{mlp}.router.weight"] = torch.randn(AUTHORS_EXPERTS, d, generator=generator)
-        tensors[f"{mlp}.router.bias"] = torch.randn(AUTHORS_EXPERTS, generator=generator)
-    return tensors
-
-
-def make_authors_checkpoint(folder: Path, seed: int = 0, with_tokenizer: bool = True) -> dict:
-    """Write a synthetic checkpoint as the authors' code saves it; returns every tensor by its original key."""
-    from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
-    llm = LlamaForCausalLM(LlamaConfig(**AUTHORS_TEXT)).state_dict()  # model.*, lm_head.* as the authors have
-    tower = CLIPVisionModel(CLIPVisionConfig(**AUTHORS_VISION)).state_dict()
-    tower = {AUTHORS_VISION_PREFIX + k.removeprefix("vision_model."): v for k, v in tower.items()}
-    positions = (AUTHORS_VISION["image_size"] // AUTHORS_VISION["patch_size"]) ** 2 + 1
-    tower[AUTHORS_VISION_PREFIX + "embeddings.position_ids"] = torch.arange(positions)[None]  # old buffer
-    d, h = AUTHORS_VISION["hidden_size"], AUTHORS_TEXT["hidden_size"]
-    projector = {
-        f"model.mm_projector.{index}.{param}": torch.randn(*shape, generator=generator)
-        for index, n_in in ((0, d), (2, h))
-        for param, shape in (("weight", (h, n_in)), ("bias", (h,)))
-    }
-    adapters = {
-        "model.encoder_adapter.eva.channel_proj.weight": torch.randn(d, 24, generator=generator),
-        "model.encoder_adapter.eva.token_proj.weight": torch.randn(16, 64, generator=generator),
-    }
-    mole = _mole_tensors(generator)
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.save({**llm, **tower}, folder / "pytorch_model.bin")
-    torch.save(projector, folder / "mm_projector.bin")
-    torch.save(mole, folder / "mole_encoder.bin")
-    torch.save(adapters, folder / "encoder_adapter.bin")
-    write_json(folder / "config.json", authors_config())
-    if with_tokenizer:
-        from movekd_hf.models import build_byte_tokenizer
-
-        build_byte_tokenizer().save_pretrained(folder)
-    return {**llm, **tower, **projector, **adapters, **mole}
