@@ -159,3 +159,125 @@ def test_card_command(tmp_path, capsys):
     assert not (run_dir / "checkpoint" / "README.md").exists()  # --output respected
     assert "wrote" in capsys.readouterr().out
     assert json.loads((run_dir / "checkpoint" / "config.json").read_text())["model_type"] == "movekd_llava"
+
+
+# ------------------------------------------------------------------------- metadata the Hub accepts, and true
+
+
+def _validated(text: str) -> ModelCard:
+    """The card parsed back by huggingface_hub, every id in its metadata checked with the Hub's own rules."""
+    from huggingface_hub import EvalResult
+    from huggingface_hub.repocard_data import eval_results_to_model_index, model_index_to_eval_results
+    from huggingface_hub.utils import validate_repo_id
+
+    card = ModelCard(text)
+    data = card.data
+    for repo_id in ([data.base_model] if isinstance(data.base_model, str) else data.base_model or []) + list(
+        data.datasets or []
+    ):
+        validate_repo_id(repo_id)
+    if data.eval_results:
+        assert all(isinstance(result, EvalResult) for result in data.eval_results)
+        name, results = model_index_to_eval_results(eval_results_to_model_index(data.model_name, data.eval_results))
+        assert name == data.model_name and len(results) == len(data.eval_results)
+    return card
+
+
+@pytest.mark.parametrize("base_model", ["preset:tiny", "/home/me/runs/demo/init/movekd_default", "local_init"])
+def test_base_model_is_a_hub_id_or_left_out(tmp_path, base_model):
+    run_dir = make_run_dir(tmp_path / "run", full=False)
+    (tmp_path / "local_init").mkdir()  # a relative name that is a local folder, not a Hub repo
+    write_json(run_dir / "train_config.json", {"base_model": base_model, "datasets": ["data/llava.json", "me/data"]})
+    text = str(build_model_card(read_run_dir(run_dir)))
+    card = _validated(text)
+    assert card.data.base_model is None and card.data.datasets == ["me/data"]
+    assert "/home/me" not in text  # a local path means nothing to a reader (and leaks the machine's layout)
+    hub = make_run_dir(tmp_path / "hub", full=False)
+    write_json(hub / "train_config.json", {"base_model": "liuhaotian/llava-v1.5-7b"})
+    assert _validated(str(build_model_card(read_run_dir(hub)))).data.base_model == "liuhaotian/llava-v1.5-7b"
+
+
+def test_tiny_teachers_are_not_credited_as_the_papers(tmp_path):
+    run_dir = make_run_dir(tmp_path / "run", full=False)
+    write_json(run_dir / "train_config.json", {"teacher_set": "tiny", "teachers": ["clip", "convnext", "sam"],
+                                               "base_model": "preset:tiny"})  # fmt: skip
+    text = str(build_model_card(read_run_dir(run_dir)))
+    _validated(text)
+    for paper in KNOWN_TEACHERS.values():
+        assert paper.model_id not in text
+    assert text.count("random weights, nothing downloaded") == 3 and "| MIT |" not in text
+    assert "A toy model, for trying the code only." in text and "random `preset` model" in text
+
+
+def test_demo_card_says_it_is_a_toy(tmp_path):
+    run_dir = make_run_dir(tmp_path / "run", full=False)
+    write_json(run_dir / "train_config.json", {"teacher_set": "demo", "base_model": str(tmp_path / "init"),
+                                               "license": "apache-2.0"})  # fmt: skip
+    card = _validated(str(build_model_card(read_run_dir(run_dir))))
+    assert "A toy model" in card.text and "`movekd-hf demo`" in card.text
+    assert card.data.license == "apache-2.0" and card.data.base_model is None
+    full = make_run_dir(tmp_path / "full")
+    assert "A toy model" not in str(build_model_card(read_run_dir(full)))  # a paper run is no toy
+
+
+def test_limited_evaluation_is_not_published_as_a_benchmark_result(tmp_path):
+    from movekd_hf.cli.evaluate import write_results
+
+    run_dir = make_run_dir(tmp_path / "run", full=False)
+    eval_dir = run_dir / "eval"
+    eval_dir.mkdir()
+    # What `movekd-hf eval --limit 2` leaves today: a record per benchmark and the answers, no word of the limit.
+    write_results(eval_dir, "pope", {"f1": 100.0, "accuracy": 100.0, "num_missing": 0.0}, "ckpt")
+    (eval_dir / "pope_answers.jsonl").write_text('{"question_id": 1}\n{"question_id": 2}\n')
+    # A record that says it was limited, and one that says it ran the whole benchmark.
+    write_results(eval_dir, "gqa", {"accuracy": 50.0, "num_questions": 2.0}, "ckpt")
+    write_json(eval_dir / "gqa.json", {**json.loads((eval_dir / "gqa.json").read_text()), "limit": 2})
+    write_results(eval_dir, "mme", {"perception": 1500.0}, "ckpt")
+    write_json(eval_dir / "mme.json", {**json.loads((eval_dir / "mme.json").read_text()), "limit": None,
+                                       "num_samples": 2374})  # fmt: skip
+    write_card(run_dir, repo_id=REPO_ID)
+    text = (run_dir / "checkpoint" / "README.md").read_text()
+    card = _validated(text)
+    assert {r.dataset_name for r in card.data.eval_results} == {"MME"}
+    assert sorted(p.name for p in (run_dir / "checkpoint" / ".eval_results").iterdir()) == ["mme.yaml"]
+    mme = parse_eval_result_entries(
+        yaml.safe_load((run_dir / "checkpoint" / ".eval_results" / "mme.yaml").read_text())
+    )
+    assert mme[0].notes.endswith("; 2374 samples")
+    assert "| POPE | f1 | 100.0 | 2 samples; not recorded as a run over the whole benchmark" in text
+    assert (
+        "| GQA | accuracy | 50.0 | limited run (2 samples, `--limit 2`): a smoke test, not a benchmark result |"
+        in text
+    )
+    assert "| MME | perception | 1500.0 | whole benchmark, 2374 samples |" in text
+
+
+def test_licence_must_be_a_hub_identifier(tmp_path):
+    run_dir = make_run_dir(tmp_path / "run", full=False)
+    write_json(run_dir / "train_config.json", {"license": "Apache 2.0"})
+    with pytest.raises(ValueError, match=r"`license` must be a Hub licence identifier .* got 'Apache 2.0'"):
+        build_model_card(read_run_dir(run_dir))
+
+
+def test_card_command_records_licence_datasets_and_base_model(tmp_path):
+    run_dir = make_run_dir(tmp_path / "run", full=False)
+    args = ["card", str(run_dir), "--license", "llama2", "--dataset", "liuhaotian/LLaVA-Pretrain",
+            "--dataset", "data/local.json", "--base-model", "liuhaotian/llava-v1.5-7b"]  # fmt: skip
+    assert main(args) == 0
+    card = _validated((run_dir / "checkpoint" / "README.md").read_text())
+    assert (card.data.license, card.data.datasets) == ("llama2", ["liuhaotian/LLaVA-Pretrain"])
+    assert card.data.base_model == "liuhaotian/llava-v1.5-7b"
+
+
+def test_hyperparameters_are_read_from_the_checkpoint_folder(tmp_path):
+    """A trainer's checkpoint keeps train_config.json and training_args.json beside the weights: a card
+    re-rendered from a run whose checkpoint sits in RUN/checkpoint still lists them."""
+    from _hub_fixtures import TRAIN_CONFIG, TRAINING_ARGS
+
+    run_dir = make_run_dir(tmp_path / "run", full=False)
+    write_json(run_dir / "checkpoint" / "train_config.json", TRAIN_CONFIG)
+    write_json(run_dir / "checkpoint" / "training_args.json", TRAINING_ARGS)
+    for _ in range(2):  # rendering twice gives the same table
+        write_card(run_dir)
+        body = (run_dir / "checkpoint" / "README.md").read_text()
+        assert "| `learning_rate` | 2e-05 |" in body and "| `lambda_kd` | 0.5 |" in body

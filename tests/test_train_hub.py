@@ -78,7 +78,7 @@ def test_lora_checkpoint_holds_base_vlm_plus_adapter(lora_run):
         p.name for p in (checkpoint / LLM_LORA_DIR).iterdir()
     }
     assert not (checkpoint / "adapter_config.json").exists()  # would make transformers load a different base
-    base = MoVEKDForConditionalGeneration.from_pretrained(checkpoint)
+    base = MoVEKDForConditionalGeneration.from_pretrained(checkpoint, load_llm_lora=False)
     live = trainer.model.vlm.get_base_model()
     for name, param in base.named_parameters():  # MoLE and projector trained, LLM base untouched
         live_name = name if name in dict(live.named_parameters()) else name.replace(".weight", ".base_layer.weight")
@@ -108,7 +108,7 @@ print(json.dumps({{"logits": logits.tolist(), "peft": any("lora_A.default" in n 
     result = run_without_package(code)
     assert result["peft"] is False
     with torch.no_grad():  # the LoRA matters: the unmerged base VLM answers differently
-        base = MoVEKDForConditionalGeneration.from_pretrained(checkpoint).eval()
+        base = MoVEKDForConditionalGeneration.from_pretrained(checkpoint, load_llm_lora=False).eval()
         assert not torch.allclose(base(input_ids=input_ids, pixel_values=pixel_values).logits, expected, atol=1e-4)
     torch.testing.assert_close(torch.tensor(result["logits"]), expected, rtol=1e-4, atol=1e-5)
 

@@ -7,6 +7,7 @@ source, notes}` entries per benchmark dataset, built with `huggingface_hub.EvalR
 
 from __future__ import annotations
 
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,8 +15,12 @@ from typing import Any
 
 import yaml
 from huggingface_hub import EvalResult, EvalResultEntry, ModelCard, ModelCardData, eval_result_entries_to_yaml
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 
+from ..distill.presets import TEACHER_SETS, TINY_TEACHERS
 from ..evaluation.benchmarks import benchmark_key
+from ..training.checkpoint import LLM_LORA_DIR
 from .card_template import CARD_TEMPLATE
 from .run_dir import RunDir, read_run_dir
 
@@ -43,7 +48,8 @@ class TeacherInfo:
     license: str
 
 
-# The paper's teachers (METHOD.md section 1). A run may name others; their licence is then "not recorded".
+# The paper's teachers (METHOD.md section 1), credited to slugs only in runs of a paper teacher set (v1.0, v1.1).
+# A run may name others; their licence is then "not recorded".
 KNOWN_TEACHERS: dict[str, TeacherInfo] = {
     "clip": TeacherInfo("clip", "openai/clip-vit-large-patch14-336", "MIT"),
     "eva": TeacherInfo("eva", "Yuxin-CV/EVA-02 `eva02/det/eva02_L_coco_det_sys_o365.pth` (EVA-02-L ViTDet)", "MIT"),
@@ -81,14 +87,45 @@ TRAINING_ARG_FIELDS = (
     "gradient_checkpointing", "deepspeed", "seed",
 )  # fmt: skip
 # train_config.json keys with their own place in the card, so not repeated as hyper-parameters.
-_TRAIN_CONFIG_SPECIAL = {"teachers", "teacher_set", "base_model", "vision_tower", "license", "datasets"}
+_TRAIN_CONFIG_SPECIAL = {
+    "teachers", "teacher_set", "base_model", "base_model_is_local", "vision_tower", "license", "datasets", "toy",
+}  # fmt: skip
+NOT_RECORDED = "not recorded"
+DATA_FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".parquet", ".arrow", ".txt", ".yaml", ".yml", ".zip", ".tar")
+RANDOM_WEIGHTS = "none (random weights, nothing downloaded)"
+# Teacher sets whose models are toys: a card of such a run says so at the top.
+TOY_TEACHER_SETS = {
+    "tiny": "Its teachers are the `tiny` set: real architectures at test sizes with random weights",
+    "demo": "It is the output of `movekd-hf demo`: small teachers and a small LLM trained on synthetic images",
+}
+# A Hub licence identifier (https://huggingface.co/docs/hub/repositories-licenses): lowercase, e.g. apache-2.0.
+_LICENSE_ID = re.compile(r"^[a-z0-9][a-z0-9.\-]*$")
+
+
+def teacher_set_members(teacher_set: str | None) -> dict[str, TeacherInfo]:
+    """What the slugs of a named teacher set stand for: the paper's weights for v1.0 / v1.1, the random tiny
+    architectures (movekd_hf.distill.presets.TINY_TEACHERS) for `tiny`, nothing for any other set."""
+    if teacher_set == "tiny":
+        return {
+            slug: TeacherInfo(slug, f"`{spec.model_id}` architecture at test size, random weights", RANDOM_WEIGHTS)
+            for slug, spec in TINY_TEACHERS.items()
+        }
+    if teacher_set in TEACHER_SETS:
+        return {slug: KNOWN_TEACHERS[slug] for slug in TEACHER_SETS[teacher_set]}
+    return {}
 
 
 def resolve_teachers(train_config: dict[str, Any] | None) -> list[TeacherInfo]:
-    """The run's teachers from `train_config["teachers"]` (slug list, slug->id dict or list of dicts)."""
-    raw = (train_config or {}).get("teachers")
+    """The run's teachers from `train_config["teachers"]` (slug list, slug->id dict or list of dicts with `name`,
+    optional `model_id`, `license`, `pretrained`).
+
+    A bare slug means what the run's `teacher_set` says it means (`teacher_set_members`); outside a named set its id
+    and licence are "not recorded". `pretrained: false` means random weights: no licence applies."""
+    train_config = train_config or {}
+    raw = train_config.get("teachers")
     if raw is None:
         return []
+    members = teacher_set_members(train_config.get("teacher_set"))
     if isinstance(raw, dict):
         raw = [{"name": name, "model_id": model_id} for name, model_id in raw.items()]
     if not isinstance(raw, list):
@@ -98,13 +135,91 @@ def resolve_teachers(train_config: dict[str, Any] | None) -> list[TeacherInfo]:
         entry = {"name": item} if isinstance(item, str) else item
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
             raise ValueError(f"train_config.json: each teacher needs a string `name`, got {item!r}.")
-        known = KNOWN_TEACHERS.get(entry["name"])
-        model_id = entry.get("model_id") or (known.model_id if known else "not recorded")
+        known = members.get(entry["name"]) or KNOWN_TEACHERS.get(entry["name"])
+        if not entry.get("model_id"):
+            teachers.append(members.get(entry["name"], TeacherInfo(entry["name"], NOT_RECORDED, NOT_RECORDED)))
+            continue
+        model_id = entry["model_id"]
         # A known slug keeps its licence only while it points at the known weights.
         same_weights = known is not None and model_id == known.model_id
-        license_ = entry.get("license") or (known.license if same_weights else "not recorded")
+        license_ = entry.get("license") or (known.license if same_weights else NOT_RECORDED)
+        if entry.get("pretrained") is False:
+            model_id, license_ = f"`{model_id}` architecture, random weights", RANDOM_WEIGHTS
         teachers.append(TeacherInfo(entry["name"], model_id, license_))
     return teachers
+
+
+def hub_repo_id(value: Any, run: RunDir | None = None) -> str | None:
+    """`value` when it names a Hub repository (huggingface_hub's `validate_repo_id`), else None: presets
+    (`preset:tiny`), absolute or relative local paths, data file names and names of folders that exist locally
+    are not Hub ids."""
+    if not isinstance(value, str) or value.startswith(("/", ".", "~")) or "\\" in value:
+        return None
+    if value.lower().endswith(DATA_FILE_SUFFIXES):  # `data/llava.json` passes validate_repo_id but is a file
+        return None
+    try:
+        validate_repo_id(value)
+    except HFValidationError:
+        return None
+    local = [Path(value)] + ([run.root / value, run.root.parent / value] if run is not None else [])
+    return None if any(path.exists() for path in local) else value
+
+
+def base_model_id(run: RunDir) -> str | None:
+    """The base model's Hub id for the card's `base_model`, or None when the run started from a local folder or a
+    random preset (the card body then says so)."""
+    train_config = run.train_config or {}
+    if train_config.get("base_model_is_local"):
+        return None
+    return hub_repo_id(train_config.get("base_model"), run)
+
+
+def describe_base_model(run: RunDir) -> str | None:
+    """The base model as the card body shows it, without local paths (they mean nothing to a reader)."""
+    value = (run.train_config or {}).get("base_model")
+    if not value:
+        return None
+    if base_model_id(run):
+        return f"[`{value}`](https://huggingface.co/{value})"
+    if str(value).startswith("preset:"):
+        return f"the random `{str(value).removeprefix('preset:')}` preset of movekd-hf (no pretrained weights)"
+    return f"a local model folder (`{Path(str(value)).name}`), not on the Hub"
+
+
+def training_datasets(run: RunDir) -> list[str]:
+    """`train_config["datasets"]` entries that are Hub dataset ids; local files and toy data are left out."""
+    raw = (run.train_config or {}).get("datasets") or []
+    raw = [raw] if isinstance(raw, str) else raw
+    return [name for name in raw if hub_repo_id(name, run)]
+
+
+def card_license(run: RunDir) -> str | None:
+    """`train_config["license"]` as a Hub licence id, or None. Raises ValueError for one that is not an id."""
+    value = (run.train_config or {}).get("license")
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _LICENSE_ID.match(value):
+        raise ValueError(
+            f"train_config.json: `license` must be a Hub licence identifier (lowercase, e.g. apache-2.0, llama2, "
+            f"mit, other), got {value!r}."
+        )
+    return value
+
+
+def toy_reasons(run: RunDir) -> list[str]:
+    """Why the model is a toy, when it is one: `train_config["toy"]`, a toy teacher set, a random preset LLM."""
+    train_config = run.train_config or {}
+    reasons = [str(train_config["toy"])] if train_config.get("toy") else []
+    if train_config.get("teacher_set") in TOY_TEACHER_SETS:
+        reasons.append(TOY_TEACHER_SETS[train_config["teacher_set"]])
+    if str(train_config.get("base_model", "")).startswith("preset:"):
+        reasons.append("Its language model and vision encoder are the random `preset` model of movekd-hf")
+    return reasons
+
+
+def has_llm_lora(checkpoint: Path) -> bool:
+    """Whether the checkpoint holds an LLM LoRA (`llm_lora/`, from a `lora_llm` run)."""
+    return (checkpoint / LLM_LORA_DIR / "adapter_config.json").is_file()
 
 
 def _format_value(value: Any) -> str:
@@ -132,15 +247,16 @@ def describe_architecture(config: dict[str, Any], run: RunDir) -> list[tuple[str
     train_config = run.train_config or {}
     text, vision = config.get("text_config", {}), config.get("vision_config", {})
     rows = []
-    if train_config.get("base_model"):
-        rows.append(("base model", f"`{train_config['base_model']}`"))
+    base_model = describe_base_model(run)
+    if base_model:
+        rows.append(("base model", base_model))
     llm = f"{text.get('model_type', '?')}, {text.get('num_hidden_layers', '?')} layers"
     rows.append(("language model", f"{llm}, hidden {text.get('hidden_size', '?')}"))
     student = (
         f"{vision.get('model_type', '?')}, {vision.get('num_hidden_layers', '?')} layers, hidden "
         f"{vision.get('hidden_size', '?')}, {vision.get('image_size', '?')} px, patch {vision.get('patch_size', '?')}"
     )
-    if train_config.get("vision_tower"):
+    if hub_repo_id(train_config.get("vision_tower"), run):
         student = f"`{train_config['vision_tower']}` ({student})"
     rows.append(("student encoder", student))
     mole_fields = ("num_experts", "lora_rank", "lora_alpha", "lora_dropout", "mole_routing")
@@ -157,26 +273,68 @@ def describe_architecture(config: dict[str, Any], run: RunDir) -> list[tuple[str
     return rows
 
 
-def _result_rows(results: dict[str, dict[str, float]]) -> list[tuple[str, str, float]]:
+@dataclass(frozen=True)
+class EvalStatus:
+    """How a benchmark's numbers were obtained. `published`: shown as a benchmark result in the card's metadata."""
+
+    samples: int | None
+    limit: int | None
+    published: bool
+    note: str
+
+
+def eval_status(run: RunDir, benchmark: str) -> EvalStatus:
+    """What the run's `eval/<benchmark>.json` record says of `benchmark` (see run_dir's contract)."""
+    key = benchmark_key(benchmark)
+    records = {benchmark_key(str(r.get("benchmark", stem))): r for stem, r in run.eval_records.items()}
+    record = records.get(key)
+    if record is None:
+        return EvalStatus(None, None, True, "as given in eval/results.json")
+    metrics = record.get("metrics") if isinstance(record.get("metrics"), dict) else {}
+    samples = next(
+        (int(v) for v in (record.get("num_samples"), metrics.get("num_questions"), record.get("answer_lines")) if v),
+        None,
+    )
+    counted = f"{samples} samples" if samples else "sample count not recorded"
+    if "limit" not in record:
+        note = f"{counted}; not recorded as a run over the whole benchmark, so not published as a benchmark result"
+        return EvalStatus(samples, None, False, note)
+    if record["limit"] is not None:
+        note = f"limited run ({counted}, `--limit {record['limit']}`): a smoke test, not a benchmark result"
+        return EvalStatus(samples, int(record["limit"]), False, note)
+    return EvalStatus(samples, None, True, f"whole benchmark, {counted}")
+
+
+def _pretty(benchmark: str) -> tuple[str, BenchmarkInfo | None]:
+    info = KNOWN_BENCHMARKS.get(benchmark_key(benchmark))
+    return (info.pretty_name if info else benchmark), info
+
+
+def _result_rows(run: RunDir) -> list[tuple[str, str, float, str]]:
     rows = []
-    for benchmark, metrics in results.items():
-        info = KNOWN_BENCHMARKS.get(benchmark_key(benchmark))
+    for benchmark, metrics in (run.eval_results or {}).items():
+        note = eval_status(run, benchmark).note
         for metric, value in metrics.items():
-            rows.append((info.pretty_name if info else benchmark, metric, value))
+            rows.append((_pretty(benchmark)[0], metric, value, note))
     return rows
+
+
+def published_results(run: RunDir) -> dict[str, dict[str, float]]:
+    """The benchmarks the card's metadata may present as results: runs over the whole benchmark (`eval_status`)."""
+    return {name: metrics for name, metrics in (run.eval_results or {}).items() if eval_status(run, name).published}
 
 
 def model_index_results(results: dict[str, dict[str, float]]) -> list[EvalResult]:
     """One `EvalResult` per (benchmark, metric), for the card's `model-index`."""
     entries = []
     for benchmark, metrics in results.items():
-        info = KNOWN_BENCHMARKS.get(benchmark_key(benchmark))
+        name, info = _pretty(benchmark)
         for metric, value in metrics.items():
             entries.append(
                 EvalResult(
                     task_type="image-text-to-text",
                     dataset_type=info.dataset_id if info else benchmark,
-                    dataset_name=info.pretty_name if info else benchmark,
+                    dataset_name=name,
                     metric_type=metric,
                     metric_name=metric,
                     metric_value=value,
@@ -185,19 +343,20 @@ def model_index_results(results: dict[str, dict[str, float]]) -> list[EvalResult
     return entries
 
 
-def eval_results_files(results: dict[str, dict[str, float]], repo_id: str | None = None) -> dict[str, str]:
-    """`.eval_results/<benchmark>.yaml` texts: one file per benchmark, one entry per metric.
+def eval_results_files(run: RunDir, repo_id: str | None = None) -> dict[str, str]:
+    """`.eval_results/<benchmark>.yaml` texts of the published results: one file per benchmark, one entry per metric.
 
     The format needs a Hub dataset id, so benchmarks outside `KNOWN_BENCHMARKS` are left out here (they still
     appear in `model-index` and in the card's table).
     """
     source_url = f"https://huggingface.co/{repo_id}" if repo_id else None
     files = {}
-    for benchmark, metrics in results.items():
+    for benchmark, metrics in published_results(run).items():
         key = benchmark_key(benchmark)
         info = KNOWN_BENCHMARKS.get(key)
         if info is None:
             continue
+        samples = eval_status(run, benchmark).samples
         entries = [
             EvalResultEntry(
                 dataset_id=info.dataset_id,
@@ -205,7 +364,7 @@ def eval_results_files(results: dict[str, dict[str, float]], repo_id: str | None
                 value=value,
                 source_url=source_url,
                 source_name="Model card" if source_url else None,
-                notes=EVAL_NOTES,
+                notes=EVAL_NOTES + (f"; {samples} samples" if samples else ""),
             )
             for metric, value in metrics.items()
         ]
@@ -214,19 +373,18 @@ def eval_results_files(results: dict[str, dict[str, float]], repo_id: str | None
 
 
 def build_card_data(run: RunDir, repo_id: str | None = None) -> ModelCardData:
-    """The card's YAML metadata: only fields the run dir supports."""
-    train_config = run.train_config or {}
-    datasets = train_config.get("datasets")
+    """The card's YAML metadata: only fields the run dir supports, each a valid Hub value or left out."""
     model_name = (repo_id or run.root.resolve().name).split("/")[-1]
+    results = published_results(run)
     return ModelCardData(
-        base_model=train_config.get("base_model"),
-        datasets=datasets if datasets else None,
-        license=train_config.get("license"),
+        base_model=base_model_id(run),
+        datasets=training_datasets(run) or None,
+        license=card_license(run),
         library_name="transformers",
         pipeline_tag="image-text-to-text",
         tags=CARD_TAGS,
         model_name=model_name,
-        eval_results=model_index_results(run.eval_results) if run.eval_results else None,
+        eval_results=model_index_results(results) if results else None,
     )
 
 
@@ -238,12 +396,15 @@ def build_model_card(run: RunDir, repo_id: str | None = None) -> ModelCard:
         card_data,
         template_str=CARD_TEMPLATE,
         model_title=card_data.model_name,
+        toy_reasons=toy_reasons(run),
         paper_url=PAPER_URL,
         arxiv_id=ARXIV_ID,
         citation=CITATION,
         repo_id=repo_id or PLACEHOLDER_REPO_ID,
         example_image=EXAMPLE_IMAGE,
         architecture=describe_architecture(run.config, run),
+        llm_lora=has_llm_lora(run.checkpoint),
+        llm_lora_dir=LLM_LORA_DIR,
         teachers=resolve_teachers(run.train_config),
         teacher_set=train_config.get("teacher_set"),
         hyperparameters=collect_hyperparameters(run),
@@ -252,7 +413,8 @@ def build_model_card(run: RunDir, repo_id: str | None = None) -> ModelCard:
             "routers, teacher adapters and projector; stage 2 also trains the LLM. Loss: "
             "`L_lm + lambda_kd * L_kd + lambda_bal * L_bal`. The values below are the ones this run recorded."
         ),
-        results=_result_rows(run.eval_results) if run.eval_results else [],
+        results=_result_rows(run),
+        any_published=bool(published_results(run)),
         plots=run.plots,
     )
 
@@ -261,13 +423,19 @@ def render_repo_files(run: RunDir, repo_id: str | None = None) -> dict[str, str]
     """Card and eval-results texts keyed by their path in the repo."""
     files = {"README.md": str(build_model_card(run, repo_id)).rstrip("\n") + "\n"}
     if run.eval_results:
-        files.update(eval_results_files(run.eval_results, repo_id))
+        files.update(eval_results_files(run, repo_id))
     return files
 
 
-def write_card(run_dir: str | Path, output_dir: str | Path | None = None, repo_id: str | None = None) -> list[Path]:
-    """Write README.md, `.eval_results/*.yaml` and the plots into `output_dir` (default: the checkpoint)."""
-    run = read_run_dir(run_dir)
+def write_card(
+    run_dir: str | Path,
+    output_dir: str | Path | None = None,
+    repo_id: str | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> list[Path]:
+    """Write README.md, `.eval_results/*.yaml` and the plots into `output_dir` (default: the checkpoint).
+    `overrides` replace train_config.json entries (`license`, `datasets`, `base_model`)."""
+    run = read_run_dir(run_dir, overrides)
     output = Path(output_dir) if output_dir is not None else run.checkpoint
     written = []
     for path_in_repo, text in render_repo_files(run, repo_id).items():

@@ -9,7 +9,10 @@ CARD_TEMPLATE = """---
 ---
 
 # {{ model_title }}
-
+{% if toy_reasons %}
+> **A toy model, for trying the code only.** {% for reason in toy_reasons %}{{ reason }}. {% endfor %}Its
+> answers and scores say nothing about MoVE-KD at scale.
+{% endif %}
 A LLaVA-style vision-language model whose vision encoder was trained with **MoVE-KD**
 ([Mixture-of-Visual-Encoder Knowledge Distillation]({{ paper_url }}), CVPR 2025): several frozen vision
 encoders (the teachers) are distilled into the single vision encoder of the VLM, whose MLPs carry a mixture
@@ -21,7 +24,15 @@ of LoRA experts (MoLE) with a per-token router. At inference only the student en
 |---|---|
 {% for name, value in architecture %}| {{ name }} | {{ value }} |
 {% endfor %}
-{% if teachers %}
+{% if llm_lora %}
+## LLM LoRA
+
+The language model was trained with a LoRA (peft), saved in `{{ llm_lora_dir }}/`; the top-level weights hold the
+language model as it started. `from_pretrained(..., trust_remote_code=True)` attaches the LoRA through
+transformers' peft integration, so **peft must be installed** (`pip install peft`); without it loading stops with
+an error rather than answering with the untrained language model. For a checkpoint that needs no peft, fold the
+LoRA into the weights with `movekd-hf merge CHECKPOINT OUT` and publish OUT.
+{% endif %}{% if teachers %}
 ## Teachers
 
 The teachers are used during training only; they are not part of these weights.
@@ -43,13 +54,14 @@ The teachers are used during training only; they are not part of these weights.
 {% if results %}
 ## Evaluation
 
-| benchmark | metric | value |
-|---|---|---|
-{% for benchmark, metric, value in results %}| {{ benchmark }} | {{ metric }} | {{ value }} |
+| benchmark | metric | value | run |
+|---|---|---|---|
+{% for benchmark, metric, value, note in results %}| {{ benchmark }} | {{ metric }} | {{ value }} | {{ note }} |
 {% endfor %}
-The same numbers are in this card's `model-index` metadata and, for benchmarks hosted on the Hub, in
-`.eval_results/*.yaml`.
-{% endif %}
+{% if any_published %}Results of runs over a whole benchmark (or given as such) are also in this card's `model-index`
+metadata and, for benchmarks hosted on the Hub, in `.eval_results/*.yaml`; limited runs are not.
+{% else %}None of these runs covered a whole benchmark, so none is published as a benchmark result in the metadata.
+{% endif %}{% endif %}
 {% if plots %}
 ## Training curves
 

@@ -2,6 +2,10 @@
 
 Nothing is written locally: the card is rendered in memory and files are read, never moved or rewritten, so a
 failed push leaves the run directory exactly as it was.
+
+What is uploaded is decided by one list, `movekd_hf.training.checkpoint.TRAINING_STATE_PATTERNS`, which the
+trainer's own pushes use too: every file of the checkpoint folder, sub-folders included (the `lora_llm` adapter in
+`llm_lora/`), except training state. The card files (README.md, `.eval_results/`, plots) are rendered fresh.
 """
 
 from __future__ import annotations
@@ -13,14 +17,12 @@ from pathlib import Path
 from huggingface_hub import CommitOperationAdd, HfApi, get_token
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 
+from ..training.checkpoint import LLM_LORA_DIR, TRAINING_STATE_PATTERNS
 from .card import render_repo_files
 from .run_dir import RunDir, read_run_dir
 
-# Training state and tool files that may sit in a checkpoint folder but are not part of the released model.
-EXCLUDED_PATTERNS = (
-    "optimizer.pt", "scheduler.pt", "rng_state*.pth", "trainer_state.json", "training_args.bin",
-    "distill_adapters.safetensors", "zero_to_fp32.py", "latest", ".*", "README.md",
-)  # fmt: skip
+# Card files: what the folder holds of them is replaced by the card rendered for this push.
+RENDERED_PATTERNS = ("README.md", ".eval_results/*", "plots/*")
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "vocab.json")
 COMMIT_MESSAGE = "Upload MoVE-KD model with movekd-hf"
@@ -69,17 +71,46 @@ def _check_processor(checkpoint: Path) -> None:
             )
 
 
+def is_training_state(path_in_folder: str) -> bool:
+    """Whether a file (its POSIX path inside the checkpoint folder) is training state, never published. The same
+    test as `copy_loadable_files` and the trainer's `upload_folder(ignore_patterns=TRAINING_STATE_PATTERNS)`."""
+    return any(fnmatch.fnmatch(path_in_folder, pattern) for pattern in TRAINING_STATE_PATTERNS)
+
+
+def loadable_files(checkpoint: Path) -> dict[str, Path]:
+    """The checkpoint folder's model files, sub-folders included, keyed by POSIX path inside it."""
+    files = {}
+    for path in sorted(checkpoint.rglob("*")):
+        relative = path.relative_to(checkpoint).as_posix()
+        if path.is_file() and not is_training_state(relative):
+            files[relative] = path
+    return files
+
+
+def _check_llm_lora(checkpoint: Path) -> None:
+    lora = checkpoint / LLM_LORA_DIR
+    if lora.is_dir() and not all(
+        (lora / name).is_file() for name in ("adapter_config.json", "adapter_model.safetensors")
+    ):
+        raise PushError(
+            f"{lora} is incomplete (expected adapter_config.json and adapter_model.safetensors): without it the "
+            "model would load as the untrained language model. Push the folder the trainer saved, or "
+            "`movekd-hf merge` a complete one."
+        )
+
+
 def collect_upload_files(run: RunDir, repo_id: str, card_path: str | Path | None = None) -> dict[str, Path | bytes]:
     """Everything the commit will hold, keyed by path in the repo (local files as paths, rendered ones as bytes)."""
     checkpoint = run.checkpoint
     _remote_code_files(checkpoint, run.config)
     _check_weights(checkpoint)
     _check_processor(checkpoint)
-    files: dict[str, Path | bytes] = {}
-    for path in sorted(checkpoint.iterdir()):
-        # Sub-folders are left out: they hold trainer/DeepSpeed state (global_step*, checkpoint-*), not the model.
-        if path.is_file() and not any(fnmatch.fnmatch(path.name, pattern) for pattern in EXCLUDED_PATTERNS):
-            files[path.name] = path
+    _check_llm_lora(checkpoint)
+    files: dict[str, Path | bytes] = {
+        name: path
+        for name, path in loadable_files(checkpoint).items()
+        if not any(fnmatch.fnmatch(name, pattern) for pattern in RENDERED_PATTERNS)
+    }
     for path_in_repo, text in render_repo_files(run, repo_id).items():
         files[path_in_repo] = text.encode("utf-8")
     if card_path is not None:
@@ -113,9 +144,11 @@ def push_run(
     private: bool = False,
     token: str | None = None,
     card_path: str | Path | None = None,
+    overrides: dict | None = None,
 ) -> str:
-    """Create `repo_id` if needed and upload the run in a single commit; returns the commit URL."""
-    run = read_run_dir(run_dir)
+    """Create `repo_id` if needed and upload the run in a single commit; returns the commit URL. `overrides`
+    replace train_config.json entries for the card (`license`, `datasets`, `base_model`)."""
+    run = read_run_dir(run_dir, overrides)
     files = collect_upload_files(run, repo_id, card_path)
     token = token or get_token()
     if not token:

@@ -11,9 +11,17 @@ A run directory ``RUN_DIR`` holds:
   ``teachers`` (a list of slugs, a ``{slug: model_id}`` dict, or a list of ``{"name", "model_id", "license"}``
   dicts), ``teacher_set`` (e.g. ``"v1.1"``), ``base_model`` (the LLaVA / LLM Hub id the run started from),
   ``vision_tower`` (the student's Hub id), ``license`` (the released weights' licence), ``datasets``
-  (Hub ids of the training data). Every other scalar entry is listed as a hyper-parameter.
-- ``training_args.json`` (optional): ``TrainingArguments.to_dict()``; the usual recipe fields are listed.
+  (Hub ids of the training data; other entries are left out of the metadata). Optional too: ``base_model_is_local``
+  (the base model was a local folder, whatever its name looks like) and ``toy`` (why the model is a toy, e.g. the
+  demo). Every other scalar entry is listed as a hyper-parameter. Read from ``RUN_DIR`` or, failing that, from the
+  checkpoint folder (where the trainer writes it).
+- ``training_args.json`` (optional): ``TrainingArguments.to_dict()``; the usual recipe fields are listed. Same
+  places as ``train_config.json``. (``training_args.bin`` is a pickle and is never read.)
 - ``eval/results.json`` (optional): the combined table ``{benchmark: {metric: value}}``.
+- ``eval/<benchmark>.json`` (optional): the record ``movekd-hf eval`` writes per benchmark (``metrics``, and
+  ``limit`` / ``num_samples`` when it records them). A benchmark with a record is published as a benchmark result
+  only when the record says the whole benchmark ran (``"limit": null``); a limited or unverified run shows in the
+  card with its sample count, marked as such. Results without a record are taken as given.
 - ``plots/*.png`` (optional): figures shown in the card and uploaded next to it.
 
 The card is written from whatever exists; missing optional parts are left out, never invented.
@@ -30,6 +38,7 @@ CHECKPOINT_SUBDIR = "checkpoint"
 TRAIN_CONFIG_FILE = "train_config.json"
 TRAINING_ARGS_FILE = "training_args.json"
 EVAL_RESULTS_FILE = "eval/results.json"
+EVAL_DIR = "eval"
 PLOTS_DIR = "plots"
 
 
@@ -44,6 +53,8 @@ class RunDir:
     training_args: dict[str, Any] | None = None
     eval_results: dict[str, dict[str, float]] | None = None
     plots: list[Path] = field(default_factory=list)
+    # `eval/<benchmark>.json` records keyed by file stem, each with `answer_lines` added when the answers file exists.
+    eval_records: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def find_checkpoint(root: Path) -> Path:
@@ -67,10 +78,6 @@ def _read_json(path: Path, expected: type) -> Any:
     return data
 
 
-def _read_optional_json(path: Path) -> dict[str, Any] | None:
-    return _read_json(path, dict) if path.is_file() else None
-
-
 def validate_eval_results(results: dict[str, Any], source: str) -> dict[str, dict[str, float]]:
     """Check the `{benchmark: {metric: number}}` shape, naming the first offending entry."""
     for benchmark, metrics in results.items():
@@ -82,8 +89,28 @@ def validate_eval_results(results: dict[str, Any], source: str) -> dict[str, dic
     return results
 
 
-def read_run_dir(path: str | Path) -> RunDir:
-    """Read a run directory following the contract in this module's docstring."""
+def _first_json(*paths: Path) -> dict[str, Any] | None:
+    return next((_read_json(path, dict) for path in paths if path.is_file()), None)
+
+
+def read_eval_records(folder: Path) -> dict[str, dict[str, Any]]:
+    """`eval/<benchmark>.json` records (not results.json), with the line count of `<benchmark>_answers.jsonl`."""
+    records = {}
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        if path.name == Path(EVAL_RESULTS_FILE).name:
+            continue
+        record = _read_json(path, dict)
+        answers = folder / f"{path.stem}_answers.jsonl"
+        if answers.is_file():
+            with answers.open(encoding="utf-8") as handle:
+                record["answer_lines"] = sum(1 for line in handle if line.strip())
+        records[path.stem] = record
+    return records
+
+
+def read_run_dir(path: str | Path, overrides: dict[str, Any] | None = None) -> RunDir:
+    """Read a run directory following the contract in this module's docstring. `overrides` (e.g. `license`,
+    `datasets`, `base_model` from the command line) replace the same keys of `train_config.json`."""
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"Run directory {root} does not exist.")
@@ -94,12 +121,17 @@ def read_run_dir(path: str | Path) -> RunDir:
         eval_results = validate_eval_results(_read_json(results_path, dict), str(results_path))
     plots_dir = root / PLOTS_DIR
     plots = sorted(plots_dir.glob("*.png")) if plots_dir.is_dir() else []
+    train_config = _first_json(root / TRAIN_CONFIG_FILE, checkpoint / TRAIN_CONFIG_FILE)
+    given = {key: value for key, value in (overrides or {}).items() if value is not None}
+    if given:
+        train_config = {**(train_config or {}), **given}
     return RunDir(
         root=root,
         checkpoint=checkpoint,
         config=_read_json(checkpoint / "config.json", dict),
-        train_config=_read_optional_json(root / TRAIN_CONFIG_FILE),
-        training_args=_read_optional_json(root / TRAINING_ARGS_FILE),
+        train_config=train_config,
+        training_args=_first_json(root / TRAINING_ARGS_FILE, checkpoint / TRAINING_ARGS_FILE),
         eval_results=eval_results,
         plots=plots,
+        eval_records=read_eval_records(root / EVAL_DIR),
     )

@@ -11,6 +11,7 @@ runs on transformers 4.57 and 5.x.
 
 import dataclasses
 import functools
+import logging
 
 import torch
 import transformers
@@ -261,8 +262,95 @@ class _MoLEModelMixin(_MoLEInitMixin):
         return records
 
 
+# ---------------------------------------------------------------------------------------------- LLM LoRA
+
+# Where `lora_llm` training writes the peft adapter of the LLM, inside the checkpoint (movekd_hf/training/checkpoint.py
+# keeps the same name). A sub-folder, because a top-level adapter_config.json makes transformers load the base model
+# named inside it instead of this checkpoint.
+LLM_LORA_DIR = "llm_lora"
+_HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision")
+
+
+def find_llm_lora(pretrained_model_name_or_path, subfolder: str = "", **hub_kwargs):
+    """The checkpoint's `llm_lora/` adapter as `(peft_model_id, adapter_kwargs)` for `load_adapter`, or None.
+
+    A local folder is looked at directly; a Hub repo through huggingface_hub's file cache (one small download), so
+    a repo without the adapter costs one missing-file answer."""
+    import os
+
+    local = os.path.join(str(pretrained_model_name_or_path), subfolder, LLM_LORA_DIR)
+    if os.path.isdir(str(pretrained_model_name_or_path)):
+        return (local, {}) if os.path.isfile(os.path.join(local, "adapter_config.json")) else None
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    folder = f"{subfolder}/{LLM_LORA_DIR}" if subfolder else LLM_LORA_DIR
+    kwargs = {name: hub_kwargs[name] for name in _HUB_KWARGS if hub_kwargs.get(name) is not None}
+    try:
+        hf_hub_download(str(pretrained_model_name_or_path), "adapter_config.json", subfolder=folder, **kwargs)
+    except LocalEntryNotFoundError:  # (a subclass of EntryNotFoundError in huggingface_hub 1.x and later)
+        logging.getLogger(__name__).warning(
+            "%s: offline and `%s/adapter_config.json` is not in the cache, so whether this checkpoint has an LLM "
+            "LoRA cannot be checked; loading without one",
+            pretrained_model_name_or_path,
+            folder,
+        )
+        return None
+    except EntryNotFoundError:
+        return None  # the repo has no LLM LoRA
+    return str(pretrained_model_name_or_path), {"subfolder": folder, **kwargs}
+
+
+def attach_llm_lora(model, pretrained_model_name_or_path, subfolder: str = "", **hub_kwargs) -> bool:
+    """Attach the checkpoint's `llm_lora/` adapter (the LLM LoRA of a `lora_llm` run) through transformers' peft
+    integration (`load_adapter`), so the model computes what was trained. Returns whether there was one.
+
+    Raises ImportError when the checkpoint has the adapter and peft is not installed: loading the base LLM alone
+    would silently answer differently from the trained model."""
+    import importlib.util
+
+    found = find_llm_lora(pretrained_model_name_or_path, subfolder, **hub_kwargs)
+    if found is None:
+        return False
+    if importlib.util.find_spec("peft") is None:
+        raise ImportError(
+            f"{pretrained_model_name_or_path} holds an LLM LoRA in `{LLM_LORA_DIR}/` that this model was trained "
+            "with, and peft is not installed to attach it. Install peft (`pip install peft`), or fold the LoRA in "
+            "with `movekd-hf merge CHECKPOINT OUT` and load OUT; `load_llm_lora=False` loads the base VLM without it."
+        )
+    peft_model_id, adapter_kwargs = found
+    # transformers' load report counts MoLE's own `lora_A`/`lora_B` (already loaded) as missing adapter weights, a
+    # false alarm on every load; it is silenced and the adapter's own keys are checked here instead.
+    report_logger = logging.getLogger("transformers.integrations.peft")
+    level = report_logger.level
+    report_logger.setLevel(logging.ERROR)
+    try:
+        info = model.load_adapter(peft_model_id, adapter_kwargs=adapter_kwargs)
+    finally:
+        report_logger.setLevel(level)
+    adapter_keys = {name for name, _ in model.named_parameters() if ".default." in name}
+    missing = sorted(set(getattr(info, "missing_keys", None) or ()) & adapter_keys)
+    unexpected = sorted(getattr(info, "unexpected_keys", None) or ())
+    if not adapter_keys or missing or unexpected:
+        raise ValueError(
+            f"{pretrained_model_name_or_path}: `{LLM_LORA_DIR}/` does not fit this model (attached adapter weights: "
+            f"{len(adapter_keys)}, missing: {missing[:3]}, unexpected: {unexpected[:3]})."
+        )
+    return True
+
+
 class _MoVEKDHeadMixin(_MoLEInitMixin):
     """The generation head: LLaVA's own forward, plus the base model's `MOLE_OUTPUT_FIELDS`."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, load_llm_lora: bool = True, **kwargs):
+        """transformers' `from_pretrained`, plus the checkpoint's LLM LoRA (`llm_lora/`, see `attach_llm_lora`)
+        attached when present. `load_llm_lora=False` gives the base VLM alone (what `movekd-hf merge` and
+        resuming start from)."""
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        if load_llm_lora:
+            attach_llm_lora(model, pretrained_model_name_or_path, kwargs.get("subfolder") or "", **kwargs)
+        return model
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

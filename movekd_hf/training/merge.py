@@ -26,7 +26,8 @@ def merge_lora_checkpoint(checkpoint: str | os.PathLike, output_dir: str | os.Pa
         raise ValueError(f"{checkpoint} has no {LLM_LORA_DIR}/adapter_config.json: it is not a `lora_llm` checkpoint")
     if output_dir.resolve() == checkpoint.resolve():
         raise ValueError("merge into a new folder: OUT must differ from CKPT (the checkpoint stays resumable)")
-    base = MoVEKDForConditionalGeneration.from_pretrained(checkpoint)
+    # The base VLM alone: loading would otherwise attach llm_lora/ already (modeling_movekd.attach_llm_lora).
+    base = MoVEKDForConditionalGeneration.from_pretrained(checkpoint, load_llm_lora=False)
     merged = PeftModel.from_pretrained(base, lora).merge_and_unload()
     merged.save_pretrained(output_dir)
     MoVEKDProcessor.from_pretrained(checkpoint).save_pretrained(output_dir)
