@@ -162,16 +162,18 @@ def test_v1_equals_the_shipped_processor_chat_template_and_its_inference_prompt(
             {"from": "gpt", "value": "Red."},
         ],
         [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}],
+        [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "A red circle."}],  # LLaVA strips: "<image>"
     ]
     for turns in conversations:
         num_images = sum(turn["value"].count("<image>") for turn in turns)
-        by_template = {
-            name: tokenize_segments(
-                render_conversation(name, turns, num_images, None, processor), tokenizer, image_id, count, True
-            )
-            for name in ("v1", "chat_template")
-        }
-        assert by_template["v1"] == by_template["chat_template"]
+        for system in (None, "Answer briefly."):
+            by_template = {
+                name: tokenize_segments(
+                    render_conversation(name, turns, num_images, system, processor), tokenizer, image_id, count, True
+                )
+                for name in ("v1", "chat_template")
+            }
+            assert by_template["v1"] == by_template["chat_template"]
     image = Image.new("RGB", (37, 29), (10, 200, 10))
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What shape?"}]}]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)

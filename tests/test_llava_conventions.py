@@ -10,6 +10,7 @@ import torch
 from _model_fixtures import TINY_VISION
 from PIL import Image
 
+from movekd_hf.evaluation.prompts import chat_template_messages, short_answer_prompt, v1_conversation
 from movekd_hf.modeling.llava_conventions import (
     CLIP_MEAN,
     CLIP_MEAN_COLOUR,
@@ -27,12 +28,48 @@ from movekd_hf.modeling.llava_conventions import (
     vicuna_v1_prompt,
 )
 
+# llava/conversation.py, `conv_vicuna_v1.system` (haotian-liu/LLaVA), character for character.
+LLAVA_CONV_VICUNA_V1_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
 
-def test_the_vicuna_v1_prompt_is_llava_15s():
-    assert VICUNA_SYSTEM.startswith("A chat between a curious human and an artificial intelligence assistant.")
+
+def llava_get_prompt(system: str, messages: list[tuple[str, str | None]], sep2: str = "</s>") -> str:
+    """`Conversation.get_prompt` for `SeparatorStyle.TWO` (sep=" ", sep2="</s>") as llava/conversation.py writes it:
+    system + sep, then `role: message` + seps[i % 2] per message, and `role:` for the empty generation slot."""
+    seps = [" ", sep2]
+    prompt = system + seps[0]
+    for index, (role, message) in enumerate(messages):
+        prompt += f"{role}: {message}{seps[index % 2]}" if message else f"{role}:"
+    return prompt
+
+
+@pytest.fixture(scope="module")
+def processor():
+    """The tiny preset's processor (its tokenizer's EOS is "</s>", as Vicuna's)."""
+    from movekd_hf.models import build_tiny_model
+
+    return build_tiny_model(seed=0)[1]
+
+
+def user(*parts):
+    return {
+        "role": "user",
+        "content": [{"type": "image"} if p is None else {"type": "text", "text": p} for p in parts],
+    }
+
+
+def assistant(text):
+    return {"role": "assistant", "content": [{"type": "text", "text": text}]}
+
+
+def test_the_vicuna_v1_system_text_is_llavas_conv_vicuna_v1():
+    assert VICUNA_SYSTEM == LLAVA_CONV_VICUNA_V1_SYSTEM
     assert vicuna_v1_prompt("Q?") == f"{VICUNA_SYSTEM} USER: Q? ASSISTANT:"
     assert vicuna_v1_prompt("Q?", system="S") == "S USER: Q? ASSISTANT:"
     assert move_image_to_front("What is it?\n<image>") == "<image>\nWhat is it?"
+    assert move_image_to_front("<image>") == "<image>"  # LLaVA's preprocess_multimodal strips the lone "\n"
     assert (
         vicuna_v1_generation_prompt("What is it? <image>") == f"{VICUNA_SYSTEM} USER: <image>\nWhat is it? ASSISTANT:"
     )
@@ -40,10 +77,94 @@ def test_the_vicuna_v1_prompt_is_llava_15s():
 
 def test_chat_template_renders_the_generation_prompt(tiny):
     _, processor = tiny
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
+    messages = [user(None, "What is it?")]
     rendered = processor.apply_chat_template(messages, add_generation_prompt=True)
     assert rendered == vicuna_v1_generation_prompt(f"{IMAGE_TOKEN}\nWhat is it?")
     assert processor.image_token == IMAGE_TOKEN
+
+
+@pytest.mark.parametrize(
+    ("messages", "system", "llava_messages"),
+    [
+        ([user(None, "What is it?")], None, [("USER", "<image>\nWhat is it?"), ("ASSISTANT", None)]),
+        (
+            [user(None, "What is it?"), assistant("A cat."), user("Its colour?"), assistant("Black."), user("Why?")],
+            None,
+            [
+                ("USER", "<image>\nWhat is it?"),
+                ("ASSISTANT", "A cat."),
+                ("USER", "Its colour?"),
+                ("ASSISTANT", "Black."),
+                ("USER", "Why?"),
+                ("ASSISTANT", None),
+            ],
+        ),
+        (
+            [{"role": "system", "content": "Answer briefly."}, user(None, "What is it?")],
+            "Answer briefly.",
+            [("USER", "<image>\nWhat is it?"), ("ASSISTANT", None)],
+        ),
+        (
+            [{"role": "system", "content": [{"type": "text", "text": "Be terse."}]}, user("Hi"), assistant("Hello.")],
+            "Be terse.",
+            [("USER", "Hi"), ("ASSISTANT", "Hello."), ("ASSISTANT", None)],
+        ),
+        (
+            [user(None, None, "Which is brighter?")],
+            None,
+            [("USER", "<image>\n<image>\nWhich is brighter?"), ("ASSISTANT", None)],
+        ),
+        ([user("What is it?", None)], None, [("USER", "What is it?\n<image>"), ("ASSISTANT", None)]),
+        ([user("Hi there.")], None, [("USER", "Hi there."), ("ASSISTANT", None)]),
+        (
+            [{"role": "user", "content": "Hi <image> there."}],
+            None,
+            [("USER", "Hi <image> there."), ("ASSISTANT", None)],
+        ),
+        ([user(None)], None, [("USER", "<image>"), ("ASSISTANT", None)]),
+    ],
+    ids=[
+        "single",
+        "multi-turn",
+        "system",
+        "system-parts",
+        "two-images",
+        "text-then-image",
+        "text-only",
+        "string",
+        "image-only",
+    ],
+)
+def test_chat_template_renders_what_llavas_conversation_renders(processor, messages, system, llava_messages):
+    """Single turn, multi-turn, a system message (it replaces the system text), two images and text only, against
+    LLaVA's own `get_prompt`. Content parts keep their order, an image is `<image>` joined by "\\n" to its neighbours."""
+    expected = llava_get_prompt(system or LLAVA_CONV_VICUNA_V1_SYSTEM, llava_messages)
+    assert processor.apply_chat_template(messages, add_generation_prompt=True) == expected
+
+
+def test_chat_template_ends_answers_with_the_tokenizers_eos_text(processor):
+    messages = [user("Hi"), assistant("Hello.")]
+    rendered = processor.apply_chat_template(messages)
+    assert rendered == llava_get_prompt(VICUNA_SYSTEM, [("USER", "Hi"), ("ASSISTANT", "Hello.")])
+    assert rendered.endswith("Hello." + processor.tokenizer.eos_token)
+    other_eos = processor.apply_chat_template(messages, eos_token="<|eot_id|>")
+    assert other_eos == llava_get_prompt(VICUNA_SYSTEM, [("USER", "Hi"), ("ASSISTANT", "Hello.")], sep2="<|eot_id|>")
+
+
+def test_chat_template_refuses_other_roles(processor):
+    with pytest.raises(Exception, match="got role tool"):
+        processor.apply_chat_template([user("Hi"), {"role": "tool", "content": "x"}])
+
+
+def test_evaluation_prompts_are_the_chat_templates(processor):
+    """The `v1` evaluation prompt and the chat-template one are the same text: one system text for both."""
+    prompt = short_answer_prompt("Is it red?")
+    rendered = processor.apply_chat_template(chat_template_messages(prompt), add_generation_prompt=True)
+    assert (
+        v1_conversation(prompt)
+        == rendered
+        == llava_get_prompt(LLAVA_CONV_VICUNA_V1_SYSTEM, [("USER", f"<image>\n{prompt}"), ("ASSISTANT", None)])
+    )
 
 
 def test_load_image_decodes_every_source_to_rgb(tmp_path):

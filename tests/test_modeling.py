@@ -220,7 +220,7 @@ def test_processor_expands_image_to_one_token_per_patch_and_uses_vicuna_v1(tiny,
     ids = inputs["input_ids"][0].tolist()
     assert ids.count(processor.image_token_id) == 16  # (32 / 8) ** 2 patches, CLS dropped
     text = processor.tokenizer.decode([i for i in ids if i != processor.image_token_id], skip_special_tokens=False)
-    assert text.startswith("<s>A chat between a curious human") and text.endswith(" USER: \nRed? ASSISTANT:")
+    assert text.startswith("<s>A chat between a curious user") and text.endswith(" USER: \nRed? ASSISTANT:")
 
 
 def test_saved_config_names_every_auto_class(tiny_checkpoint):

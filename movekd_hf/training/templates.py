@@ -1,17 +1,29 @@
 """Conversation templates and label masking (METHOD.md section 5).
 
 A template turns a normalised conversation (`[{"from": "human"|"gpt", "value": str}, ...]`) into text segments,
-each marked trained or not. Tokenising segment by segment makes the label mask exact by construction, instead of
-LLaVA's re-tokenise-and-subtract arithmetic (with its `-2` corrections for sentencepiece). The `<image>` placeholder
-becomes `num_image_tokens` copies of the image token id, as `LlavaProcessor` does at inference, always masked.
+each marked trained or not. `tokenize_segments` joins them and tokenises the WHOLE text once, as the processor
+tokenises a prompt at inference (`<image>` written as `num_image_tokens` image tokens, as `LlavaProcessor` writes
+it), then trains the tokens whose characters fall in trained segments. So the training ids are the inference ids
+for any tokenizer: tokenising segment by segment would differ wherever the tokenizer looks across a segment
+boundary (a sentencepiece `▁` after an image token, `▁USER` after `</s>` where the whole text has `US`, `ER`).
 
-- `plain` (stage 1): `<image>` + caption + `"\\n"`; the human turn is replaced by the image alone; only the caption
+This is what LLaVA's own `preprocess_v1` intends (llava/train/train.py: tokenise the whole conversation, then mask
+each round's instruction). Its mask arithmetic re-tokenises each round alone and subtracts 2 (BOS and the `▁` that
+a trailing space becomes), with a `-1` per round for non-legacy LLaMA tokenizers; on other tokenizers the counts are
+off (a byte-level BPE has no BOS, `</s>` is several tokens) and LLaVA masks the whole sample with its `tokenization
+mismatch` warning. Locating the answers by characters has no such arithmetic: for a legacy LLaMA tokenizer the
+labels equal LLaVA's (tests/test_tokenizer_parity.py, text-only samples: with an image LLaVA tokenises the text on
+each side of it alone, the extra `▁` above), for the others they are the ones LLaVA meant.
+
+- `plain` (stage 1): `<image>` + caption + `"\n"`; the human turn is replaced by the image alone; only the caption
   and its newline are trained. No EOS, as in LLaVA's `conv_llava_plain`.
-- `v1` (stage 2, Vicuna): `SYSTEM USER: <image>\\n{q} ASSISTANT: {a}</s>USER: ...`; a space after the system
-  text and inside a turn, none after `</s>` (LLaVA's `sep=" "`, `sep2="</s>"`); only ` {a}</s>` is trained, so
-  the prompt ends in `ASSISTANT:` exactly as the generation prompt does.
+- `v1` (stage 2, Vicuna): `SYSTEM USER: <image>\n{q} ASSISTANT: {a}</s>USER: ...` (LLaVA's `conv_vicuna_v1`, the
+  processor's chat template); the answer ends with the tokenizer's EOS text (`</s>` for LLaMA tokenizers); only
+  ` {a}</s>` is trained, so the prompt ends in `ASSISTANT:` exactly as the generation prompt does.
 - `chat_template`: the tokenizer's/processor's own Jinja template; answer spans are found by rendering growing
   prefixes of the conversation (each assistant answer is what its message adds after the generation prompt).
+
+A single-image human turn is normalised first, as LLaVA's `preprocess_multimodal` does: `<image>\n{text}`.
 """
 
 from __future__ import annotations
@@ -38,7 +50,7 @@ class ConversationError(ValueError):
 
 @dataclass(frozen=True)
 class Segment:
-    """A piece of the rendered conversation. `eos=True` appends the tokenizer's EOS id (trained with the text)."""
+    """A piece of the rendered conversation. `eos=True` appends the tokenizer's EOS text (trained with the text)."""
 
     text: str
     trained: bool
@@ -105,7 +117,7 @@ def _to_messages(turns: list[tuple[str, str]], system: str | None) -> list[dict[
         for position, piece in enumerate(pieces):
             if position > 0:
                 parts.append({"type": "image"})
-            # The template writes its own separator after an image (LLaVA's "<image>\n"), so the newline that
+            # The template writes its own separator between parts (LLaVA's "<image>\n"), so the newline that
             # LLaVA data puts next to the placeholder is dropped, as LLaVA's own preprocessing does.
             piece = piece.strip() if len(pieces) > 1 else piece
             if piece:
@@ -115,14 +127,17 @@ def _to_messages(turns: list[tuple[str, str]], system: str | None) -> list[dict[
 
 
 def render_chat_template(
-    conversations: Sequence[dict[str, str]], renderer: Any, system: str | None = None
+    conversations: Sequence[dict[str, str]], renderer: Any, system: str | None = None, num_images: int = 0
 ) -> list[Segment]:
     """Render with `renderer.apply_chat_template` (a tokenizer or processor carrying a chat template).
 
     Each answer span is `render(messages[:k+1])` minus `render(messages[:k], add_generation_prompt=True)`; a template
     whose renders are not prefixes of one another cannot be masked this way and raises.
     """
-    messages = _to_messages(check_turns(conversations), system)
+    turns = check_turns(conversations)
+    if num_images == 1:
+        turns = [(role, move_image_to_front(text)) for role, text in turns]
+    messages = _to_messages(turns, system)
     offset = 1 if system else 0
 
     def render(count: int, generation_prompt: bool) -> str:
@@ -161,7 +176,7 @@ def render_conversation(
     if template == "chat_template":
         if renderer is None or getattr(renderer, "chat_template", None) is None:
             raise ValueError("template='chat_template' needs a tokenizer or processor with a `chat_template`")
-        return render_chat_template(conversations, renderer, system)
+        return render_chat_template(conversations, renderer, system, num_images)
     raise ValueError(f"template must be one of {TEMPLATE_NAMES}, got {template!r}")
 
 
@@ -170,33 +185,90 @@ def tokenize_segments(
     tokenizer: Any,
     image_token_id: int,
     num_image_tokens: int,
-    add_bos: bool = False,
+    add_special_tokens: bool = True,
+    *,
+    add_bos: bool | None = None,
 ) -> dict[str, list[int]]:
-    """Token ids and labels for rendered segments; image tokens and untrained text get `IGNORE_INDEX`.
+    """Token ids and labels for rendered segments: the ids `tokenizer(text)` gives for the whole conversation text,
+    the processor's inference ids; tokens outside trained segments, and image tokens, get `IGNORE_INDEX`.
 
-    Returns `input_ids` and `labels` (same length). Each `<image>` becomes `num_image_tokens` image token ids.
+    Returns `input_ids` and `labels` (same length). Each `<image>` is written as `num_image_tokens` copies of the
+    image token's text, and an `eos=True` segment ends with the tokenizer's EOS text. A token is trained when its
+    characters overlap a trained segment (a fast tokenizer's offsets); a tokenizer without offsets counts the
+    tokens of the text before each segment boundary instead (the longest common prefix with the whole ids).
+    `add_special_tokens`: as at inference (BOS for LLaMA tokenizers); `add_bos` is its former name, kept for callers
+    that pass `tokenizer_adds_bos(tokenizer)` (the same ids for every tokenizer that adds BOS or nothing).
+    Raises `ValueError` when an `eos=True` segment meets a tokenizer without an EOS token.
     """
-    input_ids: list[int] = [tokenizer.bos_token_id] if add_bos else []
-    labels: list[int] = [IGNORE_INDEX] * len(input_ids)
-    for segment in segments:
-        ids: list[int] = []
-        trainable: list[bool] = []
-        for position, piece in enumerate(segment.text.split(IMAGE_TOKEN)):
-            if position > 0:
-                ids += [image_token_id] * num_image_tokens
-                trainable += [False] * num_image_tokens
-            if piece:
-                piece_ids = tokenizer(piece, add_special_tokens=False)["input_ids"]
-                ids += piece_ids
-                trainable += [segment.trained] * len(piece_ids)
-        if segment.eos:
-            if tokenizer.eos_token_id is None:
-                raise ValueError("the template ends answers with EOS but the tokenizer has no `eos_token_id`")
-            ids.append(tokenizer.eos_token_id)
-            trainable.append(segment.trained)
-        input_ids += ids
-        labels += [token if keep else IGNORE_INDEX for token, keep in zip(ids, trainable)]
+    if add_bos is not None:
+        add_special_tokens = add_bos
+    image_text = tokenizer.convert_ids_to_tokens(image_token_id) * num_image_tokens
+    text, spans = _join_segments(segments, image_text, tokenizer.eos_token)
+    if getattr(tokenizer, "is_fast", False):
+        encoded = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+        input_ids = list(encoded["input_ids"])
+        trained = _overlapping(encoded["offset_mapping"], spans)
+    else:
+        input_ids, trained = _tokenize_without_offsets(tokenizer, text, spans, add_special_tokens)
+    labels = [token if keep and token != image_token_id else IGNORE_INDEX for token, keep in zip(input_ids, trained)]
     return {"input_ids": input_ids, "labels": labels}
+
+
+def _join_segments(
+    segments: Sequence[Segment], image_text: str, eos_text: str | None
+) -> tuple[str, list[tuple[int, int]]]:
+    """The conversation text and the character spans `[start, end)` of its trained segments."""
+    text, spans = "", []
+    for segment in segments:
+        piece = segment.text.replace(IMAGE_TOKEN, image_text)
+        if segment.eos:
+            if eos_text is None:
+                raise ValueError("the template ends answers with EOS but the tokenizer has no `eos_token`")
+            piece += eos_text
+        if segment.trained and piece:
+            spans.append((len(text), len(text) + len(piece)))
+        text += piece
+    return text, spans
+
+
+def _overlapping(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]) -> list[bool]:
+    """Per token, whether its characters `[start, end)` meet one of the ordered, disjoint spans (one pass: tokens
+    come in text order). Special tokens a post-processor adds (BOS) have the empty offset (0, 0) and meet none."""
+    flags, index = [], 0
+    for start, end in offsets:
+        while index < len(spans) and spans[index][1] <= start:
+            index += 1
+        flags.append(index < len(spans) and start < spans[index][1] and end > spans[index][0])
+    return flags
+
+
+def _tokenize_without_offsets(
+    tokenizer: Any, text: str, spans: Sequence[tuple[int, int]], add_special_tokens: bool
+) -> tuple[list[int], list[bool]]:
+    """Ids and trained flags for a tokenizer without offsets (sentencepiece ones): the tokens of the text before a
+    span boundary are the longest common prefix of its ids and the whole text's ids (a token across the boundary
+    goes with what follows). The special tokens the tokenizer wraps the text in (BOS) are untrained."""
+
+    def encode(part: str) -> list[int]:
+        return list(tokenizer(part, add_special_tokens=False)["input_ids"])
+
+    def common_prefix(ids: list[int], other: list[int]) -> int:
+        length = 0
+        while length < min(len(ids), len(other)) and ids[length] == other[length]:
+            length += 1
+        return length
+
+    body = encode(text)
+    trained = [False] * len(body)
+    for start, end in spans:
+        first = common_prefix(encode(text[:start]), body)
+        last = len(body) if end == len(text) else common_prefix(encode(text[:end]), body)
+        trained[first:last] = [True] * (last - first)
+    whole = list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+    lead = next((i for i in range(len(whole) - len(body) + 1) if whole[i : i + len(body)] == body), None)
+    if lead is None:
+        raise ValueError(f"{type(tokenizer).__name__} adds special tokens inside the text; cannot locate the answers")
+    return whole, [False] * lead + trained + [False] * (len(whole) - lead - len(body))
 
 
 def tokenizer_adds_bos(tokenizer: Any) -> bool:
