@@ -80,9 +80,9 @@ def test_reader_errors_name_the_file_and_field(tmp_path):
     (tmp_path / "val.json").write_text('[{"image": "x.jpg"}]')
     with pytest.raises(ValueError, match="val.json: a vizwiz entry lacks the field 'question'"):
         read_records("vizwiz", tmp_path / "val.json")
-    with pytest.raises(ValueError, match="questions file"):
+    with pytest.raises(FileNotFoundError, match="questions file"):
         read_records("vqav2", tmp_path / "val.json")
-    with pytest.raises(ValueError, match="no coco_pope_"):
+    with pytest.raises(FileNotFoundError, match="no coco_pope_"):
         read_records("pope", tmp_path)
 
 

@@ -126,6 +126,8 @@ def test_eval_command_generates_scores_and_writes_tables(tiny, tmp_path, capsys)
     assert len((out / "pope_answers.jsonl").read_text().splitlines()) == 5
     entry = json.loads((out / "pope.json").read_text())
     assert entry["metric"] == "f1" and entry["value"] == printed["f1"]
+    # The whole benchmark ran: the record says so (no limit) and how many samples, so the card may publish it.
+    assert entry["limit"] is None and entry["num_samples"] == 5
     assert set(printed) >= {"random/f1", "adversarial/f1", "accuracy", "precision", "recall", "yes_ratio"}
     # A second benchmark joins the combined table the model card reads, in the paper's column order.
     combined = commands.write_results(out, "gqa", {"accuracy": 12.5, "num_missing": 0.0}, "tiny")

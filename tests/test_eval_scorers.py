@@ -162,7 +162,7 @@ def test_benchmark_names_in_any_spelling():
 def test_unknown_benchmark_and_missing_files_are_named():
     with pytest.raises(ValueError, match="unknown benchmark 'okvqa'"):
         score_files("okvqa", FIXTURES / "gqa" / "answers.jsonl", FIXTURES / "gqa")
-    with pytest.raises(ValueError, match="nope.json does not exist"):
+    with pytest.raises(FileNotFoundError, match="nope.json do not exist"):
         score_files("gqa", FIXTURES / "gqa" / "answers.jsonl", FIXTURES / "gqa" / "nope.json")
 
 

@@ -226,15 +226,14 @@ def test_limited_evaluation_is_not_published_as_a_benchmark_result(tmp_path):
     run_dir = make_run_dir(tmp_path / "run", full=False)
     eval_dir = run_dir / "eval"
     eval_dir.mkdir()
-    # What `movekd-hf eval --limit 2` leaves today: a record per benchmark and the answers, no word of the limit.
+    # What `movekd-hf eval --limit 2` left before records carried the limit: no word of it.
     write_results(eval_dir, "pope", {"f1": 100.0, "accuracy": 100.0, "num_missing": 0.0}, "ckpt")
+    old = json.loads((eval_dir / "pope.json").read_text())
+    write_json(eval_dir / "pope.json", {k: v for k, v in old.items() if k not in ("limit", "num_samples")})
     (eval_dir / "pope_answers.jsonl").write_text('{"question_id": 1}\n{"question_id": 2}\n')
     # A record that says it was limited, and one that says it ran the whole benchmark.
-    write_results(eval_dir, "gqa", {"accuracy": 50.0, "num_questions": 2.0}, "ckpt")
-    write_json(eval_dir / "gqa.json", {**json.loads((eval_dir / "gqa.json").read_text()), "limit": 2})
-    write_results(eval_dir, "mme", {"perception": 1500.0}, "ckpt")
-    write_json(eval_dir / "mme.json", {**json.loads((eval_dir / "mme.json").read_text()), "limit": None,
-                                       "num_samples": 2374})  # fmt: skip
+    write_results(eval_dir, "gqa", {"accuracy": 50.0, "num_questions": 2.0}, "ckpt", limit=2, num_samples=2)
+    write_results(eval_dir, "mme", {"perception": 1500.0}, "ckpt", limit=None, num_samples=2374)
     write_card(run_dir, repo_id=REPO_ID)
     text = (run_dir / "checkpoint" / "README.md").read_text()
     card = _validated(text)

@@ -1,24 +1,33 @@
 """Evaluation on the paper's eight benchmarks: readers, prompts, a generation runner and local scorers.
 
-Light at import time: scorers and readers need only the standard library; the runner imports torch and
-transformers when it runs.
+Light at import time: the names below load their submodule on first use (PEP 562), so
+`import movekd_hf.evaluation.scorers` needs only the standard library; readers and benchmarks import the package's
+LLaVA conventions (and torch) when used, the runner imports transformers when it runs.
 """
 
-from .benchmarks import BENCHMARKS, HEADLINE_METRIC, Benchmark, EvalSample, build_benchmark, read_predictions
-from .normalize import normalize_vqa_answer
-from .readers import load_benchmark, read_records, score_files
-from .scorers import (
-    gqa_accuracy,
-    mmbench_circular_accuracy,
-    mme_scores,
-    pope_scores,
-    scienceqa_accuracy,
-    vqa_accuracy,
-    vqa_answer_accuracy,
-)
+from __future__ import annotations
 
-__all__ = [
-    "BENCHMARKS", "HEADLINE_METRIC", "Benchmark", "EvalSample", "build_benchmark", "gqa_accuracy",
-    "load_benchmark", "mmbench_circular_accuracy", "mme_scores", "normalize_vqa_answer", "pope_scores",
-    "read_predictions", "read_records", "scienceqa_accuracy", "score_files", "vqa_accuracy", "vqa_answer_accuracy",
-]  # fmt: skip
+import importlib
+
+_LAZY = {
+    **dict.fromkeys(("BENCHMARKS", "HEADLINE_METRIC", "Benchmark", "EvalSample", "build_benchmark",
+                     "read_predictions"), ".benchmarks"),
+    "normalize_vqa_answer": ".normalize",
+    **dict.fromkeys(("load_benchmark", "read_records", "score_files"), ".readers"),
+    **dict.fromkeys(("gqa_accuracy", "mmbench_circular_accuracy", "mme_scores", "pope_scores", "scienceqa_accuracy",
+                     "vqa_accuracy", "vqa_answer_accuracy"), ".scorers"),
+}  # fmt: skip
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

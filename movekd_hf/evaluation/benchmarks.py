@@ -3,14 +3,15 @@ score, with one scorer per benchmark. Keys tie the two together and are unique w
 
 from __future__ import annotations
 
-import json
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import DataFileError, SettingsError
 from . import prompts, scorers
+from .answers import read_answers
 
 BENCHMARKS: tuple[str, ...] = ("vqav2", "gqa", "textvqa", "vizwiz", "pope", "scienceqa", "mme", "mmbench")
 # The number each benchmark contributes to the paper's table (METHOD.md section 7).
@@ -19,6 +20,15 @@ HEADLINE_METRIC: dict[str, str] = {"vqav2": "accuracy", "gqa": "accuracy", "text
                                    "mme": "perception", "mmbench": "accuracy"}  # fmt: skip
 PAPER_COLUMNS: dict[str, str] = {"vqav2": "VQAv2", "gqa": "GQA", "textvqa": "TextVQA", "vizwiz": "VizWiz",
                                  "pope": "POPE", "scienceqa": "SQA", "mme": "MME", "mmbench": "MMB"}  # fmt: skip
+# Columns a server scores (METHOD.md section 7): the split the paper reports and the server; a local score of
+# these benchmarks (on validation, or MMBench dev without the server's matching) is another number.
+SERVER_SCORED: dict[str, str] = {
+    "vqav2": "VQAv2 test-dev2015, scored by the EvalAI server (write the file with `movekd-hf submission`)",
+    "vizwiz": "VizWiz test, scored by the EvalAI server (write the file with `movekd-hf submission`)",
+    "mmbench": "MMBench dev 2023-07-12, scored by the MMBench server, circular (upload the sheet `movekd-hf "
+    "submission` writes)",
+}
+TEXTVQA_OCR_MARK = "Reference OCR token"  # LLaVA's llava_textvqa_val_v051_ocr.jsonl prompts carry it
 # Other spellings of the benchmarks, keyed by the name in lowercase letters and digits only (see `benchmark_key`).
 ALIASES = {
     "sqa": "scienceqa",
@@ -37,10 +47,12 @@ def benchmark_key(name: str) -> str:
 
 
 def canonical_name(name: str) -> str:
-    """Benchmark name in its canonical spelling, or a ValueError listing the known ones."""
+    """Benchmark name in its canonical spelling. Raises `SettingsError` (a ValueError) listing the known ones."""
     key = benchmark_key(name)
     if key not in BENCHMARKS:
-        raise ValueError(f"unknown benchmark {name!r}; expected one of {', '.join(BENCHMARKS)}")
+        raise SettingsError(
+            f"unknown benchmark {name!r}", field="--benchmark", expected=f"one of {', '.join(BENCHMARKS)}"
+        )
     return key
 
 
@@ -57,9 +69,12 @@ class EvalSample:
 
 @dataclass
 class Benchmark:
+    """Samples to generate, ground truth to score, and `info` about the files used (e.g. `prompt_set`)."""
+
     name: str
     samples: list[EvalSample]
     truth: dict[str, Any] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
 
     def score(self, predictions: Mapping[str, str]) -> dict[str, float]:
         """Score `{key: text}` predictions with this benchmark's official metric."""
@@ -76,7 +91,11 @@ SCORERS: dict[str, Callable[..., dict[str, float]]] = {
 def _require(record: Mapping, fields: Sequence[str], where: str) -> None:
     missing = [name for name in fields if name not in record]
     if missing:
-        raise ValueError(f"{where}: record {record.get('key', '?')!r} lacks field(s) {missing}; has {sorted(record)}")
+        raise DataFileError(
+            f"lacks field(s) {missing}; has {sorted(record)}",
+            sample=str(record.get("key", "?")),
+            expected=f"the fields of the {where} layout",
+        )
 
 
 def _vqa_like(name: str, records: Sequence[Mapping]) -> Benchmark:
@@ -118,16 +137,17 @@ def _pope(records: Sequence[Mapping]) -> Benchmark:
 
 
 def _scienceqa(records: Sequence[Mapping]) -> Benchmark:
-    samples, problems = [], {}
+    samples, problems, text_only = [], {}, set()
     for r in records:
         _require(r, ("key", "question", "choices", "answer"), "scienceqa")
         if r.get("image") is None:
+            text_only.add(str(r.get("question_id", r["key"])))
             continue  # ScienceQA-IMG: the paper scores the questions that come with an image
         hint = f"Context: {r['hint']}" if r.get("hint") else None
         prompt = r.get("prompt") or prompts.multiple_choice_prompt(r["question"], r["choices"], hint)
         samples.append(EvalSample(r["key"], r.get("question_id", r["key"]), r["image"], prompt))
         problems[r["key"]] = {"choices": list(r["choices"]), "answer": int(r["answer"])}
-    return Benchmark("scienceqa", samples, {"problems": problems})
+    return Benchmark("scienceqa", samples, {"problems": problems}, info={"ignored_ids": text_only})
 
 
 def _mme(records: Sequence[Mapping]) -> Benchmark:
@@ -178,37 +198,55 @@ def build_benchmark(name: str, records: Sequence[Mapping]) -> Benchmark:
     return builders[name](records)
 
 
-def read_predictions(path: str | Path, name: str, samples: Sequence[EvalSample] = ()) -> dict[str, str]:
-    """A LLaVA answers file (`{"question_id", "prompt", "text", ...}` per line) -> `{key: text}`.
+def read_predictions(
+    path: str | Path,
+    name: str,
+    samples: Sequence[EvalSample] = (),
+    allow_partial: bool = False,
+    ignored_ids: Collection[str] = (),
+) -> dict[str, str]:
+    """A LLaVA answers file (`{"question_id", "prompt", "text", ...}` per line) -> `{key: text}`, checked line by
+    line against `samples` (see `answers.read_answers`, which also returns the counts).
 
     Lines written by our runner carry their key in `metadata.key`. Lines from LLaVA's own scripts do not: their
     key is then taken from the sample with the same question id (MME also by prompt, MMBench by `round_id`, POPE
-    by line order within the ids that repeat across its splits).
+    files whose ids repeat across splits by line order).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"predictions file {path} does not exist")
-    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    by_id: dict[str, list[EvalSample]] = {}
-    for sample in samples:
-        by_id.setdefault(str(sample.question_id), []).append(sample)
-    seen: dict[str, int] = {}
-    predictions = {}
-    for number, line in enumerate(lines, 1):
-        if "text" not in line:
-            raise ValueError(f"{path}:{number}: answer line lacks 'text' (LLaVA answers-file format)")
-        key = (line.get("metadata") or {}).get("key")
-        if key is None and name == "mmbench" and "round_id" in line:  # LLaVA's --all-rounds answers
-            key = f"{line['question_id']}/{line['round_id']}"
-        if key is None:
-            qid = str(line.get("question_id"))
-            candidates = by_id.get(qid) or [EvalSample(qid, qid, None, "")]
-            if len(candidates) > 1 and name == "mme":
-                candidates = [s for s in candidates if s.prompt == line.get("prompt")] or candidates
-            key = candidates[min(seen.get(qid, 0), len(candidates) - 1)].key
-            seen[qid] = seen.get(qid, 0) + 1
-        predictions[str(key)] = line["text"]
-    return predictions
+    return read_answers(path, samples, name=name, allow_partial=allow_partial, check_prompts=name == "pope",
+                        ignored_ids=ignored_ids)[0]  # fmt: skip
+
+
+def prompt_set(name: str, prompts_used: Sequence[str]) -> str | None:
+    """Which prompts a TextVQA run used: "ocr" (LLaVA's llava_textvqa_val_v051_ocr.jsonl, the paper's) or "plain";
+    None for other benchmarks or when no prompt is known."""
+    if name != "textvqa" or not prompts_used:
+        return None
+    return "ocr" if any(TEXTVQA_OCR_MARK in prompt for prompt in prompts_used) else "plain"
+
+
+def paper_report(name: str, metrics: Mapping[str, float], prompts_used: str | None = None) -> dict[str, Any]:
+    """How a result relates to the paper's column (METHOD.md section 7): the column, the metric it reports and its
+    value here, whether the number is comparable, and why not."""
+    metric = HEADLINE_METRIC[name]
+    reasons = []  # why the number is not the paper's column
+    if name in SERVER_SCORED:
+        reasons.append(f"local score, not comparable with the paper's {PAPER_COLUMNS[name]} column: that is "
+                       f"{SERVER_SCORED[name]}")  # fmt: skip
+    if name == "pope" and metrics.get("num_splits", 3) != 3:
+        reasons.append(f"F1 over {int(metrics['num_splits'])} of the 3 splits; the paper averages random, popular "
+                       "and adversarial")  # fmt: skip
+    if name == "textvqa" and prompts_used != "ocr":
+        reasons.append("prompts without OCR tokens; the paper's TextVQA uses llava_textvqa_val_v051_ocr.jsonl "
+                       "(the question, then 'Reference OCR token: ...')")  # fmt: skip
+    notes = list(reasons)
+    if name == "mme":
+        notes.append("the paper's MME is the perception score (sum of the 10 perception subtasks, out of 2000)")
+    comparable = not reasons
+    report = {"paper_column": PAPER_COLUMNS[name], "paper_metric": metric, "paper_value": metrics.get(metric),
+              "comparable_with_paper": comparable, "notes": notes}  # fmt: skip
+    if prompts_used is not None:
+        report["prompt_set"] = prompts_used
+    return report
 
 
 # Per benchmark: the scorer's ground-truth arguments and, for each, the reference field it reads (None = the

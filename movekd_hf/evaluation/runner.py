@@ -1,13 +1,14 @@
 """Batched greedy generation over a benchmark's samples, written to a LLaVA answers file (jsonl).
 
-Resumable: a restart reads the keys already in the answers file (and in per-rank part files left by an
-interrupted multi-process run) and generates only the rest. Under `accelerate launch` each process takes a
-share of the pending samples, writes `answers.rank{i}.jsonl`, and the main process merges the parts.
+Resumable: a restart reads the keys already in the answers file and generates only the rest. Under
+`accelerate launch` each process takes a share of the pending samples and appends its batches to the one answers
+file under an inter-process lock (`answers.append_answers`); at the end the main process compacts the file (one
+line per question, in sample order). Two runs started on the same file lose nothing either: the later compaction
+drops the questions both answered.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import uuid
 from collections.abc import Sequence
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..modeling.llava_conventions import IMAGE_TOKEN, expand_to_square, load_image, mean_colour
+from .answers import answered_keys, append_answers, compact_answers
 from .benchmarks import EvalSample
 from .prompts import chat_template_messages, v1_conversation
 
@@ -40,14 +42,8 @@ def distributed_state() -> Any:
 
 
 def done_keys(answers_file: Path) -> set[str]:
-    """Keys already answered in `answers_file` and its per-rank part files."""
-    keys: set[str] = set()
-    for path in [answers_file, *sorted(answers_file.parent.glob(answers_file.stem + ".rank*.jsonl"))]:
-        if path.is_file():
-            for line in path.read_text().splitlines():
-                if line.strip():
-                    keys.add(str((json.loads(line).get("metadata") or {}).get("key")))
-    return keys
+    """Keys already answered in `answers_file` (and in part files left by older versions)."""
+    return answered_keys(answers_file)
 
 
 def _load_image(image: Any, processor: Any, pad: bool) -> Any:
@@ -110,40 +106,26 @@ def run_generation(
     state = distributed_state()
     answers_file = Path(answers_file)
     answers_file.parent.mkdir(parents=True, exist_ok=True)
-    finished = done_keys(answers_file)
+    finished = answered_keys(answers_file)
     pending = [s for s in samples if s.key not in finished]
-    part = answers_file.with_name(f"{answers_file.stem}.rank{state.process_index}.jsonl")
+    # Every rank must split the same pending list: no rank appends before all have read the file.
+    state.wait_for_everyone()
     with state.split_between_processes(pending) as mine:
         bar = tqdm(total=len(mine), desc=f"generate[rank {state.process_index}]", position=state.process_index)
-        with part.open("a") as handle:
-            for start in range(0, len(mine), batch_size):
-                batch = mine[start : start + batch_size]
-                for sample, text in zip(batch, generate_batch(model, processor, batch, prompt_format,
-                                                              max_new_tokens, pad_images)):  # fmt: skip
-                    handle.write(json.dumps(_answer_line(sample, text, model_id)) + "\n")
-                handle.flush()  # a crash loses at most the batch in flight
-                bar.update(len(batch))
+        for start in range(0, len(mine), batch_size):
+            batch = mine[start : start + batch_size]
+            texts = generate_batch(model, processor, batch, prompt_format, max_new_tokens, pad_images)
+            # One locked append per batch: a crash loses at most the batch in flight, never half a line.
+            append_answers(answers_file, [_answer_line(s, text, model_id) for s, text in zip(batch, texts)])
+            bar.update(len(batch))
         bar.close()
     state.wait_for_everyone()
     if state.is_main_process:
-        merge_parts(answers_file, samples)
+        compact_answers(answers_file, [sample.key for sample in samples])
     state.wait_for_everyone()
     return answers_file
 
 
 def merge_parts(answers_file: Path, samples: Sequence[EvalSample]) -> None:
-    """Fold the per-rank part files into `answers_file`, in sample order, dropping duplicates."""
-    lines: dict[str, str] = {}
-    parts = sorted(answers_file.parent.glob(answers_file.stem + ".rank*.jsonl"))
-    for path in [answers_file, *parts]:
-        if path.is_file():
-            for line in path.read_text().splitlines():
-                if line.strip():
-                    lines.setdefault(str(json.loads(line)["metadata"]["key"]), line)
-    order = {sample.key: i for i, sample in enumerate(samples)}
-    ordered = sorted(lines.items(), key=lambda item: order.get(item[0], len(order)))
-    tmp = answers_file.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for _, line in ordered))
-    tmp.replace(answers_file)  # atomic, so an interrupted merge never truncates finished answers
-    for path in parts:
-        path.unlink()
+    """Compact `answers_file`: one line per sample key, in sample order, leftover part files folded in."""
+    compact_answers(answers_file, [sample.key for sample in samples])

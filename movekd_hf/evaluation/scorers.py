@@ -86,11 +86,25 @@ def gqa_accuracy(
     return result
 
 
+def _pope_first_sentence_words(text: str) -> list[str]:
+    # LLaVA's llava/eval/eval_pope.py: keep the first sentence, drop commas, split on single spaces.
+    return text.split(".")[0].replace(",", "").split(" ")
+
+
 def pope_yes_no(text: str) -> str:
-    """LLaVA's POPE parsing: first sentence, commas dropped; "no" if it holds the word No/no/not, else "yes"."""
-    first_sentence = text.split(".")[0].replace(",", "")
-    words = first_sentence.split(" ")
+    """LLaVA's POPE parsing (llava/eval/eval_pope.py): first sentence, commas dropped; "no" if it holds the word
+    No/no/not, else "yes" (so an answer that is neither counts as "yes"; `pope_answer_kind` tells them apart)."""
+    words = _pope_first_sentence_words(text)
     return "no" if any(word in ("No", "no", "not") for word in words) else "yes"
+
+
+def pope_answer_kind(text: str) -> str:
+    """ "no" or "yes" as `pope_yes_no` reads `text`, or "other" when LLaVA's rule says "yes" only by default: the
+    first sentence holds no yes/no word ("I cannot tell", "A dog"). Scored as "yes", as LLaVA does, and counted."""
+    if pope_yes_no(text) == "no":
+        return "no"
+    words = {word.strip("!?;:\"'()").lower() for word in _pope_first_sentence_words(text)}
+    return "yes" if "yes" in words else "other"
 
 
 def _binary_metrics(preds: Sequence[int], labels: Sequence[int]) -> dict[str, float]:
@@ -108,16 +122,21 @@ def _binary_metrics(preds: Sequence[int], labels: Sequence[int]) -> dict[str, fl
 def pope_scores(
     predictions: Mapping[str, str], labels: Mapping[str, str], splits: Mapping[str, str]
 ) -> dict[str, float]:
-    """POPE metrics per split (random / popular / adversarial) and their means; `f1` (the paper's POPE) = mean F1.
+    """POPE metrics per split (random / popular / adversarial) and their means; `f1` (the paper's POPE, METHOD.md
+    section 7) = F1 averaged over the splits given, all three for the paper's number (`num_splits`).
 
-    A missing prediction counts as the answer opposite to the label.
+    Answers are read as LLaVA's eval_pope.py reads them (`pope_yes_no`); `num_other` (and `{split}/num_other`)
+    counts the answers that were neither yes nor no, which that rule scores as "yes". A missing prediction
+    counts as the answer opposite to the label.
     """
     by_split: dict[str, tuple[list[int], list[int]]] = defaultdict(lambda: ([], []))
+    other: dict[str, int] = defaultdict(int)
     for key, label in labels.items():
         if label not in ("yes", "no"):
             raise ValueError(f"POPE label of {key!r} must be 'yes' or 'no', got {label!r}")
         truth = int(label == "yes")
         pred = int(pope_yes_no(predictions[key]) == "yes") if key in predictions else 1 - truth
+        other[splits[key]] += key in predictions and pope_answer_kind(predictions[key]) == "other"
         by_split[splits[key]][0].append(pred)
         by_split[splits[key]][1].append(truth)
     if not by_split:
@@ -126,8 +145,13 @@ def pope_scores(
     per_split = {name: _binary_metrics(*by_split[name]) for name in sorted(by_split)}
     for name, metrics in per_split.items():
         result.update({f"{name}/{metric}": value for metric, value in metrics.items()})
+        result[f"{name}/num_questions"] = float(len(by_split[name][1]))
+        result[f"{name}/num_other"] = float(other[name])
     for metric in ("accuracy", "precision", "recall", "f1", "yes_ratio"):
         result[metric] = sum(m[metric] for m in per_split.values()) / len(per_split)
+    result["num_splits"] = float(len(per_split))
+    result["num_questions"] = float(len(labels))
+    result["num_other"] = float(sum(other.values()))
     result["num_missing"] = float(sum(key not in predictions for key in labels))
     return result
 
