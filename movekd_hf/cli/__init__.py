@@ -22,6 +22,7 @@ COMMAND_MODULES: list[str] = [
     "movekd_hf.cli.model",
     "movekd_hf.cli.distill",
     "movekd_hf.cli.evaluate",
+    "movekd_hf.cli.compare",
     "movekd_hf.cli.hub",
     "movekd_hf.cli.train",
 ]
@@ -43,7 +44,8 @@ class VersionAction(argparse.Action):
         super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
 
     def __call__(self, parser, namespace, values, option_string=None):
-        parser.exit(0, version_line() + "\n")
+        print(version_line())  # stdout, as argparse's own "version" action prints
+        parser.exit()
 
 
 def version_line() -> str:
@@ -82,9 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
 def user_errors() -> tuple[type[BaseException], ...]:
     """The exceptions that mean "the input was wrong", not "the package is broken": shown as one line, exit 2."""
     from movekd_hf.errors import InputError
-    from movekd_hf.modeling.llava_conventions import ImageLoadError
 
-    return (InputError, ImageLoadError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
+    errors = [InputError, FileNotFoundError, NotADirectoryError, IsADirectoryError]
+    # An ImageLoadError can only come from a loaded module; importing it otherwise would import torch just to
+    # print a one-line error.
+    conventions = sys.modules.get("movekd_hf.modeling.llava_conventions")
+    if conventions is not None:
+        errors.append(conventions.ImageLoadError)
+    return tuple(errors)
 
 
 def _one_line(error: BaseException) -> str:
@@ -132,22 +139,37 @@ def existing_path(option: str, value: str | os.PathLike | None, kind: str = "fil
 
 
 def model_source(option: str, value: str) -> None:
-    """Raise `InputError` naming `option` unless `value` is an existing local path or at least spelled like a Hub
-    id (`org/name`, checked by `huggingface_hub.utils.validate_repo_id`): a mistyped local path fails here, at
-    once, rather than as an offline-Hub error after other models were loaded."""
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
+    """Raise `InputError` naming `option` unless `value` is an existing local path or a Hub id that can be loaded:
+    spelled like one (`huggingface_hub.utils.validate_repo_id`) and, under HF_HUB_OFFLINE=1, with its
+    `config.json` in the local cache. Checked before anything heavy is imported or loaded, so a mistyped path or an
+    uncached id fails at once, not after other models were loaded."""
+    from huggingface_hub import constants, try_to_load_from_cache
 
     from movekd_hf.errors import InputError
 
     if os.path.exists(value):
         return
+    if not _is_repo_id(value):
+        raise InputError(
+            "no such file or folder, and not a Hub id", file=value, field=option, expected="a local folder or a Hub id"
+        )
+    if constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(value, "config.json"), str):
+        raise InputError(
+            f"{value!r} is no local folder, and as a Hub id it is not in the local cache (HF_HUB_OFFLINE=1)",
+            field=option,
+            expected=_load_expected(value),
+        )
+
+
+def _is_repo_id(value: str) -> bool:
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
     try:
         validate_repo_id(value)
     except HFValidationError:
-        raise InputError(
-            "no such file or folder, and not a Hub id", file=value, field=option, expected="a local folder or a Hub id"
-        ) from None
+        return False
+    return True
 
 
 @contextmanager
@@ -186,17 +208,19 @@ def _load_problem(value: str, error: BaseException) -> str:
         return any(issubclass(kind, classes) for kind in kinds)
 
     local = os.path.exists(value)
+    if not local and not _is_repo_id(value):
+        return f"{value!r} is no such file or folder, and not a Hub id"
     offline = constants.HF_HUB_OFFLINE or seen(OfflineModeIsEnabled)
     if not local and offline and (seen(OfflineModeIsEnabled, LocalEntryNotFoundError) or isinstance(error, OSError)):
-        return f"Hub id {value!r} is not in the local cache, and HF_HUB_OFFLINE=1 forbids downloading it"
+        return f"{value!r} is no local folder, and as a Hub id it is not in the local cache (HF_HUB_OFFLINE=1)"
     if not local and seen(GatedRepoError):
         return f"Hub repository {value!r} is gated: accept its terms on the Hub and log in (`hf auth login`)"
     if not local and seen(RepositoryNotFoundError):
-        return f"Hub repository {value!r} does not exist (or is private: log in with `hf auth login`)"
+        return f"{value!r} is no local folder, and no Hub repository of that name exists (or it is private)"
     if not local and seen(RevisionNotFoundError):
         return f"Hub repository {value!r} has no such revision"
     if not local and seen(LocalEntryNotFoundError):
-        return f"Hub id {value!r} is not in the local cache and the Hub could not be reached"
+        return f"{value!r} is no local folder, and as a Hub id it is not cached and the Hub could not be reached"
     return f"cannot load {value!r}: {_one_line(error)}"
 
 

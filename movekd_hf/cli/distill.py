@@ -6,21 +6,43 @@ from __future__ import annotations
 import argparse
 import json
 
+from movekd_hf.cli.model import TEACHER_SETS, positive_int
+
 
 def _pairs(values: list[str] | None, option: str) -> dict[str, str]:
-    """["eva=512", ...] -> {"eva": "512"}."""
+    """["eva=512", ...] -> {"eva": "512"}; a malformed entry raises `SettingsError` naming `option`."""
+    from movekd_hf.errors import SettingsError
+
     pairs = {}
     for value in values or []:
         slug, sep, setting = value.partition("=")
         if not sep or not slug or not setting:
-            raise ValueError(f"{option} expects SLUG=VALUE, got {value!r}")
+            raise SettingsError(f"malformed entry {value!r}", field=option, expected="SLUG=VALUE, e.g. eva=512")
         pairs[slug] = setting
     return pairs
 
 
 def _grid(value: str) -> tuple[int, int]:
+    """argparse type: "24" or "24x24" -> (24, 24)."""
     height, _, width = value.lower().partition("x")
-    return int(height), int(width or height)
+    try:
+        grid = int(height), int(width or height)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HxW or H (e.g. 24x24 or 24), got {value!r}") from None
+    if min(grid) < 1:
+        raise argparse.ArgumentTypeError(f"expected a grid of at least 1x1, got {value!r}")
+    return grid
+
+
+def _colour(value: str) -> tuple[int, int, int]:
+    """argparse type: "R,G,B" with 0..255 each -> (R, G, B)."""
+    try:
+        colour = tuple(int(c) for c in value.split(","))
+    except ValueError:
+        colour = ()
+    if len(colour) != 3 or not all(0 <= c <= 255 for c in colour):
+        raise argparse.ArgumentTypeError(f"expected R,G,B with each in 0..255 (e.g. 122,116,104), got {value!r}")
+    return colour
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -30,10 +52,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__,
     )
     parser.add_argument("--data-path", help="LLaVA .json/.jsonl, a save_to_disk folder or a local dataset folder")
-    parser.add_argument("--image-folder", default=None)
+    parser.add_argument("--image-folder", default=None, help="folder the data file's image paths are relative to")
     parser.add_argument("--cache-dir", help="root folder; each teacher gets <slug>-<hash12>/ inside it")
     parser.add_argument(
-        "--teacher-set", default="v1.1", help="v1.0 or v1.1 (the paper's), or tiny (random, CPU-sized)"
+        "--teacher-set",
+        default="v1.1",
+        choices=TEACHER_SETS,
+        help="v1.0 or v1.1 (the paper's; default v1.1), or tiny (random, CPU-sized)",
     )
     parser.add_argument(
         "--model",
@@ -43,84 +68,167 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--seed", type=int, default=42, help="with --model: the training seed (random teachers)")
     parser.add_argument("--teachers-json", default=None, help="a JSON list of TeacherSpec fields instead")
-    parser.add_argument("--sam-layout", default="grid", choices=("grid", "faithful"))
+    parser.add_argument(
+        "--sam-layout",
+        default="grid",
+        choices=("grid", "faithful"),
+        help="grid: SAM's true 64x64 grid (default); faithful: the authors' reshape (METHOD.md section 6)",
+    )
     parser.add_argument("--random-weights", action="store_true", help="build teachers without weights (tests)")
     parser.add_argument("--checkpoint", action="append", metavar="SLUG=PATH", help="local weights for a teacher")
     parser.add_argument("--revision", action="append", metavar="SLUG=REV", help="weights revision, part of the key")
-    parser.add_argument("--grid", default="student", choices=("student", "native"))
-    parser.add_argument("--student-grid", default="24", type=_grid, help="HxW or H (24 for CLIP-L/336)")
-    parser.add_argument("--teacher-image-size", type=int, default=None, help="default: the largest teacher input")
-    parser.add_argument("--image-aspect", default="pad", choices=("pad", "resize"))
-    parser.add_argument("--background", default=None, help="R,G,B padding colour (default: CLIP mean)")
+    parser.add_argument(
+        "--grid",
+        default="student",
+        choices=("student", "native"),
+        help="student: tokens resampled to the student's grid (default, smaller); native: the teacher's own grid",
+    )
+    parser.add_argument("--student-grid", default="24", type=_grid, help="HxW or H (default 24, CLIP-L/336's)")
+    parser.add_argument(
+        "--teacher-image-size", type=positive_int, default=None, help="default: the largest teacher input"
+    )
+    parser.add_argument(
+        "--image-aspect",
+        default="pad",
+        choices=("pad", "resize"),
+        help="pad: pad to a square with --background first, as LLaVA-1.5 (default); resize: no padding",
+    )
+    parser.add_argument("--background", default=None, type=_colour, help="R,G,B padding colour (default: CLIP mean)")
     parser.add_argument("--compress", action="append", metavar="SLUG=K", help="keep K channels (random projection)")
-    parser.add_argument("--compression-seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--shard-size", type=int, default=1024, help="rows per Arrow shard (the resume unit)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--compression-seed", type=int, default=0, help="seed of the --compress projections")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="images per teacher forward (default 8)")
+    parser.add_argument(
+        "--shard-size", type=positive_int, default=1024, help="rows per Arrow shard (the resume unit; default 1024)"
+    )
+    parser.add_argument("--device", default="cpu", help="torch device the teachers run on (default cpu)")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16", "float16"),
+        help="dtype the teachers run in (default float32)",
+    )
     parser.add_argument("--estimate", action="store_true", help="print bytes per image and the total, then stop")
-    parser.add_argument("--num-images", type=int, default=558_000, help="images for --estimate (558k: stage 1)")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--num-images", type=positive_int, default=558_000, help="images for --estimate (558k: stage 1)"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
+
+
+def _read_teachers_json(path: str) -> list:
+    """`--teachers-json`: a JSON list of `TeacherSpec` fields -> specs; any fault is a `SettingsError` naming the
+    file and the entry."""
+    from movekd_hf.cli import existing_path
+    from movekd_hf.distill.teachers import TeacherSpec
+    from movekd_hf.errors import SettingsError
+
+    existing_path("--teachers-json", path, "file")
+    with open(path, encoding="utf-8") as handle:
+        try:
+            entries = json.load(handle)
+        except json.JSONDecodeError as error:
+            raise SettingsError(f"is not valid JSON: {error.msg}", file=path, line=error.lineno) from None
+    expected = "a JSON list of objects of TeacherSpec fields"
+    if not isinstance(entries, list) or not all(isinstance(entry, dict) for entry in entries):
+        raise SettingsError("is not a list of objects", file=path, field="--teachers-json", expected=expected)
+    specs = []
+    for index, entry in enumerate(entries):
+        fields = {k: tuple(v) if k in ("mean", "std") else v for k, v in entry.items()}
+        try:
+            specs.append(TeacherSpec(**fields))
+        except (TypeError, ValueError) as error:  # an unknown or missing field; a value out of its domain
+            sample = f"entry {index} ({entry.get('slug', '?')})"
+            raise SettingsError(str(error), file=path, sample=sample, expected=expected) from None
+    return specs
 
 
 def _specs(args: argparse.Namespace) -> list:
     from dataclasses import replace
 
     from movekd_hf.distill.presets import teacher_specs
-    from movekd_hf.distill.teachers import TeacherSpec
+    from movekd_hf.errors import SettingsError
 
     if args.teachers_json:
-        with open(args.teachers_json, encoding="utf-8") as handle:
-            specs = [
-                TeacherSpec(**{k: tuple(v) if k in ("mean", "std") else v for k, v in d.items()})
-                for d in json.load(handle)
-            ]
+        specs = _read_teachers_json(args.teachers_json)
     else:
         specs = teacher_specs(args.teacher_set, pretrained=not args.random_weights, sam_layout=args.sam_layout)
     checkpoints = _pairs(args.checkpoint, "--checkpoint")
     unknown = set(checkpoints) - {s.slug for s in specs}
     if unknown:
-        raise ValueError(f"--checkpoint names teachers {sorted(unknown)} not in the set {[s.slug for s in specs]}")
+        raise SettingsError(f"names teachers {sorted(unknown)} not in the set", field="--checkpoint",
+                            expected=f"slugs of {[s.slug for s in specs]}")  # fmt: skip
     return [replace(s, checkpoint=checkpoints[s.slug]) if s.slug in checkpoints else s for s in specs]
+
+
+def _compress(args: argparse.Namespace) -> dict[str, int]:
+    """`--compress SLUG=K` -> {slug: K}, K an integer >= 1."""
+    from movekd_hf.errors import SettingsError
+
+    compress = {}
+    for slug, text in _pairs(args.compress, "--compress").items():
+        if not text.isdigit() or int(text) < 1:
+            raise SettingsError(f"{slug}={text}", field="--compress", expected="SLUG=K with K an integer >= 1")
+        compress[slug] = int(text)
+    return compress
 
 
 def _settings(args: argparse.Namespace, specs: list):
     from movekd_hf.distill.cache import CacheSettings
     from movekd_hf.modeling.llava_conventions import CLIP_MEAN_COLOUR
 
-    # The default is what the collator pads with for a CLIP processor.
-    background = tuple(int(c) for c in args.background.split(",")) if args.background else CLIP_MEAN_COLOUR
     return CacheSettings(
         student_grid=args.student_grid,
         grid=args.grid,
         teacher_image_size=args.teacher_image_size or max(s.image_size for s in specs),
         image_aspect=args.image_aspect,
-        background=background,
-        compress={slug: int(k) for slug, k in _pairs(args.compress, "--compress").items()},
+        # The default is what the collator pads with for a CLIP processor.
+        background=args.background or CLIP_MEAN_COLOUR,
+        compress=_compress(args),
         compression_seed=args.compression_seed,
         revisions=_pairs(args.revision, "--revision"),
     )
 
 
+def _build(spec):
+    """`build_teacher(spec)`, its weights' source named in the error if they cannot be loaded (offline, missing)."""
+    from movekd_hf.cli import loading
+    from movekd_hf.distill.teachers import build_teacher
+
+    if not spec.pretrained:
+        return build_teacher(spec)
+    source = spec.checkpoint or spec.model_id
+    with loading(f"--checkpoint {spec.slug}" if spec.checkpoint else f"teacher {spec.slug}", source):
+        return build_teacher(spec)
+
+
 def _teachers_like_training(args: argparse.Namespace):
-    """Teachers and cache settings exactly as `movekd_hf.train` builds them for a run starting from `--model`."""
+    """Teachers and cache settings exactly as `movekd_hf.train` builds them for a run starting from `--model`:
+    `training.teacher_source.build_teachers`, one teacher at a time so a failing one is named."""
     from dataclasses import replace
 
     import torch
     from transformers import AutoProcessor
 
+    from movekd_hf.cli import loading
+    from movekd_hf.errors import SettingsError
     from movekd_hf.modeling import MoVEKDForConditionalGeneration
     from movekd_hf.training.teacher_source import build_teachers, run_teacher_specs, teacher_cache_settings
 
-    vlm = MoVEKDForConditionalGeneration.from_pretrained(args.model)
-    image_processor = AutoProcessor.from_pretrained(args.model).image_processor
-    specs = run_teacher_specs(args.teacher_set, not args.random_weights, _pairs(args.checkpoint, "--checkpoint"))
+    with loading("--model", args.model):
+        vlm = MoVEKDForConditionalGeneration.from_pretrained(args.model)
+        image_processor = AutoProcessor.from_pretrained(args.model).image_processor
+    try:
+        specs = run_teacher_specs(args.teacher_set, not args.random_weights, _pairs(args.checkpoint, "--checkpoint"))
+    except SettingsError:
+        raise
+    except ValueError as error:  # a --checkpoint for a teacher the set does not have
+        raise SettingsError(str(error), field="--checkpoint") from None
     torch.manual_seed(args.seed)  # the trainer seeds before building its teachers, in this order
-    teachers = build_teachers(vlm, specs, image_processor.image_mean, image_processor.image_std)
+    # build_teachers with no specs builds the anchor alone; the others follow in the same order, as it would.
+    teachers = build_teachers(vlm, [], image_processor.image_mean, image_processor.image_std)
+    teachers.update({spec.slug: _build(spec) for spec in specs})
     settings = teacher_cache_settings(vlm.config, image_processor, specs, args.grid, args.image_aspect)
-    compress = {slug: int(k) for slug, k in _pairs(args.compress, "--compress").items()}
-    settings = replace(settings, compress=compress, compression_seed=args.compression_seed)
+    settings = replace(settings, compress=_compress(args), compression_seed=args.compression_seed)
     return list(teachers.values()), settings
 
 
@@ -147,11 +255,24 @@ def print_estimate(estimate: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from movekd_hf.cli import existing_path, model_source
+    from movekd_hf.errors import SettingsError
+
+    if not args.estimate:  # local inputs first: a typo fails before any teacher is built
+        if not args.data_path or not args.cache_dir:
+            missing = " and ".join(
+                o for o, v in (("--data-path", args.data_path), ("--cache-dir", args.cache_dir)) if not v
+            )
+            raise SettingsError(f"{missing} not given", field=missing.split()[0],
+                                expected="--data-path and --cache-dir, or --estimate")  # fmt: skip
+        existing_path("--data-path", args.data_path)
+        existing_path("--image-folder", args.image_folder, "folder")
+    if args.model:
+        model_source("--model", args.model)
     import torch
 
     from movekd_hf.distill.cache import estimate_cache_size
     from movekd_hf.distill.cache_writer import cache_teacher_features, dataset_items
-    from movekd_hf.distill.teachers import build_teacher
 
     if args.model:
         teachers, settings = _teachers_like_training(args)
@@ -162,14 +283,12 @@ def run(args: argparse.Namespace) -> int:
     if args.estimate:
         print_estimate(estimate_cache_size(specs, settings, args.num_images))
         return 0
-    if not args.data_path or not args.cache_dir:
-        raise ValueError("cache-teachers needs --data-path and --cache-dir (or --estimate)")
     from movekd_hf.training.data import load_source
 
     items = dataset_items(load_source(args.data_path, args.image_folder))
     dtype = getattr(torch, args.dtype)
     if not args.model:
-        teachers = [build_teacher(spec) for spec in specs]
+        teachers = [_build(spec) for spec in specs]
     teachers = [teacher.to(device=args.device, dtype=dtype) for teacher in teachers]
     report = cache_teacher_features(
         args.cache_dir, teachers, settings, items, args.batch_size, args.shard_size, progress=not args.no_progress

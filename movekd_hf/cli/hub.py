@@ -110,8 +110,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     card.set_defaults(func=_card)
 
     push = subparsers.add_parser("push", help="publish a run (weights, code, processor, card) in one commit")
-    push.add_argument("run_dir")
-    push.add_argument("--repo-id", required=True)
+    push.add_argument("run_dir", help="run directory (its checkpoint/ folder is uploaded, with the card)")
+    push.add_argument("--repo-id", required=True, help="Hub repository to create or update, `owner/name`")
     push.add_argument("--private", action="store_true", help="create the repository as private")
     push.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the stored login)")
     push.add_argument("--card", default=None, help="upload this README.md instead of rendering the card")

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import SettingsError
 from ..modeling.llava_conventions import CLIP_MEAN, CLIP_STD
 from ..modeling.mole import upcast
 from .vitdet_eva import EVA02ViTDet, EVA02ViTDetConfig, load_eva02_det_state_dict
@@ -82,6 +83,8 @@ class TeacherSpec:
                 raise ValueError(f"TeacherSpec.{name} for {self.slug!r} is {value!r}; expected one of {allowed}")
         if self.image_size <= 0:
             raise ValueError(f"TeacherSpec.image_size for {self.slug!r} must be positive, got {self.image_size}")
+        if isinstance(self.feature_layer, bool) or not isinstance(self.feature_layer, int):
+            raise ValueError(f"TeacherSpec.feature_layer for {self.slug!r} must be an int, got {self.feature_layer!r}")
         if self.has_cls and self.num_prefix_tokens < 1:
             raise ValueError(f"TeacherSpec {self.slug!r}: has_cls=True needs num_prefix_tokens >= 1")
         if self.cls_attention and not (
@@ -245,6 +248,15 @@ def load_transformers_teacher(spec: TeacherSpec) -> nn.Module:
     return cls.from_config(config) if hasattr(cls, "from_config") else cls._from_config(config)
 
 
+def transformers_depth(model: nn.Module) -> int | None:
+    """Entries of `outputs.hidden_states` (the embeddings, then one per layer), from the model's config."""
+    config = getattr(model, "config", None)
+    layers = getattr(config, "num_hidden_layers", None)
+    if layers is None:  # a composite config (e.g. a full CLIPModel) keeps the tower's sizes in vision_config
+        layers = getattr(getattr(config, "vision_config", None), "num_hidden_layers", None)
+    return None if layers is None else layers + 1
+
+
 def extract_transformers(model: nn.Module, pixel_values: torch.Tensor, spec: TeacherSpec) -> TeacherOutput:
     if spec.output == "feature_map":
         return _from_map(model(pixel_values=pixel_values).last_hidden_state, spec)
@@ -288,6 +300,12 @@ def load_timm_teacher(spec: TeacherSpec) -> nn.Module:
     return timm.create_model(name, pretrained=spec.pretrained, **kwargs)
 
 
+def timm_depth(model: nn.Module) -> int | None:
+    """Blocks `forward_intermediates` takes an index into (timm's `feature_take_indices` over `model.blocks`)."""
+    blocks = getattr(model, "blocks", None)
+    return len(blocks) if blocks is not None else None
+
+
 def extract_timm(model: nn.Module, pixel_values: torch.Tensor, spec: TeacherSpec) -> TeacherOutput:
     if spec.output == "feature_map":
         return _from_map(model.forward_features(pixel_values), spec)
@@ -323,17 +341,48 @@ def extract_vitdet(model: nn.Module, pixel_values: torch.Tensor, spec: TeacherSp
     return _from_map(model(pixel_values), spec)
 
 
+def no_depth(model: nn.Module) -> None:
+    """A backend that reads no hidden state by index (feature maps only): nothing to check."""
+    return None
+
+
 @dataclass(frozen=True)
 class Backend:
+    """load: spec -> model. extract: (model, pixel_values, spec) -> TeacherOutput. depth: model -> how many
+    entries `TeacherSpec.feature_layer` indexes into (None: unknown, or the backend has no such index)."""
+
     load: Callable[[TeacherSpec], nn.Module]
     extract: Callable[[nn.Module, torch.Tensor, TeacherSpec], TeacherOutput]
+    depth: Callable[[nn.Module], int | None] = no_depth
 
 
 BACKENDS: dict[str, Backend] = {
-    "transformers": Backend(load_transformers_teacher, extract_transformers),
-    "timm": Backend(load_timm_teacher, extract_timm),
+    "transformers": Backend(load_transformers_teacher, extract_transformers, transformers_depth),
+    "timm": Backend(load_timm_teacher, extract_timm, timm_depth),
     "vitdet": Backend(load_vitdet_teacher, extract_vitdet),
 }
+
+
+def check_feature_layer(spec: TeacherSpec, model: nn.Module) -> None:
+    """Raise `SettingsError` naming the teacher, the layer and the valid range when a `hidden_state` spec's
+    `feature_layer` is not an index of its model's hidden states (Python indexing: -depth..depth-1), or, with
+    `cls_attention`, names the embeddings (index 0), which no attention layer produces."""
+    depth = BACKENDS[spec.backend].depth(model)
+    if spec.output != "hidden_state" or depth is None:
+        return
+    in_range = -depth <= spec.feature_layer < depth
+    embeddings = in_range and spec.feature_layer % depth == 0  # hidden_states[0]: before any layer
+    if in_range and not (spec.cls_attention and embeddings):
+        return
+    name = f"{spec.slug!r} ({spec.model_id}, {type(model).__name__})"
+    if in_range:
+        problem = f"teacher {name}: feature_layer {spec.feature_layer} is the embeddings, which have no CLS attention"
+        expected = f"a layer: 1..{depth - 1} or {1 - depth}..-1"
+    else:
+        unit = "hidden states (index 0 = embeddings)" if spec.backend == "transformers" else "blocks"
+        problem = f"teacher {name} has no feature_layer {spec.feature_layer}: it has {depth} {unit}"
+        expected = f"an integer in {-depth}..{depth - 1} (-1 = the last)"
+    raise SettingsError(problem, field="feature_layer", expected=expected)
 
 
 # ---------------------------------------------------------------------------------------------- the wrapper
@@ -345,6 +394,7 @@ class Teacher(nn.Module):
 
     def __init__(self, spec: TeacherSpec, model: nn.Module):
         super().__init__()
+        check_feature_layer(spec, model)  # here, not as an IndexError in the middle of the first forward
         self.spec = spec
         self.model = model
         self.model.requires_grad_(False)

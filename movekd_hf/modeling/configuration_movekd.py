@@ -61,6 +61,32 @@ def validate_mole_settings(settings: dict) -> None:
     _check_choice("expert_output_scale", settings["expert_output_scale"], EXPERT_OUTPUT_SCALE)
 
 
+def validate_experts_per_token(value, num_experts: int, routing: str) -> None:
+    """`num_experts_per_tok` (the Mixtral-style name) is not a MoLE setting: routing fixes it (top-1 when sparse,
+    every expert when dense; METHOD.md section 2). A config may carry it only with that value, so a config written
+    for top-k routing fails here instead of silently running top-1."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= num_experts:
+        raise ValueError(f"`num_experts_per_tok` must be an int in 1..num_experts ({num_experts}), got {value!r}.")
+    implied = 1 if routing == "sparse" else num_experts
+    if value != implied:
+        raise ValueError(
+            f"`num_experts_per_tok` is {value}, but mole_routing={routing!r} routes each token to {implied} of "
+            f"{num_experts} experts (MoLE has no top-k routing); expected {implied}, or leave the field out."
+        )
+
+
+def validate_feature_layer(value, num_hidden_layers: int) -> None:
+    """`vision_feature_layer` (an int or a list of ints, LLaVA's field) must index the tower's hidden states: the
+    embeddings plus one per layer, so -(L + 1)..L for L layers."""
+    count = num_hidden_layers + 1
+    for layer in value if isinstance(value, (list, tuple)) else [value]:
+        if isinstance(layer, bool) or not isinstance(layer, int) or not -count <= layer < count:
+            raise ValueError(
+                f"`vision_feature_layer` {value!r} is not a hidden state of the {num_hidden_layers}-layer vision "
+                f"tower; expected an int (or list of ints) in {-count}..{count - 1} (-1 = the last layer)."
+            )
+
+
 def _release(version: str) -> tuple:
     """(major, minor, patch) of a version string such as "5.24.0" or "5.25.0.dev0"."""
     parts = []
@@ -95,9 +121,18 @@ class _MoLESettingsMixin:
         if faithful:
             settings.update(FAITHFUL_MOLE)
         validate_mole_settings(settings)
+        if "num_experts_per_tok" in kwargs:  # kept as given once consistent (transformers keeps unknown fields)
+            validate_experts_per_token(
+                kwargs["num_experts_per_tok"], settings["num_experts"], settings["mole_routing"]
+            )
         for name, value in settings.items():
             setattr(self, name, value)
         return kwargs
+
+    def _check_feature_layer(self) -> None:
+        layers = getattr(self.vision_config, "num_hidden_layers", None)
+        if layers is not None:
+            validate_feature_layer(self.vision_feature_layer, layers)
 
     @property
     def lora_scaling(self) -> float:
@@ -135,6 +170,7 @@ class MoVEKDConfig(_MoLESettingsMixin, LlavaConfig):
     def __init__(self, vision_config=None, text_config=None, **kwargs):
         kwargs = self._set_mole_settings(kwargs)
         super().__init__(vision_config=vision_config, text_config=text_config, **kwargs)
+        self._check_feature_layer()
         self._check_release()
 
 
@@ -147,6 +183,7 @@ class MoVEKDNextConfig(_MoLESettingsMixin, LlavaNextConfig):
     def __init__(self, vision_config=None, text_config=None, **kwargs):
         kwargs = self._set_mole_settings(kwargs)
         super().__init__(vision_config=vision_config, text_config=text_config, **kwargs)
+        self._check_feature_layer()
         self._check_release()
 
 
