@@ -76,3 +76,11 @@ def write_corrupt_png(path: str) -> str:
     with open(path, "wb") as handle:
         handle.write(data[: len(data) // 2])
     return path
+
+
+def write_array_image(path: str, pixels) -> str:
+    """Save a numpy array with PIL as the file type of `path`'s suffix: uint16 -> 16-bit greyscale ("I;16"),
+    int32 -> 32-bit integer ("I", TIFF), float32 -> 32-bit float ("F", TIFF)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(pixels).save(path)
+    return path

@@ -76,7 +76,8 @@ def test_llava_json_round_trips_through_arrow_and_tokenises(toy, tmp_path):
     normalised = prepare_dataset(toy.finetune_json, tmp_path / "arrow", toy.image_folder)
     assert os.path.isfile(tmp_path / "arrow" / "dataset_info.json")
     reloaded = datasets.load_from_disk(str(tmp_path / "arrow"))
-    assert reloaded.column_names == ["id", "row", "images", "conversations", "system"]
+    assert reloaded.column_names == ["id", "row", "images", "conversations", "system", "problem"]
+    assert set(reloaded["problem"]) == {None}
     text_only = [record for record in reloaded if record["id"].startswith("toy-text")]
     assert len(text_only) == 2 and all(record["images"] == [] for record in text_only)
     first_image = next(record for record in reloaded if record["images"])["images"][0]
@@ -151,13 +152,15 @@ def bad_records(folder):
         ("corrupt", "corrupt_image", "cannot decode image file .*corrupt.png: image file is truncated"),
         ("two-placeholders", "image_count_mismatch", "2 '<image>' placeholders but 1 images"),
         ("too-long", "too_long", r"\d+ tokens \(images expanded\) > max_length 512"),
-        ("leading-gpt", "malformed_conversation", "turn 0 is from 'gpt'"),
+        ("leading-gpt", "malformed_conversation", "turn 0 is from 'gpt', expected .*"),
     ],
 )
 def test_each_bad_sample_raises_an_error_naming_it(tmp_path, sample_id, reason, message):
     records = [r for r in bad_records(tmp_path) if r["id"] in ("good-image", sample_id)]
     dataset = load_source(write_json(tmp_path / "data.json", records), tmp_path)
-    with pytest.raises(BadSampleError, match=f"bad sample '{sample_id}' \\(row 1\\) \\({reason}\\): {message}"):
+    with pytest.raises(
+        BadSampleError, match=f"^sample '{sample_id}' \\(row 1\\): {message} \\(bad sample: {reason}\\)$"
+    ):
         tokenize_dataset(dataset, build_processor().tokenizer, settings())
 
 
@@ -168,7 +171,7 @@ def test_bad_samples_are_skipped_counted_and_logged(tmp_path, caplog, num_proc):
     with caplog.at_level(logging.WARNING, logger="movekd_hf.training.data"):
         kept, report = tokenize_dataset(dataset, tokenizer, settings(), on_bad_sample="skip", num_proc=num_proc)
     assert kept["id"] == ["good-image", "good-text"]
-    assert report.counts == {
+    assert {reason: count for reason, count in report.counts.items() if count} == {
         "missing_image": 1,
         "corrupt_image": 1,
         "image_count_mismatch": 1,
@@ -176,7 +179,7 @@ def test_bad_samples_are_skipped_counted_and_logged(tmp_path, caplog, num_proc):
         "malformed_conversation": 1,
     }
     assert report.examples["corrupt_image"] == ["'corrupt' (row 3)"]
-    assert "skipped 5 bad samples" in caplog.text and "'missing' (row 2) (missing_image)" in caplog.text
+    assert "skipped 5 bad samples" in caplog.text and "'missing' (row 2): image file not found" in caplog.text
 
 
 def test_collator_raises_or_skips_images_that_break_after_tokenising(tmp_path, caplog):
@@ -185,7 +188,7 @@ def test_collator_raises_or_skips_images_that_break_after_tokenising(tmp_path, c
     processor = build_processor()
     tokenised, _ = tokenize_dataset(dataset, processor.tokenizer, settings(verify_images=False))
     strict = MoVEKDDataCollator(processor.image_processor, processor.tokenizer.pad_token_id)
-    with pytest.raises(BadSampleError, match="'corrupt' \\(row 2\\) \\(corrupt_image\\).*corrupt.png"):
+    with pytest.raises(BadSampleError, match="'corrupt' \\(row 2\\): .*corrupt.png.*\\(bad sample: corrupt_image\\)"):
         strict(list(tokenised))
     lenient = MoVEKDDataCollator(processor.image_processor, processor.tokenizer.pad_token_id, on_bad_sample="skip")
     with caplog.at_level(logging.WARNING, logger="movekd_hf.training.data"):

@@ -53,6 +53,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--data-path", help="LLaVA .json/.jsonl, a save_to_disk folder or a local dataset folder")
     parser.add_argument("--image-folder", default=None, help="folder the data file's image paths are relative to")
+    parser.add_argument(
+        "--allow-images-outside-folder",
+        action="store_true",
+        help="accept image paths that leave --image-folder (`../x.png`, absolute paths); refused by default",
+    )
     parser.add_argument("--cache-dir", help="root folder; each teacher gets <slug>-<hash12>/ inside it")
     parser.add_argument(
         "--teacher-set",
@@ -285,7 +290,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from movekd_hf.training.data import load_source
 
-    items = dataset_items(load_source(args.data_path, args.image_folder))
+    items = dataset_items(load_source(args.data_path, args.image_folder, args.allow_images_outside_folder))
     dtype = getattr(torch, args.dtype)
     if not args.model:
         teachers = [_build(spec) for spec in specs]

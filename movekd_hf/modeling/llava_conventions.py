@@ -33,34 +33,53 @@ IMAGE_ASPECTS = ("pad", "resize")
 
 # ------------------------------------------------------------------------------------ the Vicuna v1 conversation
 
+# LLaVA's `conv_vicuna_v1` (llava/conversation.py), the conversation that both the authors' `--version v1`
+# training and their `--conv-mode vicuna_v1` evaluation select. (`conv_llava_v1` says "curious human"; neither uses it.)
 VICUNA_SYSTEM = (
-    "A chat between a curious human and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
 
-# LLaVA-1.5 `v1`: "{system} USER: <image>\n{q} ASSISTANT: {a}</s>USER: ..." and "ASSISTANT:" to generate.
-# Images come first in a user turn, as LLaVA-1.5 placed them.
+# `conv_vicuna_v1` as a chat template, rendering what `Conversation.get_prompt` (SeparatorStyle.TWO, sep=" ",
+# sep2="</s>") renders: "{system} USER: {q} ASSISTANT: {a}</s>USER: ..." and "ASSISTANT:" to generate.
+# - A `system` message replaces the default system text.
+# - Content parts keep their order, joined by "\n": "<image>\n{q}" when the image comes first, as LLaVA writes it.
+# - An answer ends with the tokenizer's EOS text (`eos_token`, "</s>" for Vicuna): the token generation stops on.
 VICUNA_V1_CHAT_TEMPLATE = (
-    "{{- '" + VICUNA_SYSTEM.replace("'", "\\'") + " ' -}}"
-    "{%- for message in messages -%}"
-    "{%- set role = 'USER' if message['role'] == 'user' else 'ASSISTANT' -%}"
-    "{{- role + ': ' -}}"
-    "{%- if message['content'] is string -%}{{- message['content'] -}}"
+    "{%- macro render(content) -%}"
+    "{%- if content is string -%}{{- content -}}"
     "{%- else -%}"
-    "{%- for item in message['content'] if item['type'] == 'image' -%}{{- '" + IMAGE_TOKEN + "\n' -}}{%- endfor -%}"
-    "{%- for item in message['content'] if item['type'] == 'text' -%}{{- item['text'] -}}{%- endfor -%}"
+    "{%- for part in content if part['type'] in ['image', 'text'] -%}"
+    "{%- if not loop.first -%}{{- '\\n' -}}{%- endif -%}"
+    "{{- '" + IMAGE_TOKEN + "' if part['type'] == 'image' else part['text'] -}}"
+    "{%- endfor -%}"
     "{%- endif -%}"
-    "{{- ' ' if message['role'] == 'user' else '</s>' -}}"
+    "{%- endmacro -%}"
+    "{%- set turn_end = eos_token if eos_token is defined and eos_token else '</s>' -%}"
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{{- render(messages[0]['content']) + ' ' -}}"
+    "{%- set turns = messages[1:] -%}"
+    "{%- else -%}"
+    "{{- '" + VICUNA_SYSTEM.replace("'", "\\'") + " ' -}}"
+    "{%- set turns = messages -%}"
+    "{%- endif -%}"
+    "{%- for message in turns -%}"
+    "{%- if message['role'] == 'user' -%}{{- 'USER: ' + render(message['content']) + ' ' -}}"
+    "{%- elif message['role'] == 'assistant' -%}{{- 'ASSISTANT: ' + render(message['content']) + turn_end -}}"
+    "{%- else -%}{{- raise_exception('the Vicuna v1 conversation has user and assistant turns after an optional "
+    "first system message, got role ' + message['role']) -}}"
+    "{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
 )
 
 
 def move_image_to_front(text: str) -> str:
-    """LLaVA-1.5 normalises a single-image turn to `<image>\\n{question}` wherever the placeholder was."""
+    """LLaVA's `preprocess_multimodal`: a turn with the image becomes `<image>\\n{text}`, stripped (an image-only
+    turn is `<image>`), wherever the placeholder was."""
     if IMAGE_TOKEN not in text:
         return text
-    return IMAGE_TOKEN + "\n" + text.replace(IMAGE_TOKEN, "").strip()
+    return (IMAGE_TOKEN + "\n" + text.replace(IMAGE_TOKEN, "").strip()).strip()
 
 
 def vicuna_v1_turn(question: str) -> str:
@@ -88,26 +107,64 @@ def sample_name(record: Mapping[str, Any]) -> str:
 
 
 class ImageLoadError(ValueError):
-    """An image that cannot be read. `reason` is "missing" (no such file) or "corrupt" (undecodable)."""
+    """An image that cannot be read. `reason`: "missing" (no such file), "corrupt" (undecodable), "too_large"
+    (over PIL's decompression-bomb limit `Image.MAX_IMAGE_PIXELS`) or "unsupported" (pixels with no faithful 8-bit
+    RGB view: NaN/inf or out-of-range values). `path`: the file, or None for embedded bytes and PIL images."""
 
-    def __init__(self, reason: str, message: str):
-        self.reason = reason
+    def __init__(self, reason: str, message: str, path: str | None = None):
+        self.reason, self.path = reason, path
         super().__init__(message)
 
-    def __reduce__(self):  # both arguments survive pickling (errors cross process boundaries in data loaders)
-        return type(self), (self.reason, str(self))
+    def __reduce__(self):  # every field survives pickling (errors cross process boundaries in data loaders)
+        return type(self), (self.reason, str(self), self.path)
+
+
+def _high_depth_to_grey(image: Any) -> Any:
+    """A 16-bit or float greyscale PIL image -> 8-bit "L", scaled by its bit depth (PIL's own `convert` clips
+    16-bit values at 255 and truncates [0, 1] floats to 0 or 1). Raises `ValueError` for values it cannot map."""
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.asarray(image)
+    if image.mode == "F":
+        if not np.isfinite(pixels).all():
+            raise ValueError("a float image holds NaN or infinite values")
+        low, high = float(pixels.min()), float(pixels.max())
+        if low < 0.0 or high > 1.0:
+            raise ValueError(f"a float image has values in [{low:g}, {high:g}]; expected [0, 1]")
+        scaled = pixels * 255.0
+    else:  # "I;16*", and "I" (how Pillow < 10 opens 16-bit PNGs): 16-bit data, 65535 -> 255
+        low, high = int(pixels.min()), int(pixels.max())
+        if low < 0 or high > 65535:
+            raise ValueError(f"a 32-bit integer image has values in [{low}, {high}]; expected 16-bit [0, 65535]")
+        scaled = pixels / 257.0
+    return Image.fromarray(np.round(scaled).astype(np.uint8))  # uint8 [H, W] -> "L"
+
+
+def _to_rgb(image: Any) -> Any:
+    if image.mode == "F" or image.mode == "I" or image.mode.startswith("I;16"):
+        image = _high_depth_to_grey(image)
+    return image.convert("RGB")
 
 
 def load_image(source: Any) -> Any:
     """A fully decoded RGB `PIL.Image` from a path, raw bytes, a dataset image reference `{"path", "bytes"}`
     (bytes win over the path) or a PIL image.
 
-    Decoding happens here, so a truncated file fails now, not mid-batch. Raises `ImageLoadError` naming the file.
+    Decoding happens here, so a truncated file fails now, not mid-batch. 16-bit greyscale is divided by 257 and
+    [0, 1] float greyscale multiplied by 255 (rounded), at training and inference alike. Raises `ImageLoadError`
+    naming the file: missing, undecodable, over PIL's decompression-bomb limit (its warning included), or with
+    NaN/inf or out-of-range values.
     """
+    import warnings
+
     from PIL import Image
 
     if isinstance(source, Image.Image):
-        return source.convert("RGB")
+        try:
+            return _to_rgb(source)
+        except ValueError as error:
+            raise ImageLoadError("unsupported", f"cannot use the image: {error}") from error
     if isinstance(source, Mapping):
         path, data = source.get("path"), source.get("bytes")
     elif isinstance(source, (bytes, bytearray)):
@@ -119,13 +176,26 @@ def load_image(source: Any) -> Any:
         where = f"embedded image{f' {path}' if path else ''}"
     else:
         if path is None or not os.path.isfile(path):
-            raise ImageLoadError("missing", f"image file not found: {path}")
+            raise ImageLoadError("missing", f"image file not found: {path}", path)
         opened, where = path, f"image file {path}"
     try:
-        with Image.open(opened) as image:
-            return image.convert("RGB")
+        with warnings.catch_warnings():
+            # Between 1x and 2x the limit PIL only warns; such an image is refused all the same.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(opened) as image:
+                image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ImageLoadError(
+            "too_large",
+            f"refusing {where}: {error} (raise PIL.Image.MAX_IMAGE_PIXELS to allow larger images)",
+            path,
+        ) from error
     except (OSError, SyntaxError, ValueError) as error:
-        raise ImageLoadError("corrupt", f"cannot decode {where}: {error}") from error
+        raise ImageLoadError("corrupt", f"cannot decode {where}: {error}", path) from error
+    try:
+        return _to_rgb(image)
+    except ValueError as error:
+        raise ImageLoadError("unsupported", f"cannot use {where} ({image.mode}): {error}", path) from error
 
 
 def mean_colour(image_processor: Any) -> tuple[int, int, int]:

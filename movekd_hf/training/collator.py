@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from ..errors import InputError
 from ..modeling.llava_conventions import IMAGE_ASPECTS, images_to_unit_tensor, mean_colour, square_view
 from .data import BadSampleError, BadSampleReport, check_on_bad_sample, open_image, sample_name
 from .templates import IGNORE_INDEX
@@ -46,6 +47,12 @@ class MoVEKDDataCollator:
     [0, 1] (teachers resize and normalise on device).
     Teachers see the same square view as the student: padded (`pad`) or centre-cropped (`resize`, as CLIP's
     resize-and-crop does). Keys other than the model's own must be popped by the trainer before `model(**batch)`.
+
+    Given `image_token_id` and `num_image_tokens` (what one `<image>` expands to, `data_args.num_image_tokens`),
+    each sample is checked before collation: as many image tokens as its images need, all of them masked in
+    `labels`, and as many labels as tokens; a sample that fails is a `BadSampleError` (raised or skipped), instead of
+    LLaVA's "image features and image tokens do not match" in the forward pass. Raises `InputError` for
+    features without the tokenised columns (e.g. `remove_unused_columns=True` dropped `images`).
     """
 
     def __init__(
@@ -57,6 +64,8 @@ class MoVEKDDataCollator:
         on_bad_sample: str = "raise",
         report: BadSampleReport | None = None,
         padding_side: str = "right",
+        image_token_id: int | None = None,
+        num_image_tokens: int | None = None,
     ):
         if image_aspect not in IMAGE_ASPECTS:
             raise ValueError(f"image_aspect must be one of {IMAGE_ASPECTS}, got {image_aspect!r}")
@@ -73,12 +82,41 @@ class MoVEKDDataCollator:
         self.report = report if report is not None else BadSampleReport()
         self.padding_side = padding_side
         self.background = mean_colour(image_processor)
+        self.image_token_id, self.num_image_tokens = image_token_id, num_image_tokens
+
+    def _check_tokens(self, feature: Mapping[str, Any], name: str) -> None:
+        """The token columns agree with the sample's images (see the class docstring)."""
+        input_ids, labels = feature["input_ids"], feature["labels"]
+        if len(input_ids) != len(labels):
+            raise BadSampleError(
+                "malformed_sample", name, f"{len(input_ids)} input_ids but {len(labels)} labels", field="labels"
+            )
+        if self.image_token_id is None or self.num_image_tokens is None:
+            return
+        positions = [i for i, token in enumerate(input_ids) if token == self.image_token_id]
+        needed = self.num_image_tokens * len(feature["images"])
+        if len(positions) != needed:
+            detail = f"{len(positions)} image tokens for {len(feature['images'])} images"
+            expected = f"{self.num_image_tokens} per image ({needed})"
+            raise BadSampleError("image_count_mismatch", name, detail, field="input_ids", expected=expected)
+        if any(labels[i] != IGNORE_INDEX for i in positions):
+            expected = f"{IGNORE_INDEX} at every image token"
+            raise BadSampleError(
+                "malformed_sample", name, "an image token is trained", field="labels", expected=expected
+            )
 
     def _load_images(self, features: Sequence[Mapping[str, Any]]) -> tuple[list[Mapping[str, Any]], list[list]]:
         """Decode every sample's images; bad samples raise or are dropped and counted (skip mode)."""
         kept, images = [], []
         for feature in features:
+            missing = [key for key in ("id", "row", "input_ids", "labels", "images") if key not in feature]
+            if missing:
+                raise InputError(
+                    f"a batch feature lacks {missing}",
+                    expected="records from tokenize_dataset (and remove_unused_columns=False in the trainer)",
+                )
             try:
+                self._check_tokens(feature, sample_name(feature))
                 decoded = [open_image(reference, sample_name(feature)) for reference in feature["images"]]
             except BadSampleError as error:
                 if self.on_bad_sample == "raise":
@@ -88,9 +126,9 @@ class MoVEKDDataCollator:
             kept.append(feature)
             images.append(decoded)
         if not kept:
-            raise ValueError(
-                f"every sample of this batch was skipped as bad ({[sample_name(f) for f in features]}); "
-                "run tokenize_dataset with verify_images=True to remove bad images before training"
+            raise InputError(
+                f"every sample of this batch was skipped as bad ({', '.join(sample_name(f) for f in features)})",
+                expected="run tokenize_dataset with verify_images=True to remove bad images before training",
             )
         return kept, images
 

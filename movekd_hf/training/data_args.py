@@ -28,6 +28,10 @@ class MoVEKDDataArguments:
 
     data_path: str = field(metadata={"help": "LLaVA .json/.jsonl, a save_to_disk folder, or a local dataset folder."})
     image_folder: str | None = field(default=None, metadata={"help": "Folder the JSON `image` paths are relative to."})
+    allow_images_outside_folder: bool = field(
+        default=False,
+        metadata={"help": "Accept image paths that leave `image_folder` (`../x.png`, absolute paths elsewhere)."},
+    )
     template: str = field(default="v1", metadata={"help": f"One of {TEMPLATE_NAMES}."})
     image_aspect: str = field(
         default="pad", metadata={"help": f"One of {IMAGE_ASPECTS}; `pad` = LLaVA expand2square."}
@@ -99,11 +103,16 @@ def build_train_data(
     """Source -> normalised Arrow (saved if `processed_dir`) -> tokenised dataset, collator and lengths.
 
     `processor`: a LlavaProcessor-like object with `.tokenizer`, `.image_processor` and the image-token fields.
+    Raises `DataFileError` for an unreadable data file, `BadSampleError` for a bad sample (`on_bad_sample="raise"`)
+    and `NoSamplesError` when no sample is left, all before training starts.
     """
+    allow_outside = data_args.allow_images_outside_folder
     if data_args.processed_dir:
-        normalised = prepare_dataset(data_args.data_path, data_args.processed_dir, data_args.image_folder)
+        normalised = prepare_dataset(
+            data_args.data_path, data_args.processed_dir, data_args.image_folder, allow_outside
+        )
     else:
-        normalised = load_source(data_args.data_path, data_args.image_folder)
+        normalised = load_source(data_args.data_path, data_args.image_folder, allow_outside)
     tokenizer = processor.tokenizer
     settings = TokenizeSettings(
         template=data_args.template,
@@ -116,7 +125,13 @@ def build_train_data(
     # The processor's chat template wins over the tokenizer's (LLaVA processors carry it), as at inference.
     renderer = processor if getattr(processor, "chat_template", None) is not None else tokenizer
     dataset, report = tokenize_dataset(
-        normalised, tokenizer, settings, data_args.on_bad_sample, num_proc=data_args.num_proc, chat_renderer=renderer
+        normalised,
+        tokenizer,
+        settings,
+        data_args.on_bad_sample,
+        num_proc=data_args.num_proc,
+        chat_renderer=renderer,
+        source=data_args.data_path,
     )
     if tokenizer.pad_token_id is None:
         raise ValueError("the tokenizer has no pad token; set `tokenizer.pad_token` before building the data")
@@ -127,5 +142,7 @@ def build_train_data(
         teacher_image_size=data_args.teacher_image_size,
         on_bad_sample=data_args.on_bad_sample,
         report=report,
+        image_token_id=settings.image_token_id,
+        num_image_tokens=settings.num_image_tokens,
     )
     return MoVEKDTrainData(dataset, collator, report, list(dataset["modality_length"]))
