@@ -2,7 +2,8 @@
 
 The edge of the package: argv becomes the trainer's objects in movekd_hf/training/from_config.py, and the Hub model
 card of movekd_hf.hub_cards (which sits above training) is plugged in here, written into every saved folder.
-Then: train (or resume) -> final save -> push when `push_to_hub` is set.
+Then: train (or resume) -> final save -> push when `push_to_hub` is set. SIGTERM: a checkpoint at the end of the
+step under way, one line saying where, exit 0.
 """
 
 from __future__ import annotations
@@ -40,8 +41,17 @@ def build_trainer(argv: list[str], **trainer_kwargs):
 
 
 def run(trainer) -> int:
-    """Train (resuming from `resume_from_checkpoint` when set), save the final model, push it if asked."""
+    """Train (resuming from `resume_from_checkpoint` when set: a folder, or `true` for the newest complete
+    checkpoint), save the final model, push it if asked. Stopped by SIGTERM: the trainer saved a checkpoint at the
+    end of the step under way; say where, skip the final save, and exit 0."""
     trainer.train(resume_from_checkpoint=trainer.args.resume_from_checkpoint)
+    if trainer.stop_on_signal.received is not None:
+        print(
+            f"movekd-hf train: {trainer.stop_on_signal.received} received: saved checkpoint {trainer.last_checkpoint} "
+            f"at step {trainer.state.global_step}; continue with --resume_from_checkpoint true",
+            flush=True,
+        )
+        return 0
     trainer.save_model()
     if trainer.args.push_to_hub:
         trainer.push_to_hub()

@@ -130,7 +130,14 @@ def test_checkpoint_is_a_vlm_plus_training_state_without_teachers(trained_run):
     names = {path.name for path in checkpoint.iterdir()}
     model_files = {"config.json", "model.safetensors", "modeling_movekd.py", "configuration_movekd.py", "mole.py"}
     processor_files = {"processing_movekd.py", "processor_config.json", "tokenizer.json", "README.md"}
-    resume_files = {"optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", DISTILLER_FILE}
+    resume_files = {
+        "optimizer.pt",
+        "scheduler.pt",
+        "rng_state.safetensors",
+        "trainer_state.json",
+        "training_args.json",
+        DISTILLER_FILE,
+    }
     assert model_files | processor_files | resume_files <= names
     weights = load_safetensors(checkpoint / "model.safetensors")
     assert len(weights) == len(trainer.model.vlm.state_dict())  # the VLM and nothing else: no teacher

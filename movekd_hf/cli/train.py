@@ -7,8 +7,13 @@ import argparse
 
 
 def add_parser(subparsers) -> None:
+    # Everything after `train` goes to the training parser (movekd_hf.training.arguments), `--help` included:
+    # no option of its own ("+" is a prefix nobody types), so argparse passes `--key value` pairs through as they are.
     train = subparsers.add_parser(
-        "train", help="Train one stage from a YAML config; later `--key value` pairs override it.", add_help=False
+        "train",
+        help="Train one stage from a YAML config; later `--key value` pairs override it (`train --help`: options).",
+        add_help=False,
+        prefix_chars="+",
     )
     train.add_argument("args", nargs=argparse.REMAINDER, help="CONFIG.yaml [--key value ...]")
     train.set_defaults(func=run_train)

@@ -2,25 +2,45 @@
 `MoVEKDTrainer` reads), and for the command line also which model and teachers to load (`MoVEKDModelArguments`)
 and the data (`MoVEKDDataArguments`, data_args.py). `parse_args` reads a YAML file whose values become the
 defaults of one `HfArgumentParser`, so any `--key value` after it overrides the file.
+
+Every value a user can get wrong raises `SettingsError` naming the option (and the YAML file, for its keys and
+values): unknown keys, values of the wrong type, NaN or infinite loss weights, LoRA settings out of range.
 """
 
 from __future__ import annotations
 
+import difflib
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
 from ..distill.losses import KD_LOSS_PRESETS
 from ..distill.presets import TEACHER_SETS
+from ..errors import InputError, SettingsError
 from .data_args import MoVEKDDataArguments
 from .stages import STAGES
 
 KD_PRESETS = (*KD_LOSS_PRESETS, "none")
 TEACHER_SOURCES = ("online", "cached")
+NONFINITE_POLICIES = ("stop", "skip_step")
+NONNEGATIVE = "a finite number >= 0"
+
+
+def _check_number(name: str, value, low: float, high: float | None = None, expected: str = NONNEGATIVE) -> None:
+    """`value` must be a finite number in [low, high) (no upper bound when `high` is None)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= low
+    if not ok or (high is not None and value >= high):
+        raise SettingsError(f"got {value!r}", field=name, expected=expected)
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise SettingsError(f"got {value!r}", field=name, expected=f"one of {tuple(choices)}")
 
 
 @dataclass
@@ -54,16 +74,25 @@ class MoVEKDModelArguments:
 
     def __post_init__(self) -> None:
         if (self.model_name_or_path is None) == (self.preset is None):
-            raise ValueError("give exactly one of `model_name_or_path` (a checkpoint) or `preset` (e.g. `tiny`)")
+            raise SettingsError(
+                "give exactly one of them",
+                field="model_name_or_path/preset",
+                expected="`model_name_or_path` (a checkpoint) or `preset` (e.g. `tiny`)",
+            )
         for name, value, choices in (
             ("teacher_set", self.teacher_set, tuple(TEACHER_SETS)),
             ("teacher_source", self.teacher_source, TEACHER_SOURCES),
             ("teacher_cache_grid", self.teacher_cache_grid, ("native", "student")),
         ):
-            if value not in choices:
-                raise ValueError(f"`{name}` must be one of {choices}, got {value!r}")
+            _check_choice(name, value, choices)
+        # Checked here, under the names the user typed: peft's own errors speak of `r` and `lora_alpha`.
+        _check_number("lora_llm_rank", self.lora_llm_rank, 1, expected="an integer >= 1")
+        _check_number("lora_llm_alpha", self.lora_llm_alpha, 0, expected="a finite number > 0")
+        if self.lora_llm_alpha == 0:
+            raise SettingsError("got 0", field="lora_llm_alpha", expected="a finite number > 0")
+        _check_number("lora_llm_dropout", self.lora_llm_dropout, 0, 1, expected="a number in [0, 1)")
         if self.qlora and not self.lora_llm:
-            raise ValueError("`qlora` trains LoRA on a 4-bit LLM: set `lora_llm: true` too")
+            raise SettingsError("trains LoRA on a 4-bit LLM", field="qlora", expected="`lora_llm: true` too")
 
     def checkpoint_map(self) -> dict[str, str]:
         """`teacher_checkpoints` as {slug: path}."""
@@ -97,25 +126,98 @@ class MoVEKDTrainingArguments(TrainingArguments):
                   "carrying on from stage 1)."},
     )  # fmt: skip
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep image columns for the collator."})
+    nonfinite_policy: str = field(
+        default="stop",
+        metadata={"help": "A NaN/inf loss, loss component (lm, kd per teacher, balance) or gradient norm: `stop` "
+                  "raises NonFiniteError naming step and component before the optimizer step (CLI exit 1); "
+                  "`skip_step` drops that step's gradients (the optimizer leaves the weights and its state as "
+                  "they were; the LR schedule moves on) and logs it. Not with DeepSpeed (it steps inside "
+                  "backward)."},
+    )  # fmt: skip
+    allow_pickle: bool = field(
+        default=False,
+        metadata={"help": "Load pickle files (.bin/.pth: an old rng_state.pth, pytorch_model.bin) from the "
+                  "checkpoint resumed; loading a pickle can run code, so only for checkpoints you trust."},
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
+        # `--resume_from_checkpoint true` (and YAML `true`): the newest complete checkpoint in output_dir, as
+        # `Trainer.train(resume_from_checkpoint=True)`; "false" is no resume. A folder named so still wins.
+        resume = self.resume_from_checkpoint
+        if isinstance(resume, str) and resume.lower() in ("true", "false") and not os.path.isdir(resume):
+            resume = resume.lower() == "true"
+        self.resume_from_checkpoint = resume if resume else None
         super().__post_init__()
-        for name, value, choices in (("stage", self.stage, tuple(STAGES)), ("kd_preset", self.kd_preset, KD_PRESETS)):
-            if value not in choices:
-                raise ValueError(f"`{name}` must be one of {choices}, got {value!r}")
-        if self.lambda_kd < 0 or self.lambda_bal < 0:
-            raise ValueError(f"lambda_kd and lambda_bal must be >= 0, got {self.lambda_kd} and {self.lambda_bal}")
+        for name, value, choices in (
+            ("stage", self.stage, tuple(STAGES)),
+            ("kd_preset", self.kd_preset, KD_PRESETS),
+            ("nonfinite_policy", self.nonfinite_policy, NONFINITE_POLICIES),
+        ):
+            _check_choice(name, value, choices)
+        for name in ("lambda_kd", "lambda_bal", "learning_rate"):
+            _check_number(name, getattr(self, name), 0)
 
 
 ARGUMENT_CLASSES = (MoVEKDModelArguments, MoVEKDDataArguments, MoVEKDTrainingArguments)
 
 
+class _Parser(HfArgumentParser):
+    """argparse's errors (a bad value on the command line, a missing required option) as `SettingsError`: the
+    command line prints them as one line, not a usage block, and a Python caller can catch them."""
+
+    def error(self, message: str) -> NoReturn:
+        raise SettingsError(f"{message} (options: `movekd-hf train --help`)")
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    with open(path, encoding="utf-8") as handle:
-        values = yaml.safe_load(handle) or {}
+    """The mapping in a YAML config; `SettingsError` naming the file (and line) if it is not one."""
+    if not os.path.isfile(path):
+        raise SettingsError("no such file", file=str(path), expected="a YAML config (e.g. configs/train/*.yaml)")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            values = yaml.safe_load(handle) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        problem = f"is not valid YAML ({getattr(error, 'problem', None) or error})"
+        raise SettingsError(problem, file=str(path), line=line) from error
     if not isinstance(values, dict):
-        raise ValueError(f"{path} must hold a mapping of argument names to values, got {type(values).__name__}")
+        raise SettingsError(
+            f"holds a {type(values).__name__}", file=str(path), expected="a mapping of option names to values"
+        )
     return values
+
+
+def _check_yaml_values(path: str, values: dict[str, Any], known: dict[str, Any]) -> None:
+    """Unknown keys and values argparse cannot convert (`lambda_kd: abc`, `stage: stage9` is left to the
+    dataclasses) -> `SettingsError` naming the file and key."""
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        close = {key: difflib.get_close_matches(key, list(known), n=1) for key in unknown}
+        hints = [f"{key} (did you mean {match[0]}?)" if match else key for key, match in close.items()]
+        raise SettingsError(
+            f"unknown option(s) {', '.join(hints)}", file=path, expected="options of `movekd-hf train --help`"
+        )
+    for name, value in values.items():
+        action = known[name]
+        if value is None or isinstance(value, (list, dict)) or action.type is None:
+            continue
+        try:
+            converted = action.type(value if isinstance(value, str) else str(value))
+        except (TypeError, ValueError, InputError):
+            converted = _BAD
+        if converted is _BAD or (action.choices is not None and converted not in action.choices):
+            kind = f"one of {tuple(action.choices)}" if action.choices else getattr(action.type, "__name__", "value")
+            raise SettingsError(f"got {value!r}", file=path, field=name, expected=kind)
+
+
+_BAD = object()
+
+
+def _given(argv: list[str], name: str) -> bool:
+    """Whether `--name` (or its `--kebab-case` alias) is on the command line."""
+    flags = {f"--{name}", f"--{name.replace('_', '-')}"}
+    return any(arg.partition("=")[0] in flags for arg in argv)
 
 
 def _cpu_only_multi_process() -> bool:
@@ -124,24 +226,58 @@ def _cpu_only_multi_process() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
+def build_parser() -> HfArgumentParser:
+    """The parser of `movekd-hf train` (its `--help` lists every option)."""
+    return _Parser(
+        ARGUMENT_CLASSES,
+        prog="movekd-hf train",
+        usage="movekd-hf train [CONFIG.yaml] [--key value ...]",
+        description="Train one MoVE-KD stage. The YAML's keys are these options; `--key value` after it overrides "
+        "them. `--model_name_or_path` and `--preset` replace each other's YAML value.",
+    )
+
+
+# The model comes from exactly one of these: giving one on the command line replaces the YAML's other.
+_MODEL_SOURCES = ("model_name_or_path", "preset")
+
+
 def parse_args(argv: list[str]) -> tuple[MoVEKDModelArguments, MoVEKDDataArguments, MoVEKDTrainingArguments]:
-    """`CONFIG.yaml [--key value ...]` (or only flags) -> the three argument dataclasses."""
-    parser = HfArgumentParser(ARGUMENT_CLASSES)
+    """`CONFIG.yaml [--key value ...]` (or only flags) -> the three argument dataclasses.
+
+    Raises `SettingsError` for anything wrong in them, naming the YAML file when a YAML value is at fault.
+    """
+    parser = build_parser()
+    config, values = None, {}
     if argv and argv[0].endswith((".yaml", ".yml")):
-        values = read_yaml(argv[0])
-        known = {action.dest: action for action in parser._actions}
-        unknown = sorted(set(values) - set(known))
-        if unknown:
-            raise ValueError(f"{argv[0]}: unknown argument(s) {unknown}; see `python -m movekd_hf.train --help`")
+        config, values = argv[0], read_yaml(argv[0])
+        argv = argv[1:]
+        known = {action.dest: action for action in parser._actions if action.dest != "help"}
+        _check_yaml_values(config, values, known)
+        for given, other in (_MODEL_SOURCES, _MODEL_SOURCES[::-1]):
+            if _given(argv, given):
+                values.pop(other, None)  # stage 2 from stage 1: `--model_name_or_path runs/stage1` over `preset`
         for name in values:
             known[name].required = False  # the file supplies it; the command line may still override it
         parser.set_defaults(**values)
-        argv = argv[1:]
     if _cpu_only_multi_process():
         # accelerate makes a CPU process group (gloo, DistributedType.MULTI_CPU) only when asked for the CPU;
         # otherwise each of the launched processes silently trains alone (DistributedType.NO).
         parser.set_defaults(use_cpu=True)
-    model_args, data_args, args = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    try:
+        *parsed, unused = parser.parse_args_into_dataclasses(
+            args=argv, look_for_args_file=False, return_remaining_strings=True
+        )
+    except InputError as error:
+        if config is None or error.file is not None or error.field not in values or _given(argv, error.field):
+            raise
+        raise SettingsError(error.problem, file=config, field=error.field, expected=error.expected) from error
+    except ValueError as error:  # TrainingArguments' own checks
+        raise SettingsError(str(error), file=config) from error
+    if unused:
+        raise SettingsError(f"unknown command-line argument(s) {unused} (options: `movekd-hf train --help`)")
+    model_args, data_args, args = parsed
     if model_args.lora_llm and args.stage != "stage2":
-        raise ValueError(f"`lora_llm`/`qlora` apply to stage2 (the LLM trains there), not {args.stage!r}")
+        raise SettingsError(
+            f"applies to stage2 (the LLM trains there), not {args.stage!r}", file=config, field="lora_llm"
+        )
     return model_args, data_args, args

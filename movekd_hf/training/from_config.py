@@ -4,6 +4,10 @@
 local checkpoints, or a feature cache), builds the data, and calls the same `MoVEKDTrainer(...)` a Python user
 calls. The entry that runs it (`accelerate launch -m movekd_hf.train`, `movekd-hf train`) is movekd_hf/train.py.
 One process or many (DDP, DeepSpeed ZeRO-2/3) run the same code; accelerate's launcher decides which.
+
+Stage 2 after stage 1: `movekd-hf train stage2.yaml --model_name_or_path runs/stage1` starts from stage 1's saved
+model, and its teacher adapters from the `distill_adapters.safetensors` saved beside it (`adapters_from` defaults
+to the model folder when that file is there; `--adapters_from none` starts new adapters).
 """
 
 from __future__ import annotations
@@ -16,9 +20,11 @@ import torch
 from transformers import set_seed
 
 from ..distill.cache import CachedTeachers
+from ..errors import SettingsError
 from ..modeling import MoVEKDForConditionalGeneration, MoVEKDProcessor
 from ..models import from_preset
 from .arguments import MoVEKDModelArguments, MoVEKDTrainingArguments, parse_args
+from .checkpoint import DISTILLER_FILE
 from .data_args import MoVEKDDataArguments, build_train_data
 from .teacher_source import (
     clip_teacher_spec,
@@ -50,11 +56,13 @@ def load_model(model_args: MoVEKDModelArguments):
 def qlora_config():
     """4-bit NF4 for the LLM; vision tower, projector and head stay in full precision (they train or distil)."""
     if not torch.cuda.is_available():
-        raise ValueError("`qlora: true` needs a CUDA GPU (bitsandbytes 4-bit kernels); use `lora_llm` alone on CPU")
+        raise SettingsError(
+            "needs a CUDA GPU (bitsandbytes 4-bit kernels)", field="qlora", expected="`lora_llm` alone on CPU"
+        )
     try:
         import bitsandbytes  # noqa: F401
     except ImportError as error:
-        raise ValueError("`qlora: true` needs bitsandbytes: pip install bitsandbytes") from error
+        raise SettingsError("needs bitsandbytes", field="qlora", expected="pip install bitsandbytes") from error
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
@@ -71,8 +79,10 @@ def resolve_toy_data(data_args: MoVEKDDataArguments, args: MoVEKDTrainingArgumen
         return
 
     _, kind, *count = data_args.data_path.split(":")
-    if kind not in ("pretrain", "finetune"):
-        raise ValueError(f"`data_path` {data_args.data_path!r}: use toy:pretrain[:N] or toy:finetune[:N]")
+    if kind not in ("pretrain", "finetune") or len(count) > 1 or (count and not count[0].isdigit()):
+        raise SettingsError(
+            f"got {data_args.data_path!r}", field="data_path", expected="toy:pretrain[:N] or toy:finetune[:N]"
+        )
     num_samples = int(count[0]) if count else 32
     folder = os.path.join(args.output_dir, "_toy_data", f"n{num_samples}")  # `_*` is never uploaded
     with args.main_process_first(desc="toy data"):
@@ -97,7 +107,11 @@ def resolve_teachers(vlm, processor, model_args, data_args, args) -> dict[str, A
     # student, teacher set and data view (checked through its key), and suit the adapters (checked against them).
 
     if not model_args.teacher_cache_dir:
-        raise ValueError("`teacher_source: cached` needs `teacher_cache_dir` (written by `movekd-hf cache-teachers`)")
+        raise SettingsError(
+            "`teacher_source: cached` needs it",
+            field="teacher_cache_dir",
+            expected="a folder written by `movekd-hf cache-teachers`",
+        )
     image_processor = processor.image_processor
     all_specs = [clip_teacher_spec(vlm.config, image_processor.image_mean, image_processor.image_std), *specs]
     settings = teacher_cache_settings(
@@ -106,6 +120,20 @@ def resolve_teachers(vlm, processor, model_args, data_args, args) -> dict[str, A
     distiller = build_distiller(vlm, specs, args)
     cache = CachedTeachers(model_args.teacher_cache_dir, all_specs, settings, distiller=distiller)
     return {"teachers": cache, "distiller": distiller}
+
+
+def resolve_adapters_from(model_args: MoVEKDModelArguments, args: MoVEKDTrainingArguments) -> None:
+    """`adapters_from` unset and the model a local folder holding `distill_adapters.safetensors` (stage 1's
+    output): the teacher adapters continue from there. `none`: new adapters."""
+    if args.adapters_from == "none":
+        args.adapters_from = None
+        return
+    folder = model_args.model_name_or_path
+    if args.adapters_from is None and args.kd_preset != "none" and folder:
+        if os.path.isfile(os.path.join(folder, DISTILLER_FILE)):
+            args.adapters_from = folder
+            logger.info("teacher adapters start from %s (`--adapters_from none` for new ones)",
+                        os.path.join(folder, DISTILLER_FILE))  # fmt: skip
 
 
 def grouped_sampler(data, data_args: MoVEKDDataArguments, args: MoVEKDTrainingArguments):
@@ -120,6 +148,7 @@ def build_trainer(argv: list[str], **trainer_kwargs) -> MoVEKDTrainer:
     """The trainer for `argv` (a YAML plus overrides): argv parsed into objects, then `MoVEKDTrainer(...)`.
     `trainer_kwargs` go to the constructor too (the entry's `card_writer`, a caller's `callbacks`)."""
     model_args, data_args, args = parse_args(argv)
+    resolve_adapters_from(model_args, args)
     set_seed(args.seed)
     # Built whole on every rank, also under ZeRO-3; the engine partitions it when training starts. Building it
     # partitioned under zero.Init fails later in the tiny build path (IndexError on an empty shard; not chased yet).

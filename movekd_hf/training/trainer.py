@@ -19,13 +19,25 @@ Gradient accumulation: the Trainer counts the label tokens of the whole accumula
 over all ranks) and the VLM returns sum / count, so the LM term needs no division. The KD and balance terms are
 per-image means; they are rescaled here to per-image sums over the images of the whole accumulated batch
 (also counted over all ranks), so accumulating k micro-batches gives the gradient of one k-times larger batch.
+
+Reliability:
+- Non-finite training: every training micro-batch checks the loss and its components (LM, KD per teacher, KD,
+  balance) with one reduction, and every step the gradient norm. `args.nonfinite_policy="stop"` (default) raises
+  `NonFiniteError(step, component, value)` before the optimizer step; "skip_step" drops the step's gradients so
+  the optimizer leaves weights and moments as they were. No checkpoint with non-finite weights is written.
+- SIGTERM saves a checkpoint at the end of the step under way and stops (`StopOnSignalCallback`); `train()`
+  resumes from the newest complete checkpoint for `resume_from_checkpoint=True`, and says so when it starts over
+  in a folder that holds checkpoints. Checkpoints are staged and renamed into place (checkpoint.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import os
 import re
+import shutil
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -34,19 +46,32 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import Trainer
-from transformers.trainer_utils import HubStrategy
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy, rotate_checkpoints
+from transformers.training_args import ParallelMode
 
 from ..distill.distiller import MoVEKDDistiller
 from ..distill.losses import KDLossConfig, mole_balance_loss
 from ..distill.teachers import TeacherSpec
+from ..errors import NonFiniteError, SettingsError
 from ..modeling.llava_conventions import student_grid
 from ..modeling.mole import upcast
 from .arguments import MoVEKDTrainingArguments
 from .checkpoint import (
     DISTILLER_FILE,
+    STAGING_DIR,
+    TRAINING_ARGS_JSON,
     TRAINING_STATE_PATTERNS,
+    StopOnSignalCallback,
+    check_finite_weights,
     copy_loadable_files,
+    first_nonfinite,
+    load_rng_state,
     load_training_folder,
+    publish_checkpoint,
+    refuse_pickle,
+    resume_folder,
+    rng_state_file,
+    save_rng_state,
     save_training_folder,
 )
 from .collator import MoVEKDDataCollator
@@ -163,8 +188,20 @@ def load_adapters(distiller: MoVEKDDistiller, folder: str) -> None:
 
     path = os.path.join(folder, DISTILLER_FILE)
     if not os.path.isfile(path):
-        raise ValueError(f"adapters_from={folder!r}: no {DISTILLER_FILE} there (a run without distillation?)")
-    distiller.load_state_dict(load_file(path))
+        raise SettingsError(
+            f"no {DISTILLER_FILE} in {folder!r} (a run without distillation?)",
+            field="adapters_from",
+            expected="a checkpoint of a distillation run, or `none` for new adapters",
+        )
+    try:
+        distiller.load_state_dict(load_file(path))
+    except RuntimeError as error:  # another teacher set or KD preset than this run's
+        raise SettingsError(
+            f"its adapters do not fit this run's teachers {list(distiller.teacher_names)}: {str(error)[:300]}",
+            file=path,
+            field="adapters_from",
+            expected="adapters of the same teacher set and kd_preset, or `--adapters_from none` for new ones",
+        ) from error
 
 
 def build_distiller(vlm: nn.Module, specs: Sequence[TeacherSpec], args: MoVEKDTrainingArguments) -> MoVEKDDistiller:
@@ -197,7 +234,7 @@ def _distillation(vlm, args, teachers, distiller, processing_class):
     if args.kd_preset == "none":
         if teachers is not None or distiller is not None:
             raise ValueError("kd_preset='none' trains the LLaVA baseline: pass no `teachers` and no `distiller`")
-        if args.adapters_from:
+        if _adapters_from(args):
             raise ValueError("adapters_from is set, but kd_preset='none' trains without adapters")
         return None, None, None
     if teachers is None:
@@ -220,9 +257,14 @@ def _distillation(vlm, args, teachers, distiller, processing_class):
         missing = sorted(set(distiller.teacher_names) - set(built))
         if missing:
             raise ValueError(f"the distiller distils {missing}, which are not among the teachers {sorted(built)}")
-    if args.adapters_from:
+    if _adapters_from(args):
         load_adapters(distiller, args.adapters_from)
     return source, distiller, specs
+
+
+def _adapters_from(args: MoVEKDTrainingArguments) -> str | None:
+    """`args.adapters_from`, with `none` (new adapters, the command line's way to say None) as None."""
+    return None if args.adapters_from in (None, "", "none") else args.adapters_from
 
 
 def prepare_model(model: nn.Module, args: MoVEKDTrainingArguments, peft_config=None) -> nn.Module:
@@ -345,6 +387,19 @@ class MoVEKDTrainer(Trainer):
         self._pending_logs = {f"trainable_params/{k}": float(v) for k, v in counts.items()}
         self._window_images: torch.Tensor | None = None
         self._train_sampler = train_sampler
+        if args.nonfinite_policy == "skip_step" and self.is_deepspeed_enabled:
+            raise SettingsError(
+                "cannot skip steps under DeepSpeed (the engine steps inside backward)",
+                field="nonfinite_policy",
+                expected="`stop`",
+            )
+        self.stop_on_signal = StopOnSignalCallback()
+        self.add_callback(self.stop_on_signal)
+        self.last_checkpoint: str | None = None  # the folder of the newest checkpoint saved
+        self._nonfinite: tuple[str, float] | None = None  # skip_step: what spoiled the accumulation window
+        self._skipped_steps = 0
+        self._staging: str | None = None  # set while a checkpoint is being written
+        self._push_staged = False
 
     def _recorded_config(self, module: MoVEKDTrainingModule, teachers, counts: dict[str, int]) -> dict[str, Any]:
         """What train_config.json records of the run by itself (the model card reads it)."""
@@ -403,8 +458,53 @@ class MoVEKDTrainer(Trainer):
         if out["balance"] is not None and self.args.lambda_bal > 0:
             loss = loss + self.args.lambda_bal * scale * out["balance"]["loss"]
         if model.training:
-            self._record(out, inputs.get("labels"), num_items_in_batch)
+            hit = first_nonfinite(self._loss_components(loss, out))
+            if hit is not None:
+                self._nonfinite_found(*hit)
+            else:
+                self._record(out, inputs.get("labels"), num_items_in_batch)
         return (loss, out) if return_outputs else loss
+
+    def _loss_components(self, loss: torch.Tensor, out: dict) -> list[tuple[str, torch.Tensor | None]]:
+        """(name, tensor) of every loss term this micro-batch computed, the ones a user would look at first."""
+        named = [("lm_loss", out["lm_loss"])]
+        kd = out["kd"]
+        if kd is not None:
+            per_teacher = kd.get("per_teacher_loss")
+            per_teacher = per_teacher if per_teacher is not None else kd["per_teacher"]  # [B, T] or [T]
+            names = self.accelerator.unwrap_model(self.model).distiller.teacher_names
+            named += [(f"kd/{name}_loss", per_teacher[..., index]) for index, name in enumerate(names)]
+            named.append(("kd_loss", kd["loss"]))
+        if out["balance"] is not None:
+            named.append(("balance_loss", out["balance"]["loss"]))
+        return [*named, ("loss", loss)]
+
+    def _nonfinite_found(self, component: str, value: float) -> None:
+        """`stop`: raise before the optimizer step. `skip_step`: remember it; `_get_grad_norm` drops the step."""
+        step = self.state.global_step + 1  # the optimizer step being computed, 1-based as the logs count
+        if self.args.nonfinite_policy == "stop":
+            raise NonFiniteError(step, component, value)
+        if self._nonfinite is None:
+            self._nonfinite = (component, value)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        # Called once per optimizer step, after clipping and before `optimizer.step()`: the place to stop or skip.
+        grad_norm = super()._get_grad_norm(model, grad_norm)
+        norm = float(grad_norm) if grad_norm is not None else 0.0
+        if not math.isfinite(norm):
+            self._nonfinite_found("grad_norm", norm)
+        if self._nonfinite is not None:
+            component, value = self._nonfinite
+            self._nonfinite = None
+            # torch optimizers pass over parameters without a gradient: no update, no moment, no weight decay.
+            model.zero_grad(set_to_none=True)
+            self._skipped_steps += 1
+            self._pending_logs["nonfinite_skipped_steps"] = float(self._skipped_steps)
+            logger.warning(
+                "step %d skipped: non-finite %s (%s); %d step(s) skipped so far (nonfinite_policy=skip_step)",
+                self.state.global_step + 1, component, value, self._skipped_steps,
+            )  # fmt: skip
+        return grad_norm
 
     @torch.no_grad()
     def _record(self, out: dict, labels, num_items_in_batch) -> None:
@@ -442,19 +542,86 @@ class MoVEKDTrainer(Trainer):
 
     # ------------------------------------------------------------------------------------- save and load
 
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs):
+        """`Trainer.train`, with `resume_from_checkpoint=True` (or "true") meaning the newest COMPLETE checkpoint of
+        `output_dir` (none there: start at step 0, with a warning), SIGTERM saving and stopping at the end of the
+        step under way (`self.stop_on_signal.received` tells afterwards), and a warning when a run starts over in
+        a folder that holds checkpoints."""
+        resume = resume_folder(resume_from_checkpoint, self.args.output_dir, warn=self.is_world_process_zero())
+        with self.stop_on_signal.installed():
+            return super().train(resume_from_checkpoint=resume, trial=trial, **kwargs)
+
+    def _save_checkpoint(self, model: nn.Module, trial) -> None:
+        """The Trainer's checkpoint, written under `_incomplete/checkpoint-N` and renamed to `checkpoint-N` once
+        every rank has written its part: a `checkpoint-N` folder is always complete. Rotation (save_total_limit)
+        and the Hub upload then see the final folder."""
+        check_finite_weights(self.accelerator.unwrap_model(self.model), self.state.global_step)
+        run_dir = super()._get_output_dir(trial=trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging_root = os.path.join(run_dir, STAGING_DIR)
+        staged, final = os.path.join(staging_root, name), os.path.join(run_dir, name)
+        if self.args.should_save and os.path.exists(staged):
+            shutil.rmtree(staged)  # left by a run killed while saving this step
+        self.accelerator.wait_for_everyone()
+        self._staging, self._push_staged = staging_root, False
+        try:
+            super()._save_checkpoint(model, trial)  # rotates nothing: the staging folder holds this one only
+        finally:
+            self._staging = None
+        self.accelerator.wait_for_everyone()  # every rank's RNG state and DeepSpeed shards are in
+        if self.args.should_save:
+            if self.state.best_model_checkpoint == staged:
+                self.state.best_model_checkpoint = final
+                self.state.save_to_json(os.path.join(staged, "trainer_state.json"))
+            publish_checkpoint(staged, final)
+            with contextlib.suppress(OSError):  # only when empty: another process may be staging a step there
+                os.rmdir(staging_root)
+            rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint, use_mtime=True)
+        self.accelerator.wait_for_everyone()
+        self.last_checkpoint = final
+        if self._push_staged:
+            self._push_from_checkpoint(final)
+
+    def _get_output_dir(self, trial) -> str:
+        return self._staging if self._staging is not None else super()._get_output_dir(trial)
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
             return
         module = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        check_finite_weights(module, self.state.global_step)
         save_training_folder(output_dir, module, state_dict, self.processing_class, self.train_config)
         if self.card_writer is not None:
             self.card_writer(self, output_dir)
-        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))  # for transformers' own tools
+        with open(os.path.join(output_dir, TRAINING_ARGS_JSON), "w", encoding="utf-8") as handle:
+            handle.write(self.args.to_json_string())
+
+    def _rng_file(self, folder: str) -> str:
+        return os.path.join(folder, rng_state_file(self.args.process_index if self.args.world_size > 1 else None))
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        # safetensors instead of the Trainer's pickled rng_state.pth (CPU and CUDA generators; others: the Trainer).
+        if self.args.device.type not in ("cpu", "cuda"):
+            return super()._save_rng_state(output_dir)
+        os.makedirs(output_dir, exist_ok=True)
+        save_rng_state(self._rng_file(output_dir), self.args.parallel_mode == ParallelMode.DISTRIBUTED)
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        if checkpoint is None:
+            return
+        path = self._rng_file(checkpoint)
+        if os.path.isfile(path):
+            return load_rng_state(path, self.args.parallel_mode == ParallelMode.DISTRIBUTED)
+        pickled = path.removesuffix(".safetensors") + ".pth"
+        if os.path.isfile(pickled):  # a checkpoint written by the plain Trainer
+            refuse_pickle(pickled, self.args.allow_pickle)
+        return super()._load_rng_state(checkpoint)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         module = self.accelerator.unwrap_model(model if model is not None else self.model)
-        load_training_folder(resume_from_checkpoint, module)
+        load_training_folder(resume_from_checkpoint, module, allow_pickle=self.args.allow_pickle)
 
     def create_model_card(self, *args, **kwargs) -> None:
         # The card writer's card (written with every save) replaces the Trainer's generic one.
@@ -473,6 +640,9 @@ class MoVEKDTrainer(Trainer):
         """
         from transformers.trainer import PushInProgress, hf_api
 
+        if self._staging is not None:  # called inside the Trainer's save: upload once the folder is in place
+            self._push_staged = True
+            return
         if not self.is_world_process_zero() or self.args.hub_strategy == HubStrategy.END:
             return
         if not self.args.hub_always_push and self.push_in_progress is not None and not self.push_in_progress.is_done():
