@@ -236,7 +236,7 @@ def test_missing_sentencepiece_is_named(checkpoints, tmp_path, monkeypatch, caps
     monkeypatch.setitem(sys.modules, "sentencepiece", None)  # as if the extra were not installed
     with pytest.raises(MissingDependencyError, match=r"tokenizer\.model.*pip install movekd_hf\[sentencepiece\]"):
         convert_authors_checkpoint(src, tmp_path / "a", vision_config=HEADS)
-    assert main(["convert", str(src), str(tmp_path / "b"), "--vision-config", HEADS_JSON]) == 1
+    assert main(["convert", str(src), str(tmp_path / "b"), "--vision-config", HEADS_JSON]) == 2
     err = capsys.readouterr().err
     assert err.startswith("movekd-hf convert: error: ") and "pip install movekd_hf[sentencepiece]" in err
     assert "tiktoken" not in err

@@ -113,9 +113,10 @@ def test_hub_errors_are_clear_and_leave_folder_untouched(run_dir, token, monkeyp
         push_run(run_dir, REPO_ID)
     assert hub.commits == []
     assert folder_digest(run_dir) == before
-    with fake_hub(monkeypatch, fail=fail):  # the CLI turns it into exit code 1 and a one-line message
-        assert main(["push", str(run_dir), "--repo-id", REPO_ID]) == 1
-    assert "movekd-hf push:" in capsys.readouterr().err
+    with fake_hub(monkeypatch, fail=fail):  # the CLI turns it into exit code 2 and a one-line message
+        assert main(["push", str(run_dir), "--repo-id", REPO_ID]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("movekd-hf push: error: ") and err.count("\n") == 1
 
 
 def test_incomplete_checkpoint_is_refused_before_any_request(run_dir, token, monkeypatch):

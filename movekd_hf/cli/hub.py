@@ -11,9 +11,11 @@ import sys
 
 
 def _fail(command: str, error: Exception) -> int:
-    """Expected failures (bad input, Hub errors) end with their message, not a traceback."""
-    print(f"movekd-hf {command}: {error}", file=sys.stderr)
-    return 1
+    """Expected failures (bad input, Hub errors, a missing optional dependency) end in one line and exit code 2,
+    as every subcommand's user errors do (movekd_hf/cli/__init__.py)."""
+    message = " ".join(str(error).split())
+    print(f"movekd-hf {command}: error: {message}", file=sys.stderr)
+    return 2
 
 
 def _overrides(args: argparse.Namespace) -> dict:
@@ -72,8 +74,7 @@ def _convert(args: argparse.Namespace) -> int:
     try:
         result = convert_authors_checkpoint(args.src, args.dst, vision_config=vision, allow_pickle=args.allow_pickle)
     except MissingDependencyError as error:
-        print(f"movekd-hf convert: error: {error}", file=sys.stderr)
-        return 1
+        return _fail("convert", error)
     for line in result.summary():
         print(line)
     print(f"wrote {result.path}")
