@@ -7,6 +7,10 @@ takes the architecture's size as `sizes` (the paper's teacher by default) plus a
 `TeacherSpec`'s default, CLIP's view: centre crop, bicubic, CLIP normalisation, the hidden state at layer -2. Each spec also carries the full
 architecture config, so `pretrained=False` builds the same model with random weights (or, under
 `torch.device("meta")`, without memory) and nothing is downloaded.
+
+The modern presets (issue 17: SigLIP 2, DINOv3 ViT and ConvNeXt, AIMv2, SAM2, SAM3, C-RADIO) are what
+`teacher_by_id.teacher_from_pretrained` reads from each model's config.json and preprocessor_config.json, written out
+with the published sizes so they build offline; tests/test_teacher_by_id.py checks both agree.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
-from .teachers import IMAGENET_MEAN, IMAGENET_STD, TeacherSpec
+from .teachers import IMAGENET_MEAN, IMAGENET_STD, SAM_ENCODER_PREFIX, TeacherSpec
 from .vitdet_eva import EVA02ViTDetConfig
 
 # CLIP ViT-L/14-336 (CLIPVisionConfig fields): LLaVA-1.5's vision tower, so the student's architecture and
@@ -52,6 +56,91 @@ EVA02_L_FILENAME = "eva02/det/eva02_L_coco_det_sys_o365.pth"
 # ConvNeXt-XXLarge (open_clip, LAION-2B): timm's model name decides its sizes; its input is LLaVA-scale 1024 px.
 CONVNEXT_XXL_ID = "convnext_xxlarge.clip_laion2b_soup"
 CONVNEXT_XXL_IMAGE_SIZE = 1024
+
+
+# ----------------------------------------------------------------------------------------- modern teachers
+# Sizes of the published checkpoints (tests/test_teacher_by_id.py names each number's source).
+HALF = (0.5, 0.5, 0.5)  # SigLIP's and SAM3's normalisation
+SIGLIP2_SO400M_ID = "google/siglip2-so400m-patch16-384"  # fixed-resolution SigLIP 2: model_type "siglip"
+SIGLIP2_SO400M = dict(
+    hidden_size=1152,
+    intermediate_size=4304,
+    num_hidden_layers=27,
+    num_attention_heads=16,
+    image_size=384,
+    patch_size=16,
+    hidden_act="gelu_pytorch_tanh",
+    layer_norm_eps=1e-6,
+)
+DINOV3_VITL_ID = "facebook/dinov3-vitl16-pretrain-lvd1689m"
+DINOV3_VITL = dict(
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    patch_size=16,
+    image_size=224,
+    num_register_tokens=4,
+    layerscale_value=1.0,
+    layer_norm_eps=1e-5,
+    key_bias=False,
+)
+DINOV3_CONVNEXT_L_ID = "facebook/dinov3-convnext-large-pretrain-lvd1689m"
+DINOV3_CONVNEXT_L = dict(depths=[3, 3, 27, 3], hidden_sizes=[192, 384, 768, 1536], image_size=224)
+AIMV2_L_ID = "apple/aimv2-large-patch14-224"
+AIMV2_L = dict(
+    hidden_size=1024,
+    intermediate_size=2816,
+    num_hidden_layers=24,
+    num_attention_heads=8,
+    image_size=224,
+    patch_size=14,
+)
+SAM2_L_ID = "facebook/sam2.1-hiera-large"
+SAM2_L = dict(
+    backbone_config=dict(
+        model_type="sam2_hiera_det_model",
+        hidden_size=144,
+        num_attention_heads=2,
+        embed_dim_per_stage=[144, 288, 576, 1152],
+        num_attention_heads_per_stage=[2, 4, 8, 16],
+        blocks_per_stage=[2, 6, 36, 4],
+        global_attention_blocks=[23, 33, 43],
+        window_positional_embedding_background_size=[7, 7],
+        window_size_per_stage=[8, 4, 16, 8],
+        image_size=[1024, 1024],
+    ),
+    backbone_channel_list=[1152, 576, 288, 144],
+    fpn_hidden_size=256,
+)
+SAM3_ID = "facebook/sam3"
+SAM3 = dict(
+    backbone_config=dict(
+        model_type="sam3_vit_model",
+        hidden_size=1024,
+        intermediate_size=4736,
+        num_hidden_layers=32,
+        num_attention_heads=16,
+        image_size=1008,
+        patch_size=14,
+        window_size=24,
+        global_attn_indexes=[7, 15, 23, 31],
+        pretrain_image_size=336,
+    ),
+    fpn_hidden_size=256,
+    scale_factors=[4.0, 2.0, 1.0, 0.5],
+)
+C_RADIO_ID = "nvidia/C-RADIOv4-H"
+C_RADIO = dict(
+    hidden_size=1280,
+    num_hidden_layers=32,
+    num_attention_heads=16,
+    patch_size=16,
+    image_size=512,  # RADIO's preferred resolution; any multiple of 16 up to max_img_size works
+    max_img_size=2048,
+    num_cls_tokens=3,
+    num_registers=7,
+)
 
 
 def _spec(fields: Mapping[str, Any], **preset: Any) -> TeacherSpec:
@@ -141,11 +230,169 @@ def sam_teacher(sizes: Mapping[str, Any] = SAM_L, **fields: Any) -> TeacherSpec:
     )
 
 
+def siglip2_teacher(sizes: Mapping[str, Any] = SIGLIP2_SO400M, **fields: Any) -> TeacherSpec:
+    """A SigLIP (2) vision tower's final tokens (after its post-layernorm; no CLS), on SigLIP's view: squashed to
+    a square (bilinear), normalised to [-1, 1]. sizes: `SiglipVisionConfig` fields (SigLIP 2 so400m/16 at 384 px:
+    576 x 1152 tokens by default)."""
+    return _spec(
+        fields,
+        slug="siglip2",
+        backend="transformers",
+        model_id=SIGLIP2_SO400M_ID,
+        model_class="SiglipVisionModel",
+        image_size=sizes["image_size"],
+        mean=HALF,
+        std=HALF,
+        resize_mode="squash",
+        interpolation="bilinear",
+        output="last_hidden_state",
+        config={"model_type": "siglip_vision_model", **sizes},
+    )
+
+
+def dinov3_teacher(sizes: Mapping[str, Any] = DINOV3_VITL, **fields: Any) -> TeacherSpec:
+    """A DINOv3 ViT's final, normed patch tokens, its CLS kept as `cls` and its register tokens dropped; DINOv3's
+    view (squash, bilinear, ImageNet normalisation). sizes: `DINOv3ViTConfig` fields (ViT-L/16 at 224 px:
+    196 x 1024 tokens by default; DINOv3 runs at any multiple of 16, e.g. `image_size=448`)."""
+    return _spec(
+        fields,
+        slug="dinov3",
+        backend="transformers",
+        model_id=DINOV3_VITL_ID,
+        model_class="DINOv3ViTModel",
+        image_size=sizes["image_size"],
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        resize_mode="squash",
+        interpolation="bilinear",
+        output="last_hidden_state",
+        num_prefix_tokens=1 + sizes["num_register_tokens"],
+        has_cls=True,
+        config={"model_type": "dinov3_vit", **sizes},
+    )
+
+
+def dinov3_convnext_teacher(sizes: Mapping[str, Any] = DINOV3_CONVNEXT_L, **fields: Any) -> TeacherSpec:
+    """A DINOv3 ConvNeXt's last stage as normed tokens (stride 32), its pooled token kept as `cls`; DINOv3's view.
+    sizes: `DINOv3ConvNextConfig` fields (ConvNeXt-Large at 224 px: 49 x 1536 tokens by default)."""
+    return _spec(
+        fields,
+        slug="dinov3_convnext",
+        backend="transformers",
+        model_id=DINOV3_CONVNEXT_L_ID,
+        model_class="DINOv3ConvNextModel",
+        image_size=sizes["image_size"],
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        resize_mode="squash",
+        interpolation="bilinear",
+        output="last_hidden_state",
+        num_prefix_tokens=1,
+        has_cls=True,
+        config={"model_type": "dinov3_convnext", **sizes},
+    )
+
+
+def aimv2_teacher(sizes: Mapping[str, Any] = AIMV2_L, **fields: Any) -> TeacherSpec:
+    """An AIMv2 vision tower's final, RMS-normed tokens (no CLS), on CLIP's view (its processor is CLIP's).
+    sizes: `Aimv2VisionConfig` fields (AIMv2-L/14 at 224 px: 256 x 1024 tokens by default)."""
+    return _spec(
+        fields,
+        slug="aimv2",
+        backend="transformers",
+        model_id=AIMV2_L_ID,
+        model_class="Aimv2VisionModel",
+        image_size=sizes["image_size"],
+        output="last_hidden_state",
+        config={"model_type": "aimv2_vision_model", **sizes},
+    )
+
+
+def sam2_teacher(sizes: Mapping[str, Any] = SAM2_L, **fields: Any) -> TeacherSpec:
+    """The SAM2 image encoder's neck at stride 16 (the image embedding its mask decoder reads), on SAM2's view:
+    squashed to 1024 x 1024 (bilinear), ImageNet normalisation. sizes: `Sam2VisionConfig` fields (SAM 2.1
+    Hiera-L: 4096 x 256 tokens by default); `backbone_config["image_size"]` is the input size."""
+    return _spec(
+        fields,
+        slug="sam2",
+        backend="transformers",
+        model_id=SAM2_L_ID,
+        model_class="Sam2VisionModel",
+        image_size=sizes["backbone_config"]["image_size"][0],
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        resize_mode="squash",
+        interpolation="bilinear",
+        output="neck",
+        map_layout="nhwc",
+        neck_index=-1,
+        weights_prefix=SAM_ENCODER_PREFIX,
+        config={"model_type": "sam2_vision_model", **sizes},
+    )
+
+
+def sam3_teacher(sizes: Mapping[str, Any] = SAM3, **fields: Any) -> TeacherSpec:
+    """The SAM3 image encoder's neck at the ViT's own stride 14 (the level its detector reads), on SAM3's view:
+    squashed to 1008 x 1008 (bilinear), normalised to [-1, 1]. sizes: `Sam3VisionConfig` fields (SAM3's
+    ViT-L/14: 5184 x 256 tokens by default); `backbone_config["image_size"]` is the input size."""
+    return _spec(
+        fields,
+        slug="sam3",
+        backend="transformers",
+        model_id=SAM3_ID,
+        model_class="Sam3VisionModel",
+        image_size=sizes["backbone_config"]["image_size"],
+        mean=HALF,
+        std=HALF,
+        resize_mode="squash",
+        interpolation="bilinear",
+        output="neck",
+        map_layout="nhwc",
+        neck_index=list(sizes.get("scale_factors", SAM3["scale_factors"])).index(1.0),
+        weights_prefix=SAM_ENCODER_PREFIX,
+        config={"model_type": "sam3_vision_model", **sizes},
+    )
+
+
+def radio_teacher(sizes: Mapping[str, Any] = C_RADIO, **fields: Any) -> TeacherSpec:
+    """C-RADIO, one agglomerated teacher (distilled from SigLIP 2, DINOv3, SAM and others): its final patch
+    features, the first summary (CLS) token kept as `cls`, its other CLS and register tokens dropped. RADIO
+    normalises [0, 1] pixels itself, so the spec passes them unnormalised (squash, bilinear). sizes:
+    `RadioConfig` fields (C-RADIOv4-H at 512 px: 1024 x 1280 tokens by default)."""
+    return _spec(
+        fields,
+        slug="radio",
+        backend="transformers",
+        model_id=C_RADIO_ID,
+        model_class="RadioModel",
+        image_size=sizes["image_size"],
+        mean=(0.0, 0.0, 0.0),
+        std=(1.0, 1.0, 1.0),
+        resize_mode="squash",
+        interpolation="bilinear",
+        output="last_hidden_state",
+        num_prefix_tokens=sizes["num_cls_tokens"] + sizes["num_registers"],
+        has_cls=True,
+        config={"model_type": "radio", **sizes},
+    )
+
+
 PAPER_TEACHERS: dict[str, TeacherSpec] = {
     "clip": clip_teacher(),
     "eva": eva_teacher(),
     "convnext": convnext_teacher(),
     "sam": sam_teacher(),
+}
+
+# Published sizes of the modern teachers; `grid` and `channels` are what their configs predict at image_size.
+MODERN_TEACHERS: dict[str, TeacherSpec] = {
+    "siglip2": siglip2_teacher(grid=(24, 24), channels=1152),  # 384 / 16
+    "dinov3": dinov3_teacher(grid=(14, 14), channels=1024),  # 224 / 16
+    "dinov3_convnext": dinov3_convnext_teacher(grid=(7, 7), channels=1536),  # 224 / 32
+    "aimv2": aimv2_teacher(grid=(16, 16), channels=1024),  # 224 / 14
+    "sam2": sam2_teacher(grid=(64, 64), channels=256),  # 1024 / 16
+    "sam3": sam3_teacher(grid=(72, 72), channels=256),  # 1008 / 14
+    "radio": radio_teacher(grid=(32, 32), channels=1280),  # 512 / 16
 }
 
 # The `tiny` set: real architectures at CPU-test sizes, random weights. TINY_CLIP is also the tiny student's
@@ -182,12 +429,16 @@ TINY_TEACHERS: dict[str, TeacherSpec] = {
     "sam": sam_teacher(TINY_SAM, model_id="tiny-sam", pretrained=False),
 }
 
-# Teacher set name -> its teachers' slugs. v1.0 / v1.1 are the paper's; `tiny` always has random weights.
+# Teacher set name -> its teachers' slugs. v1.0 / v1.1 are the paper's; `tiny` always has random weights;
+# `modern` is issue 17's.
 TEACHER_SETS: dict[str, tuple[str, ...]] = {
     "v1.0": ("clip", "eva", "convnext"),
     "v1.1": ("clip", "eva", "convnext", "sam"),
     "tiny": ("clip", "convnext", "sam"),
+    # The student's own CLIP (the anchor, as in the paper's sets) with SigLIP 2, DINOv3 and SAM2.
+    "modern": ("clip", "siglip2", "dinov3", "sam2"),
 }
+PRESET_TEACHERS: dict[str, TeacherSpec] = {**PAPER_TEACHERS, **MODERN_TEACHERS}
 
 
 def teacher_specs(teacher_set: str, pretrained: bool = True, sam_layout: str = "grid") -> list[TeacherSpec]:
@@ -198,7 +449,7 @@ def teacher_specs(teacher_set: str, pretrained: bool = True, sam_layout: str = "
     """
     if teacher_set not in TEACHER_SETS:
         raise ValueError(f"unknown teacher set {teacher_set!r}; expected one of {sorted(TEACHER_SETS)}")
-    presets = TINY_TEACHERS if teacher_set == "tiny" else PAPER_TEACHERS
+    presets = TINY_TEACHERS if teacher_set == "tiny" else PRESET_TEACHERS
     specs = []
     for slug in TEACHER_SETS[teacher_set]:
         spec = presets[slug]

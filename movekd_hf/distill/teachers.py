@@ -4,6 +4,8 @@ A `TeacherSpec` says what to build (backend, model id or config, input size, nor
 take); `build_teacher` hands it to the loader of its backend; the resulting `Teacher` turns one batch of images in
 [0, 1] into that teacher's `TeacherOutput` (patch tokens, their grid, the CLS token, and for the `clip` teacher the
 CLS-to-patch attention row). Backend differences live in the small loader/extractor pairs of `BACKENDS`.
+`teacher_by_id.teacher_from_pretrained` writes the spec of any supported transformers or timm vision model from
+its own config.json and preprocessor_config.json.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,8 +30,12 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 RESIZE_MODES = ("crop", "pad", "squash")
-OUTPUTS = ("hidden_state", "feature_map")
+OUTPUTS = ("hidden_state", "last_hidden_state", "feature_map", "neck")
 SAM_LAYOUTS = ("grid", "faithful")
+MAP_LAYOUTS = ("nchw", "nhwc")
+
+# A SAM2 / SAM3 checkpoint keeps its image encoder under `vision_encoder.` (SAM3 video: `detector_model.` first).
+SAM_ENCODER_PREFIX = r"^(?:detector_model\.)?vision_encoder\."
 
 
 @dataclass(frozen=True)
@@ -41,10 +48,20 @@ class TeacherSpec:
         from `config` with random weights (tests, meta-device plans).
     resize_mode: "crop" (shortest side to image_size, centre crop; CLIP-style), "pad" (longest side to
         image_size, pad bottom/right after normalising; SAM-style), "squash" (resize both sides).
-    output: "hidden_state" (token sequence at `feature_layer`, `num_prefix_tokens` leading tokens dropped) or
-        "feature_map" (the model's final [B, C, h, w] map).
+    resize_size: "crop" only: the shortest side's size before the centre crop (None: image_size), as
+        `size["shortest_edge"]` of a processor or timm's `image_size / crop_pct`.
+    output: "hidden_state" (the entry `feature_layer` of the model's hidden states), "last_hidden_state" (the model's
+        final, normed output), "feature_map" (the model's final [B, C, h, w] map) or "neck" (a SAM-family image
+        encoder's neck: level `neck_index` of `fpn_hidden_states`, or the map itself where there is one level).
+        Token sequences lose their `num_prefix_tokens` leading tokens (CLS, registers); [B, C, h, w] /
+        [B, h, w, C] maps (`map_layout` "nchw" / "nhwc") become h * w tokens.
+    keep_prefix_tokens: also return the dropped prefix tokens, as `TeacherOutput.prefix`.
     sam_layout: "grid" (true 64 x 64 grid) or "faithful" (the authors' position/channel-mixing reshape,
         METHOD.md section 6).
+    weights_prefix: regex of the prefix the tower's weight names carry in a full checkpoint, removed on loading
+        (SAM2/SAM3 checkpoints hold the whole promptable model; their vision class alone would not find its keys).
+    grid, channels: the output's token grid and width at `image_size` as the model's config predicts them
+        (`teacher_from_pretrained` and the modern presets fill them; None: not stated).
     """
 
     slug: str
@@ -66,6 +83,13 @@ class TeacherSpec:
     model_class: str = "AutoModel"
     config: Mapping = field(default_factory=dict)
     sam_layout: str = "grid"
+    resize_size: int | None = None
+    map_layout: str = "nchw"
+    neck_index: int = -1
+    keep_prefix_tokens: bool = False
+    weights_prefix: str | None = None
+    grid: tuple[int, int] | None = None
+    channels: int | None = None
 
     def __post_init__(self) -> None:
         if not self.slug or self.slug != self.slug.lower():
@@ -78,6 +102,7 @@ class TeacherSpec:
             ("resize_mode", self.resize_mode, RESIZE_MODES),
             ("output", self.output, OUTPUTS),
             ("sam_layout", self.sam_layout, SAM_LAYOUTS),
+            ("map_layout", self.map_layout, MAP_LAYOUTS),
         ):
             if value not in allowed:
                 raise ValueError(f"TeacherSpec.{name} for {self.slug!r} is {value!r}; expected one of {allowed}")
@@ -93,19 +118,27 @@ class TeacherSpec:
             raise ValueError(
                 f"TeacherSpec {self.slug!r}: cls_attention needs a transformers hidden_state teacher with a CLS token"
             )
-        if self.sam_layout == "faithful" and self.output != "feature_map":
-            raise ValueError(f"TeacherSpec {self.slug!r}: sam_layout='faithful' applies to feature_map outputs only")
+        if self.sam_layout == "faithful" and self.output not in ("feature_map", "neck"):
+            raise ValueError(
+                f"TeacherSpec {self.slug!r}: sam_layout='faithful' applies to feature_map / neck outputs only"
+            )
+        if self.resize_size is not None and self.resize_size < self.image_size:
+            raise ValueError(
+                f"TeacherSpec.resize_size for {self.slug!r} is {self.resize_size}, below image_size {self.image_size}"
+            )
 
 
 @dataclass
 class TeacherOutput:
     """tokens [B, N_t, C_t]; grid (h, w) with h * w = N_t; cls [B, C_t] or None; cls_attention [B, N_t] or None
-    (CLS query's attention over the patch keys, softmax over all keys, averaged over heads)."""
+    (CLS query's attention over the patch keys, softmax over all keys, averaged over heads); prefix [B, P, C_t]
+    (the CLS/register tokens dropped from `tokens`) only for specs with `keep_prefix_tokens`."""
 
     tokens: torch.Tensor
     grid: tuple[int, int]
     cls: torch.Tensor | None = None
     cls_attention: torch.Tensor | None = None
+    prefix: torch.Tensor | None = None
 
 
 # ----------------------------------------------------------------------------------------------- preprocessing
@@ -118,6 +151,7 @@ def resized_size(height: int, width: int, spec: TeacherSpec) -> tuple[int, int]:
     if spec.resize_mode == "squash":
         return size, size
     if spec.resize_mode == "crop":
+        size = spec.resize_size or size
         short, long = min(height, width), max(height, width)
         other = int(size * long / short)
         return (size, other) if height <= width else (other, size)
@@ -172,7 +206,10 @@ def sam_faithful_layout(feature_map: torch.Tensor) -> torch.Tensor:
 
 
 def _split_prefix(hidden: torch.Tensor, spec: TeacherSpec) -> TeacherOutput:
-    """[B, P + N, C] -> patch tokens (prefix dropped), square grid, CLS at position 0 if the spec has one."""
+    """[B, P + N, C] -> patch tokens (prefix dropped), square grid, CLS at position 0 if the spec has one;
+    [B, C, h, w] / [B, h, w, C] maps (`spec.map_layout`) -> their h * w tokens."""
+    if hidden.dim() == 4:
+        return _from_map(hidden if spec.map_layout == "nchw" else hidden.permute(0, 3, 1, 2), spec)
     tokens = hidden[:, spec.num_prefix_tokens :]
     side = math.isqrt(tokens.shape[1])
     if side * side != tokens.shape[1]:
@@ -181,7 +218,8 @@ def _split_prefix(hidden: torch.Tensor, spec: TeacherSpec) -> TeacherOutput:
             "prefix tokens is not a square grid; check num_prefix_tokens"
         )
     cls = hidden[:, 0] if spec.has_cls else None
-    return TeacherOutput(tokens=tokens, grid=(side, side), cls=cls)
+    prefix = hidden[:, : spec.num_prefix_tokens] if spec.keep_prefix_tokens else None
+    return TeacherOutput(tokens=tokens, grid=(side, side), cls=cls, prefix=prefix)
 
 
 def _from_map(feature_map: torch.Tensor, spec: TeacherSpec) -> TeacherOutput:
@@ -239,7 +277,8 @@ def load_transformers_teacher(spec: TeacherSpec) -> nn.Module:
 
     cls = _resolve_transformers_class(spec.model_class)
     if spec.pretrained:
-        return cls.from_pretrained(spec.checkpoint or spec.model_id)
+        mapping = {spec.weights_prefix: ""} if spec.weights_prefix else None
+        return cls.from_pretrained(spec.checkpoint or spec.model_id, key_mapping=mapping)
     config = dict(spec.config)
     if "model_type" not in config:
         raise ValueError(f"teacher {spec.slug!r}: building without weights needs config['model_type']")
@@ -248,18 +287,34 @@ def load_transformers_teacher(spec: TeacherSpec) -> nn.Module:
     return cls.from_config(config) if hasattr(cls, "from_config") else cls._from_config(config)
 
 
+def config_depth(config: Any) -> int | None:
+    """Entries of `outputs.hidden_states` a transformers vision config's model returns: the embeddings (or the
+    stem's input), then one per layer / Hiera block / ConvNeXt stage. None where the config does not say."""
+    for sub in (config, getattr(config, "vision_config", None), getattr(config, "backbone_config", None)):
+        # a composite config (a full CLIPModel, a SAM2 vision encoder) keeps the tower's sizes in a sub-config
+        if getattr(sub, "num_hidden_layers", None) is not None:
+            return sub.num_hidden_layers + 1
+        if getattr(sub, "blocks_per_stage", None) is not None:
+            return sum(sub.blocks_per_stage) + 1
+        if getattr(sub, "depths", None) is not None:
+            return len(sub.depths) + 1
+    return None
+
+
 def transformers_depth(model: nn.Module) -> int | None:
     """Entries of `outputs.hidden_states` (the embeddings, then one per layer), from the model's config."""
-    config = getattr(model, "config", None)
-    layers = getattr(config, "num_hidden_layers", None)
-    if layers is None:  # a composite config (e.g. a full CLIPModel) keeps the tower's sizes in vision_config
-        layers = getattr(getattr(config, "vision_config", None), "num_hidden_layers", None)
-    return None if layers is None else layers + 1
+    return config_depth(getattr(model, "config", None))
 
 
 def extract_transformers(model: nn.Module, pixel_values: torch.Tensor, spec: TeacherSpec) -> TeacherOutput:
     if spec.output == "feature_map":
         return _from_map(model(pixel_values=pixel_values).last_hidden_state, spec)
+    if spec.output == "last_hidden_state":
+        return _split_prefix(model(pixel_values=pixel_values).last_hidden_state, spec)
+    if spec.output == "neck":
+        outputs = model(pixel_values=pixel_values)
+        levels = getattr(outputs, "fpn_hidden_states", None)  # SAM2/SAM3: several levels; SAM: one map
+        return _from_map(outputs.last_hidden_state if levels is None else levels[spec.neck_index], spec)
     captured: dict[str, torch.Tensor] = {}
     handle = None
     if spec.cls_attention:
@@ -291,7 +346,9 @@ def load_timm_teacher(spec: TeacherSpec) -> nn.Module:
 
     kwargs = dict(spec.config)
     name = spec.model_id
-    if spec.pretrained and spec.checkpoint and os.path.isdir(spec.checkpoint):
+    if spec.pretrained and spec.checkpoint and spec.checkpoint.startswith("hf-hub:"):
+        name = spec.checkpoint  # a timm repository on the Hub: its config.json and weights
+    elif spec.pretrained and spec.checkpoint and os.path.isdir(spec.checkpoint):
         # A folder written by timm (config.json + weights), as on the Hub: timm reads both from it.
         name = f"local-dir:{os.fspath(spec.checkpoint)}"
     elif spec.pretrained and spec.checkpoint:
@@ -309,6 +366,8 @@ def timm_depth(model: nn.Module) -> int | None:
 def extract_timm(model: nn.Module, pixel_values: torch.Tensor, spec: TeacherSpec) -> TeacherOutput:
     if spec.output == "feature_map":
         return _from_map(model.forward_features(pixel_values), spec)
+    if spec.output == "last_hidden_state":  # a ViT's final, normed tokens, prefix included
+        return _split_prefix(model.forward_features(pixel_values), spec)
     ((patches, prefix),) = model.forward_intermediates(
         pixel_values,
         indices=[spec.feature_layer],
