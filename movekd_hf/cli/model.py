@@ -11,7 +11,7 @@ MOLE_FLAGS = ("num_experts", "lora_rank", "lora_alpha", "mole_routing")
 # importing those modules imports torch, which `--help` must not (tests/test_cli.py checks they agree).
 PRESETS = ("tiny", "llava-1.5-7b", "llava-1.5-13b", "mobilellama-1.4b")
 PAPER_PRESETS = PRESETS[1:]
-TEACHER_SETS = ("v1.0", "v1.1", "tiny")
+TEACHER_SETS = ("v1.0", "v1.1", "tiny", "modern")
 
 
 def positive_int(text: str) -> int:
@@ -81,16 +81,47 @@ def add_parser(subparsers) -> None:
 
     plan = subparsers.add_parser(
         "plan",
-        help="Parameters per component and per stage, built on the meta device.",
+        help="Parameters per component and stage, and whether a stage fits a GPU, built on the meta device.",
         description="Count the parameters of a preset per component and per training stage, with their bf16 "
-        "weight memory; the model is built on the meta device (no memory, no download).",
+        "weight memory, and estimate each stage's memory per GPU under DDP, ZeRO-2 and ZeRO-3 (weights, "
+        "gradients, AdamW states, activations, frozen teachers) against --gpu-memory; the model is built on the "
+        "meta device (no memory, no download).",
     )
     plan.add_argument("--preset", required=True, choices=PRESETS, help="the model preset to size")
     plan.add_argument(
         "--teachers",
         default=None,
         choices=TEACHER_SETS,
-        help="also count a teacher set (v1.0 and v1.1 are the paper's, tiny the CPU-sized one) and its adapters",
+        help="also count a teacher set (v1.0 and v1.1 are the paper's, tiny the CPU-sized one) and its adapters, "
+        "with each teacher's tokens x channels, input size, parameters and forward FLOPs per image",
+    )
+    plan.add_argument("--gpus", type=positive_int, default=8, help="GPUs the run shares (default 8, the paper's)")
+    plan.add_argument(
+        "--gpu-memory",
+        dest="gpu_memory",
+        type=positive_float,
+        default=80.0,
+        help="memory of one GPU in GiB (default 80, the paper's A100-80G)",
+    )
+    plan.add_argument(
+        "--batch-size",
+        dest="batch_size",
+        type=positive_int,
+        default=None,
+        help="samples per GPU in both stages (default: the paper's, 16 in stage 1 and 8 in stage 2)",
+    )
+    plan.add_argument(
+        "--max-length", dest="max_length", type=positive_int, default=2048, help="tokens per sample (default 2048)"
+    )
+    plan.add_argument(
+        "--lora-llm", dest="lora_llm", action="store_true", help="stage 2 trains LoRA on the LLM (the `lora_llm` run)"
+    )
+    plan.add_argument(
+        "--lora-llm-rank",
+        dest="lora_llm_rank",
+        type=positive_int,
+        default=128,
+        help="rank of that LoRA (default 128, LLaVA-1.5's recipe)",
     )
     plan.add_argument("--json", action="store_true", help="print JSON instead of a table")
     plan.set_defaults(func=run_plan)
@@ -170,10 +201,23 @@ def run_init(args: argparse.Namespace) -> int:
     return 0
 
 
-def plan_rows(preset: str, teachers: str | None = None) -> dict:
-    """Parameter counts per component, per stage, and bf16 weight memory for a preset (meta device)."""
+def plan_rows(
+    preset: str,
+    teachers: str | None = None,
+    gpus: int = 8,
+    gpu_memory: float = 80.0,
+    batch_size: int | None = None,
+    max_length: int = 2048,
+    lora_llm_rank: int | None = None,
+) -> dict:
+    """Parameter counts per component and per stage, bf16 weight memory, each teacher's profile and each stage's
+    memory per GPU (movekd_hf/distill/memory.py) for a preset, all on the meta device.
+
+    lora_llm_rank: stage 2 trains LoRA of this rank on the LLM (None: the LLM trains in full).
+    """
     import torch
 
+    from movekd_hf.distill.memory import memory_plan
     from movekd_hf.modeling import MoVEKDForConditionalGeneration
     from movekd_hf.modeling.llava_conventions import student_grid
     from movekd_hf.models import build_config
@@ -183,23 +227,58 @@ def plan_rows(preset: str, teachers: str | None = None) -> dict:
     with torch.device("meta"):
         model = MoVEKDForConditionalGeneration(config)
     components = count_parameters(model)
+    parts = dict(components)
+    vision, text = config.vision_config, config.text_config
+    height, width = student_grid(vision)
+    profiles = None
     if teachers:
-        from movekd_hf.distill.plan import teacher_plan_rows
+        from movekd_hf.distill.plan import teacher_plan_rows, teacher_profiles
 
-        vision = config.vision_config
-        height, width = student_grid(vision)
         rows = teacher_plan_rows(teachers, height * width, vision.hidden_size)
         components["teachers (frozen)"] = sum(count for _, count, trainable in rows if not trainable)
-        components["adapters"] = sum(count for _, count, trainable in rows if trainable)
+        components["adapters"] = parts["adapters"] = sum(count for _, count, trainable in rows if trainable)
         components.update({f"  {name}": count for name, count, _ in rows})
-    stages = {stage: sum(components.get(part, 0) for part in parts) for stage, parts in STAGES.items()}
-    return {"preset": preset, "teachers": teachers, "components": components, "stages": stages}
+        profiles = teacher_profiles(teachers)
+    stages = {stage: sum(components.get(part, 0) for part in trained) for stage, trained in STAGES.items()}
+    memory = memory_plan(
+        parts,
+        STAGES,
+        llm=dict(hidden=text.hidden_size, intermediate=text.intermediate_size, layers=text.num_hidden_layers,
+                 vocab=text.vocab_size),
+        vision=dict(hidden=vision.hidden_size, intermediate=vision.intermediate_size,
+                    layers=vision.num_hidden_layers, tokens=height * width + 1),
+        teachers=profiles,
+        num_gpus=gpus,
+        gpu_memory_gib=gpu_memory,
+        batch=dict.fromkeys(STAGES, batch_size) if batch_size else None,
+        max_length=max_length,
+        llm_lora=_llm_lora_parameters(model, lora_llm_rank) if lora_llm_rank else None,
+    )  # fmt: skip
+    settings = {"gpus": gpus, "gpu_memory_gib": gpu_memory, "lora_llm_rank": lora_llm_rank}
+    return {"preset": preset, "teachers": teachers, "components": components, "stages": stages,
+            "teacher_profiles": profiles, "memory": {"settings": settings, **memory}}  # fmt: skip
+
+
+def _llm_lora_parameters(model, rank: int) -> int:
+    """Parameters of peft LoRA of `rank` on the LLM's linears the trainer targets: rank x (in + out) each."""
+    import re
+
+    from torch import nn
+
+    from movekd_hf.training.trainer import LLM_LORA_TARGETS
+
+    return sum(
+        rank * (module.in_features + module.out_features)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and re.fullmatch(LLM_LORA_TARGETS, name)
+    )
 
 
 def run_plan(args: argparse.Namespace) -> int:
     from movekd_hf.training.stages import STAGES
 
-    plan = plan_rows(args.preset, args.teachers)
+    rank = args.lora_llm_rank if args.lora_llm else None
+    plan = plan_rows(args.preset, args.teachers, args.gpus, args.gpu_memory, args.batch_size, args.max_length, rank)
     if args.json:
         print(json.dumps(plan, indent=2))
         return 0
@@ -210,7 +289,57 @@ def run_plan(args: argparse.Namespace) -> int:
     print()
     for stage, count in plan["stages"].items():
         print(f"{stage}: trains {', '.join(STAGES[stage])} = {count:,} parameters")
+    if plan["teacher_profiles"]:
+        _print_teachers(plan["teacher_profiles"])
+    _print_memory(plan["memory"], STAGES, args.lora_llm)
     return 0
+
+
+def _print_teachers(profiles: dict) -> None:
+    print("\nteacher     input     tokens x channels    parameters  forward per image  activations per image")
+    for slug, p in profiles.items():
+        shape = f"{p['tokens']} x {p['channels']}"
+        print(f"{slug:<10}{p['image_size_px']:>7} px{shape:>19}{p['parameters']:>14,}"
+              f"{p['forward_flops'] / 1e9:>12.2f} GFLOPs{p['activation_peak_bytes'] / 2**30:>18.2f} GiB")  # fmt: skip
+
+
+_MEMORY_ROWS = (
+    ("weights_bf16_gib", "weights, bf16 (trained + frozen)"),
+    ("master_weights_fp32_gib", "master weights, fp32 (trained)"),
+    ("gradients_fp32_gib", "gradients, fp32 (trained)"),
+    ("adamw_states_fp32_gib", "AdamW states, 2 x fp32 (trained)"),
+    ("teacher_weights_bf16_gib", "teachers' weights, bf16 (every rank)"),
+    ("teacher_activations_gib", "teachers running (no grad)"),
+    ("teacher_outputs_gib", "teachers' outputs kept for the loss"),
+    ("activations_checkpointing_gib", "activations, checkpointing"),
+    ("activations_no_checkpointing_gib", "activations, no checkpointing"),
+    ("total_checkpointing_gib", "total, checkpointing"),
+    ("total_no_checkpointing_gib", "total, no checkpointing"),
+)
+
+
+def _print_memory(memory: dict, stages: dict, lora_llm: bool) -> None:
+    from movekd_hf.distill.memory import STRATEGIES, STRATEGY_NAMES
+
+    settings = memory["settings"]
+    gpus, limit = settings["gpus"], settings["gpu_memory_gib"]
+    for stage, trained in stages.items():
+        entry = memory[stage]
+        what = ", ".join(("llm (LoRA)" if part == "llm" and lora_llm else part) for part in trained)
+        print(f"\n{stage} memory per GPU, {gpus} GPUs: trains {what} ({entry['trainable_parameters']:,} parameters); "
+              f"{entry['batch_per_gpu_samples']} samples x {entry['max_length_tokens']} tokens per GPU, bf16 + AdamW")  # fmt: skip
+        print(f"{'':<40}" + "".join(f"{STRATEGY_NAMES[s]:>14}" for s in STRATEGIES))
+        for key, label in _MEMORY_ROWS:
+            print(f"{label:<40}" + "".join(f"{entry[s][key]:>10.2f} GiB" for s in STRATEGIES))
+        for suffix in ("checkpointing", "no_checkpointing"):
+            label = f"fits {limit:g} GiB, {suffix.replace('_', ' ')}"
+            print(f"{label:<40}" + "".join(f"{'yes' if entry[s]['fits_' + suffix] else 'no':>14}" for s in STRATEGIES))
+    print(
+        "\nactivations: LLM layers x b x s x h x 2 B x (8 + 4 i/h) + logits b x s x vocab x 6 B + vision tower layers x "
+        "b x tokens x h x 2 B x (8 + 2 i/h); checkpointing keeps each layer's input plus one layer. total = weights, "
+        "gradients and AdamW states + teachers' weights + max(teachers running, activations + teachers' outputs); "
+        "CUDA context and fragmentation not included (movekd_hf/distill/memory.py)."
+    )
 
 
 def run_demo(args: argparse.Namespace) -> int:

@@ -1,6 +1,6 @@
 """Parameter plan of a teacher set and its adapters, built on the meta device (no memory, no download).
 
-`teacher_plan_rows` feeds `movekd-hf plan --teachers NAME`.
+`teacher_plan_rows` and `teacher_profiles` feed `movekd-hf plan --teachers NAME`.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from dataclasses import replace
 import torch
 
 from .adapters import build_adapter
+from .memory import forward_flops, forward_peak_bytes
 from .presets import teacher_specs
 from .teachers import TeacherSpec, build_teacher
 
@@ -51,3 +52,31 @@ def teacher_plan_rows(
             )
         )
     return rows
+
+
+def teacher_profile(spec: TeacherSpec) -> dict[str, int]:
+    """What one teacher costs per image, measured on the meta device in bf16 (its training dtype).
+
+    Returns image_size_px, tokens (N_t), channels (C_t), parameters, forward_flops (FlopCounterMode: 2 per
+    multiply-add), activation_peak_bytes (its no-grad forward's working memory, `memory.forward_peak_bytes`)
+    and output_bytes (what the forward's result holds: the tokens, CLS and CLS attention kept for the loss).
+    """
+    with torch.device("meta"):
+        teacher = build_teacher(replace(spec, pretrained=False)).to(torch.bfloat16)
+        images = torch.empty(1, 3, spec.image_size, spec.image_size, dtype=torch.bfloat16)
+        out, peak, held = forward_peak_bytes(lambda: teacher(images))
+        flops = forward_flops(lambda: teacher(images))
+    return {
+        "image_size_px": spec.image_size,
+        "tokens": out.tokens.shape[1],
+        "channels": out.tokens.shape[2],
+        "parameters": _count(teacher),
+        "forward_flops": flops,
+        "activation_peak_bytes": peak,
+        "output_bytes": held,
+    }
+
+
+def teacher_profiles(teacher_set: str) -> dict[str, dict[str, int]]:
+    """`teacher_profile` of every teacher of a set (a key of `TEACHER_SETS`), by slug, in the set's order."""
+    return {spec.slug: teacher_profile(spec) for spec in teacher_specs(teacher_set, pretrained=False)}
