@@ -23,7 +23,16 @@ LATEST_VENV := .venv-latest
 LATEST_PACKAGES := transformers accelerate datasets peft timm huggingface_hub tokenizers safetensors pillow pyyaml tqdm
 LATEST_TESTS = tests/test_remote_code.py $(wildcard tests/test_old_checkpoints.py)
 LATEST_INSTALL_TIMEOUT := 900
-SIDE_VENVS := $(REMOTE_VENV) $(TF4_VENV) $(TF5_OLDEST_VENV) $(TF_LATEST_VENV)
+# lmms-eval with the `--model movekd` plugin (tests/test_lmms_eval_plugin.py): lmms-eval pinned here, its
+# dependencies held at the lock except two this venv gets its own of: protobuf (lmms-eval 0.7.3 pins wandb 0.25.0,
+# which wants protobuf < 7; the lock has 7) and filelock (its evaluator imports `filelock._api`, gone in filelock 4;
+# the lock has 4). movekd_hf goes in editable, without dependencies (the main environment's serve): its
+# `lmms_eval.models` entry point is what lmms-eval discovers. 3 to 6 minutes on 2 cores, 0.8 GB.
+LMMS_VENV := .venv-lmms
+LMMS_EVAL_VERSION := 0.7.3
+LMMS_OWN_PINS := protobuf|filelock
+LMMS_OWN_REQUIREMENTS := "filelock<4"
+SIDE_VENVS := $(REMOTE_VENV) $(TF4_VENV) $(TF5_OLDEST_VENV) $(TF_LATEST_VENV) $(LMMS_VENV)
 
 .PHONY: demo test test-latest lock quality format envs clean
 
@@ -65,6 +74,13 @@ $(TF5_OLDEST_VENV)/.installed: $(VENV)/.installed
 $(TF_LATEST_VENV)/.installed: $(VENV)/.installed
 	$(call side_venv,$(TF_LATEST_VENV),)
 	$(TF_LATEST_VENV)/bin/python $(PIP) --upgrade transformers
+	touch $@
+
+$(LMMS_VENV)/.installed: $(VENV)/.installed
+	$(call side_venv,$(LMMS_VENV),)
+	grep -v -i -E '^($(LMMS_OWN_PINS))==' $(CONSTRAINTS) > $(LMMS_VENV)/constraints.txt
+	$(LMMS_VENV)/bin/python $(PIP) "lmms-eval==$(LMMS_EVAL_VERSION)" $(LMMS_OWN_REQUIREMENTS) -c $(LMMS_VENV)/constraints.txt
+	$(LMMS_VENV)/bin/python $(PIP) --no-deps --no-build-isolation -e .
 	touch $@
 
 envs: $(VENV)/.installed $(addsuffix /.installed,$(SIDE_VENVS))

@@ -23,6 +23,8 @@ LAYERS = (
     ("movekd_hf.train", 5),  # `accelerate launch -m movekd_hf.train`: argv -> objects, like the CLI
     ("movekd_hf.evaluation", 3),
     ("movekd_hf.hub_cards", 3),
+    ("movekd_hf.integrations", 3),  # lmms-eval's `--model movekd`
+    ("movekd_hf.metrics", 3),  # the scorers as `evaluate` modules
     ("movekd_hf.isolated", 3),
     ("movekd_hf.demo", 4),
     ("movekd_hf.cli", 5),

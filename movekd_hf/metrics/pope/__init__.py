@@ -1,0 +1,1 @@
+"""An `evaluate` metric module (see `movekd_hf.metrics`): load this folder with `evaluate.load`."""
