@@ -7,9 +7,16 @@ from an existing Hugging Face LLaVA checkpoint (MoLE added, every LLaVA weight k
 
 The student's tower is the `clip` teacher's architecture (distill/presets.py), as the paper's student starts as
 its CLIP teacher.
+
+Image tokens follow the tower (`llava_conventions.feature_select_strategy`): LLaVA's `vision_feature_select_strategy`
+"default" drops the first token, which is CLS on a CLIP tower, so CLIP keeps "default" (the paper's CLIP-L/336: 576
+image tokens, one per patch); SigLIP has no CLS, so it gets "full" and keeps every patch (siglip-so400m-patch14-384:
+729, where "default" would drop a real patch and leave 728). Either way one `<image>` becomes one token per patch.
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 from torch import nn
@@ -17,7 +24,16 @@ from transformers import CLIPVisionConfig, LlamaConfig
 
 from .distill.presets import CLIP_L_336, TINY_CLIP
 from .modeling import MoVEKDConfig, MoVEKDForConditionalGeneration, MoVEKDProcessor
-from .modeling.llava_conventions import CLIP_MEAN, CLIP_STD, IMAGE_TOKEN, student_grid
+from .modeling.llava_conventions import (
+    CLIP_MEAN,
+    CLIP_STD,
+    IMAGE_TOKEN,
+    feature_select_strategy,
+    image_token_count,
+    tower_cls_tokens,
+)
+
+logger = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN]
 
@@ -55,9 +71,10 @@ def build_config(name: str, **overrides) -> MoVEKDConfig:
         kwargs = dict(vision_config=CLIPVisionConfig(**CLIP_L_336), text_config=text, image_token_index=32000)
     else:
         raise ValueError(f"Unknown preset {name!r}; expected one of {PRESETS}.")
-    height, width = student_grid(kwargs["vision_config"])
-    kwargs.update(image_seq_length=height * width)  # 16 tiny, 576 at CLIP-L/336
+    kwargs.update(vision_feature_select_strategy=feature_select_strategy(kwargs["vision_config"]))  # CLIP: default
     kwargs.update(overrides)
+    strategy = kwargs["vision_feature_select_strategy"]
+    kwargs.setdefault("image_seq_length", image_token_count(kwargs["vision_config"], strategy))  # 16 tiny, 576 paper
     return MoVEKDConfig(**kwargs)
 
 
@@ -102,10 +119,14 @@ def _byte_of(char: str) -> int:
     return [b for b in range(256) if b not in printable][ord(char) - 256]
 
 
-def build_image_processor(image_size: int):
-    """LLaVA-1.5's image processor at `image_size`: shortest side resized, centre crop, CLIP normalisation."""
-    from transformers import CLIPImageProcessor
+def build_image_processor(image_size: int, vision_config=None):
+    """The image processor of a tower at `image_size` px. CLIP (and `vision_config=None`): LLaVA-1.5's, shortest
+    side resized, centre crop, CLIP normalisation. SigLIP: SigLIP's own, resized to the square (no crop) and
+    normalised to [-1, 1] (mean = std = 0.5). Raises `ValueError` for other towers (`tower_cls_tokens`)."""
+    from transformers import CLIPImageProcessor, SiglipImageProcessor
 
+    if vision_config is not None and not tower_cls_tokens(vision_config):
+        return SiglipImageProcessor(size={"height": image_size, "width": image_size})
     return CLIPImageProcessor(
         size={"shortest_edge": image_size},
         crop_size={"height": image_size, "width": image_size},
@@ -115,19 +136,22 @@ def build_image_processor(image_size: int):
 
 
 def build_processor(config, tokenizer=None, image_processor=None, chat_template=None) -> MoVEKDProcessor:
-    """A `MoVEKDProcessor` matching the config's vision tower (patch size, feature strategy, CLS token).
+    """A `MoVEKDProcessor` matching the config's vision tower (patch size, feature strategy, CLS token), so
+    `<image>` expands to as many tokens as the model's projector gets (`image_token_count`).
 
-    tokenizer / image_processor default to the byte tokenizer and `build_image_processor` at the tower's size;
-    chat_template defaults to the Vicuna `v1` conversation.
+    tokenizer / image_processor default to the byte tokenizer and `build_image_processor` for the tower;
+    chat_template defaults to the Vicuna `v1` conversation. Raises `ValueError` for a tower other than CLIP/SigLIP.
     """
     vision = config.vision_config
+    if image_processor is None:
+        image_processor = build_image_processor(vision.image_size, vision)
     return MoVEKDProcessor(
-        image_processor=image_processor if image_processor is not None else build_image_processor(vision.image_size),
+        image_processor=image_processor,
         tokenizer=tokenizer if tokenizer is not None else build_byte_tokenizer(),
         patch_size=vision.patch_size,
         vision_feature_select_strategy=config.vision_feature_select_strategy,
         # CLIP prepends a CLS token that LLaVA's "full" strategy keeps; SigLIP has none.
-        num_additional_image_tokens=1 if getattr(vision, "model_type", "") == "clip_vision_model" else 0,
+        num_additional_image_tokens=tower_cls_tokens(vision),
         chat_template=chat_template,
     )
 
@@ -175,11 +199,26 @@ def _materialize(model: nn.Module) -> None:
                 setattr(module, name, fresh)
 
 
+def _copy_buffers(module: nn.Module, source: nn.Module) -> None:
+    """Buffers kept out of state dicts (the LLM's rotary `inv_freq`, the tower's `position_ids`) from `source`,
+    the pretrained part `module` was built on the meta device for: without them the model cannot run until saved
+    and reloaded."""
+    values = dict(source.named_buffers())
+    for name, buffer in list(module.named_buffers()):
+        if buffer.device.type == "meta" and name in values:
+            owner, _, leaf = name.rpartition(".")
+            module.get_submodule(owner)._buffers[leaf] = values[name].detach().clone()
+
+
 def from_vision_and_llm(vision_path: str, llm_path: str, **mole_settings):
-    """Assemble a MoVE-KD model from a pretrained CLIP/SigLIP vision model and a causal LM.
+    """Assemble a MoVE-KD model from a pretrained CLIP/SigLIP vision model (or the vision half of a CLIP/SigLIP
+    model) and a causal LM.
 
     Their weights are moved in unchanged; the `<image>` (and, if missing, `<pad>`) token is added to the
-    tokenizer as llava-hf does. Projector and MoLE weights are new.
+    tokenizer as llava-hf does. Projector and MoLE weights are new. The feature strategy follows the tower
+    (`feature_select_strategy`: "default" for CLIP, "full" for SigLIP), so `<image>` becomes one token per patch.
+    The image processor is the vision folder's own, or `build_image_processor` for the tower when it has none.
+    Raises `ValueError` when `vision_path` holds no CLIP/SigLIP vision encoder.
     """
     from transformers import AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
@@ -187,6 +226,7 @@ def from_vision_and_llm(vision_path: str, llm_path: str, **mole_settings):
     vision = getattr(vision, "vision_model", vision) if not hasattr(vision, "encoder") else vision
     if not hasattr(vision.config, "patch_size"):
         raise ValueError(f"`--vision {vision_path}` is not a vision encoder (its config has no `patch_size`).")
+    strategy = feature_select_strategy(vision.config)  # before the LLM loads: an unknown tower fails at once
     llm = AutoModelForCausalLM.from_pretrained(llm_path)
     tokenizer = AutoTokenizer.from_pretrained(llm_path)
     size_before = len(tokenizer)
@@ -196,12 +236,12 @@ def from_vision_and_llm(vision_path: str, llm_path: str, **mole_settings):
         tokenizer.add_special_tokens({"pad_token": "<pad>"})
     if len(tokenizer) != size_before:
         llm.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
-    height, width = student_grid(vision.config)
     config = MoVEKDConfig(
         vision_config=vision.config.to_dict(),
         text_config=llm.config.to_dict(),
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        image_seq_length=height * width,
+        image_seq_length=image_token_count(vision.config, strategy),
+        vision_feature_select_strategy=strategy,
         **mole_settings,
     )
     with torch.device("meta"):
@@ -212,10 +252,18 @@ def from_vision_and_llm(vision_path: str, llm_path: str, **mole_settings):
     _mark_loaded(model.model.vision_tower)
     _mark_loaded(model.model.language_model)
     _mark_loaded(model.lm_head)
+    _copy_buffers(model.model.vision_tower, vision)
+    _copy_buffers(model.model.language_model, llm.get_decoder())
     _materialize(model)
     model.initialize_weights()
     model.tie_weights()
-    processor = build_processor(config, tokenizer, AutoImageProcessor.from_pretrained(vision_path))
+    try:
+        image_processor = AutoImageProcessor.from_pretrained(vision_path)
+    except OSError:  # a vision folder with weights only: the tower's standard preprocessing
+        model_type = config.vision_config.model_type
+        logger.warning("%s has no image processor config: using the standard %s one", vision_path, model_type)
+        image_processor = build_image_processor(config.vision_config.image_size, config.vision_config)
+    processor = build_processor(config, tokenizer, image_processor)
     return model.eval(), processor
 
 
@@ -230,7 +278,13 @@ def _load_parts(module: nn.Module, state_dict: dict, source: str, allow_missing:
 
 
 def from_llava(llava_path: str, **mole_settings):
-    """Add MoLE to an existing LLaVA checkpoint (llava-hf layout); every LLaVA weight arrives unchanged."""
+    """Add MoLE to an existing LLaVA checkpoint (llava-hf layout); every LLaVA weight arrives unchanged.
+
+    The LLaVA's `vision_feature_select_strategy` is kept where it is valid for its tower: a CLIP tower under
+    "full" keeps feeding CLS to the projector (the student tokens for distillation drop it all the same). A tower
+    without CLS under "default" would lose a real patch and leave no full grid to distil on: it is switched to
+    "full" (logged), which changes the image tokens from h*w - 1 to h*w.
+    """
     from transformers import AutoConfig, AutoProcessor
 
     llava_config = AutoConfig.from_pretrained(llava_path)
@@ -239,6 +293,15 @@ def from_llava(llava_path: str, **mole_settings):
     settings = llava_config.to_dict()
     for key in ("model_type", "architectures", "auto_map", "transformers_version"):
         settings.pop(key, None)
+    vision = llava_config.vision_config
+    if settings.get("vision_feature_select_strategy") == "default" and not tower_cls_tokens(vision):
+        logger.warning(
+            "%s: vision_feature_select_strategy 'default' drops the first token, a real patch of its %s tower "
+            "(it has no CLS); using 'full' so every patch is an image token",
+            llava_path,
+            vision.model_type,
+        )
+        settings.update(vision_feature_select_strategy="full", image_seq_length=image_token_count(vision, "full"))
     config = MoVEKDConfig(**{**settings, **mole_settings})
     model = MoVEKDForConditionalGeneration.from_pretrained(llava_path, config=config)
     source = AutoProcessor.from_pretrained(llava_path)

@@ -1,7 +1,8 @@
 """LLaVA-1.5's conventions, defined once for every part of MoVE-KD: the `<image>` token and the Vicuna `v1`
 conversation (system text, prompt builders, chat template); how an image is loaded and which square view the
 student and the teachers see (padded with the normalisation mean, or centre-cropped; as unit tensors for the
-teachers); CLIP's normalisation; the student's patch grid and resampling tokens from one grid to another.
+teachers); CLIP's normalisation; the student's patch grid and resampling tokens from one grid to another; how
+many image tokens each vision tower gives (its CLS token, and the feature strategy that keeps every patch).
 
 The training data, the teacher-feature cache, evaluation and the processor all read these definitions, so a
 cached teacher feature is computed from the same pixels as an online one, and a training prompt is the same text
@@ -286,3 +287,58 @@ def resample_tokens(tokens: torch.Tensor, grid: tuple[int, int], target_grid: tu
     fmap = wide.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], h, w)  # [B, C, h, w]
     fmap = F.interpolate(fmap, size=tuple(target_grid), mode="bilinear", align_corners=False, antialias=True)
     return fmap.flatten(2).transpose(1, 2).to(tokens.dtype)
+
+
+# ----------------------------------------------------------------------------- image tokens per vision tower
+
+# Tokens a vision tower puts before its patch grid, by config `model_type`: CLIP prepends a CLS token, SigLIP has
+# none (it pools with an attention head instead). The student's CLIP copy (`movekd_clip_vision`) is CLIP.
+TOWER_CLS_TOKENS = {"clip_vision_model": 1, "movekd_clip_vision": 1, "siglip_vision_model": 0}
+
+
+def tower_cls_tokens(vision_config: Any) -> int:
+    """How many tokens the tower puts before its patches (LlavaProcessor's `num_additional_image_tokens`): 1 for
+    CLIP's CLS, 0 for SigLIP. `vision_config`: a vision config or its dict. Raises `ValueError` for a tower
+    type LLaVA has no rule for (see `TOWER_CLS_TOKENS`)."""
+    model_type = vision_config.get("model_type") if isinstance(vision_config, Mapping) else None
+    model_type = model_type or getattr(vision_config, "model_type", None)
+    if model_type not in TOWER_CLS_TOKENS:
+        raise ValueError(
+            f"vision tower {model_type!r} is not one MoVE-KD knows the token layout of; expected a CLIP or SigLIP "
+            f"vision model ({', '.join(sorted(TOWER_CLS_TOKENS))})"
+        )
+    return TOWER_CLS_TOKENS[model_type]
+
+
+def feature_select_strategy(vision_config: Any) -> str:
+    """LLaVA's `vision_feature_select_strategy` for a tower: the one that hands the projector its patch tokens.
+
+    `"default"` drops the first token, which is a CLS token only where the tower has one: CLIP keeps `"default"`
+    (the paper's CLIP-L/336: 577 tokens, 576 image tokens), a tower without CLS (SigLIP) gets `"full"` so no real
+    patch is lost (siglip-so400m-patch14-384: 729 image tokens, not 728). Raises `ValueError` as
+    `tower_cls_tokens` does."""
+    return "default" if tower_cls_tokens(vision_config) else "full"
+
+
+def image_token_count(vision_config: Any, strategy: str) -> int:
+    """Image tokens one `<image>` becomes (what LlavaProcessor expands it to and LLaVA's projector gets): the
+    patch grid, plus the tower's CLS token (`tower_cls_tokens`), minus one for the `"default"` strategy."""
+    height, width = student_grid(vision_config)
+    return height * width + tower_cls_tokens(vision_config) - (1 if strategy == "default" else 0)
+
+
+def patch_tokens(tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """The patch tokens among the tokens LLaVA hands its projector, whatever the strategy: [I, P, D] -> [I, h*w, D].
+
+    P = h*w + 1 (a CLS-token tower under `"full"`): the CLS token, first, is dropped. P = h*w (`"default"` with
+    CLS, or `"full"` without): the tokens as given. Any other P raises `ValueError` (e.g. `"default"` on a tower
+    without CLS, which already dropped a real patch)."""
+    count = grid[0] * grid[1]
+    if tokens.shape[1] == count + 1:
+        return tokens[:, 1:]
+    if tokens.shape[1] == count:
+        return tokens
+    raise ValueError(
+        f"the projector got {tokens.shape[1]} tokens per image, neither the {grid[0]}x{grid[1]} patch grid nor "
+        "the grid plus CLS; a tower without CLS needs vision_feature_select_strategy='full'"
+    )

@@ -3,7 +3,9 @@
 The language model, projector and CLIP/SigLIP tower are transformers' own; only each encoder layer's `mlp`
 is swapped for `MoLEMLP`, which keeps `fc1`/`fc2` weight names so stock checkpoints load with only the
 LoRA/router keys missing. The forward adds what distillation needs: the router logits of every layer and the
-student's patch tokens at `vision_feature_layer` (before the projector).
+student's patch tokens at `vision_feature_layer` (before the projector; CLS dropped whatever
+`vision_feature_select_strategy` hands the projector, so they always lie on the patch grid the teachers' targets are
+resampled to).
 
 Shipped inside checkpoints as remote code: imports only torch/transformers (single-dot relative imports) and
 runs on transformers 4.57 and 5.x.
@@ -25,7 +27,10 @@ from transformers import (
 )
 
 from .configuration_movekd import MoVEKDConfig, MoVEKDNextConfig, MoVEKDVisionConfig
+from .llava_conventions import patch_tokens, student_grid
 from .mole import MoLEMLP, init_mole_linear, mole_mlp_from
+
+logger = transformers.logging.get_logger(__name__)
 
 
 def _tower_wraps_vision_model() -> bool:
@@ -97,8 +102,8 @@ class MoVEKDOutputMixin:
     router_logits (`tuple[torch.FloatTensor]`): one `[batch_images, tokens, num_experts]` tensor per encoder
         layer (None without images).
     vision_hidden_states (`torch.FloatTensor` of shape `[num_images, patches, vision_hidden]`): the student's
-        tokens at `vision_feature_layer` exactly as LLaVA hands them to the projector (CLS dropped for the
-        `default` strategy), before the projector.
+        patch tokens at `vision_feature_layer`, before the projector: what LLaVA hands the projector, less CLS
+        when the strategy kept it (`"full"` on a CLIP tower), so `patches` is the grid's h*w under every strategy.
     """
 
 
@@ -245,7 +250,18 @@ class _MoLEModelMixin(_MoLEInitMixin):
         if not router_logits or not inputs:
             return dict.fromkeys(MOLE_OUTPUT_FIELDS)
         tokens = inputs[0] if len(inputs) == 1 else torch.cat(inputs, dim=0)  # [I, P, D * len(feature layers)]
-        return {"router_logits": router_logits, "vision_hidden_states": tokens}
+        return {"router_logits": router_logits, "vision_hidden_states": self._patch_tokens(tokens)}
+
+    def _patch_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[I, P, D] projector input -> [I, h*w, D] patch tokens (`llava_conventions.patch_tokens`). Read from the
+        shape, so a strategy passed to `forward` counts too. A tower without CLS under `"default"` (a checkpoint
+        from before the strategy followed the tower) has lost a patch: it still runs, its tokens are returned as
+        given with a warning, and distilling them fails on the token count."""
+        try:
+            return patch_tokens(tokens, student_grid(self.config.vision_config))
+        except ValueError as error:
+            logger.warning_once(f"MoVE-KD: vision_hidden_states are the projector's tokens as given: {error}")
+            return tokens
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
