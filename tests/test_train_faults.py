@@ -57,7 +57,7 @@ def stopped(tmp_path_factory):
     seen = []
     for line in process.stdout:  # the Trainer prints every step's logs: training is under way
         seen.append(line)
-        if "'loss'" in line:
+        if " | loss " in line:  # the first training log line (console.py's format)
             break
     process.send_signal(signal.SIGTERM)
     rest, _ = process.communicate(timeout=240)

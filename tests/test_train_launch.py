@@ -23,6 +23,8 @@ from _train_fixtures import (
     run_with_callbacks,
 )
 
+from movekd_hf import configs
+from movekd_hf.errors import SettingsError
 from movekd_hf.training.arguments import parse_args
 from movekd_hf.training.checkpoint import DISTILLER_FILE
 
@@ -150,4 +152,18 @@ def test_yaml_values_are_overridden_by_the_command_line_and_unknown_keys_fail(tm
     bad = tmp_path / "bad.yaml"
     bad.write_text("preset: tiny\ndata_path: toy:pretrain\noutput_dir: x\nlamda_kd: 0.5\n")
     with pytest.raises(ValueError, match="lamda_kd"):
+        parse_args([str(bad)])
+
+
+def test_paper_configs_find_their_deepspeed_file_from_any_folder(tmp_path, monkeypatch):
+    """`deepspeed: configs/deepspeed/zero2.json` (relative to a source checkout) resolves to the packaged file when
+    the run starts elsewhere; a path found in neither place names the YAML and the option."""
+    paper = REPO / "configs" / "train" / "movekd-v1.1-7b-stage1.yaml"
+    monkeypatch.chdir(tmp_path)
+    _, _, args = parse_args([str(paper), "--use_cpu", "true"])
+    assert args.deepspeed == str(configs.path("deepspeed/zero2.json"))
+    assert args.hf_deepspeed_config.config["zero_optimization"]["stage"] == 2  # the file was read
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("preset: tiny\ndata_path: toy:pretrain\noutput_dir: x\ndeepspeed: configs/deepspeed/zero9.json\n")
+    with pytest.raises(SettingsError, match=r"bad\.yaml.*deepspeed.*zero9\.json"):
         parse_args([str(bad)])

@@ -9,7 +9,8 @@ from _train_fixtures import TINY_STAGE1, build
 
 from movekd_hf.models import from_preset
 from movekd_hf.training.arguments import MoVEKDTrainingArguments
-from movekd_hf.training.data_args import MoVEKDDataArguments, build_train_data
+from movekd_hf.training.data import BadSampleError
+from movekd_hf.training.data_args import MoVEKDDataArguments, build_train_data, image_token_id, num_image_tokens
 from movekd_hf.training.toy_data import make_toy_llava_dataset
 from movekd_hf.training.trainer import MoVEKDTrainer, llm_lora_config
 
@@ -44,7 +45,22 @@ def test_python_objects_train_as_the_command_line_does(tmp_path):
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(logs) == 2 and {"lm_loss", "kd_loss", "balance_loss", "kd/sam_weight"} <= set(logs[0])
     assert any(not torch.equal(p, before[n]) for n, p in trainer.model.distiller.named_parameters())
-    assert trainer.train_config["teachers"] == ["clip", "convnext", "sam"]
+    # The specs the teachers were built from (the model card's shape); `clip` is the student's own initial tower.
+    assert trainer.train_config["teachers"] == [
+        {"name": "clip", "model_id": None, "pretrained": None},
+        {"name": "convnext", "model_id": "convnext_atto", "pretrained": False},
+        {"name": "sam", "model_id": "tiny-sam", "pretrained": False},
+    ]
+    # The collator the trainer builds checks every sample's image tokens, as build_train_data's does.
+    collator, processor = trainer.data_collator, trainer.processing_class
+    image_token = image_token_id(processor)
+    assert (collator.image_token_id, collator.num_image_tokens) == (image_token, num_image_tokens(processor))
+    sample = dict(trainer.train_dataset[0])  # one image token fewer than its image needs
+    image_at = sample["input_ids"].index(image_token)
+    sample["input_ids"] = sample["input_ids"][:image_at] + sample["input_ids"][image_at + 1 :]
+    sample["labels"] = sample["labels"][:image_at] + sample["labels"][image_at + 1 :]
+    with pytest.raises(BadSampleError, match="image tokens"):
+        collator([sample])
     assert trainer.train_config["teacher_set"] == "tiny" and trainer.train_config["kd_loss"]["objective"] == "movekd"
 
     cli = build(

@@ -199,3 +199,12 @@ def test_adapters_can_start_from_a_previous_stage(tmp_path):
         assert torch.equal(tensor, expected[name]), name
     with pytest.raises(ValueError, match="distill_adapters.safetensors"):
         build(TINY_STAGE1, tmp_path / "stage2", "--adapters_from", str(tmp_path / "nowhere"))
+
+
+def test_train_config_says_whether_the_base_model_is_a_local_folder(trained_run, tmp_path):
+    """A run from a local checkpoint records `base_model_is_local` (the card then links no Hub model); a preset
+    run does not."""
+    trainer, checkpoint = trained_run
+    assert trainer.train_config["base_model_is_local"] is False
+    local = build(TINY_STAGE2, tmp_path / "run", "--model_name_or_path", str(checkpoint))
+    assert local.train_config["base_model"] == str(checkpoint) and local.train_config["base_model_is_local"] is True

@@ -19,8 +19,10 @@ def add_parser(subparsers) -> None:
     train.set_defaults(func=run_train)
 
     merge = subparsers.add_parser("merge", help="Merge a checkpoint's LLM LoRA (llm_lora/) into a plain checkpoint.")
-    merge.add_argument("checkpoint")
-    merge.add_argument("output_dir")
+    merge.add_argument("checkpoint", help="A checkpoint folder of a `lora_llm: true` run (it holds llm_lora/).")
+    merge.add_argument(
+        "output_dir", help="Where to write the merged, plain checkpoint (LLM weights with LoRA folded in)."
+    )
     merge.set_defaults(func=run_merge)
 
 

@@ -19,6 +19,7 @@ from typing import Any, NoReturn
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
+from .. import configs
 from ..distill.losses import KD_LOSS_PRESETS
 from ..distill.presets import TEACHER_SETS
 from ..errors import InputError, SettingsError
@@ -214,6 +215,24 @@ def _check_yaml_values(path: str, values: dict[str, Any], known: dict[str, Any])
 _BAD = object()
 
 
+def _resolve_deepspeed(path: str, values: dict[str, Any]) -> None:
+    """A YAML `deepspeed:` path that does not exist from the working directory is looked up among the packaged
+    configs (`configs/deepspeed/zero2.json`, as the paper YAMLs write it, works from any folder); one that is in
+    neither place is a `SettingsError` naming the file."""
+    value = values.get("deepspeed")
+    if not isinstance(value, str) or not value or value.lstrip().startswith("{") or os.path.exists(value):
+        return  # unset, JSON text, or a file reachable as given
+    try:
+        values["deepspeed"] = str(configs.path(value))
+    except FileNotFoundError as error:
+        raise SettingsError(
+            f"no such file {value!r} (from {os.getcwd()!r}), and {error}",
+            file=path,
+            field="deepspeed",
+            expected="a DeepSpeed JSON path, or a packaged one such as configs/deepspeed/zero2.json",
+        ) from error
+
+
 def _given(argv: list[str], name: str) -> bool:
     """Whether `--name` (or its `--kebab-case` alias) is on the command line."""
     flags = {f"--{name}", f"--{name.replace('_', '-')}"}
@@ -253,6 +272,7 @@ def parse_args(argv: list[str]) -> tuple[MoVEKDModelArguments, MoVEKDDataArgumen
         argv = argv[1:]
         known = {action.dest: action for action in parser._actions if action.dest != "help"}
         _check_yaml_values(config, values, known)
+        _resolve_deepspeed(config, values)
         for given, other in (_MODEL_SOURCES, _MODEL_SOURCES[::-1]):
             if _given(argv, given):
                 values.pop(other, None)  # stage 2 from stage 1: `--model_name_or_path runs/stage1` over `preset`

@@ -34,7 +34,7 @@ from .teacher_source import (
     teacher_view_size,
 )
 from .toy_data import make_toy_llava_dataset
-from .trainer import MoVEKDTrainer, build_distiller, llm_lora_config
+from .trainer import MoVEKDTrainer, build_distiller, llm_lora_config, recorded_teachers
 
 logger = logging.getLogger("movekd_hf.train")
 
@@ -119,7 +119,8 @@ def resolve_teachers(vlm, processor, model_args, data_args, args) -> dict[str, A
     )
     distiller = build_distiller(vlm, specs, args)
     cache = CachedTeachers(model_args.teacher_cache_dir, all_specs, settings, distiller=distiller)
-    return {"teachers": cache, "distiller": distiller}
+    # The trainer sees a ready source; what it was cached from goes into train_config.json here.
+    return {"teachers": cache, "distiller": distiller, "recorded_teachers": recorded_teachers(distiller, specs)}
 
 
 def resolve_adapters_from(model_args: MoVEKDModelArguments, args: MoVEKDTrainingArguments) -> None:
@@ -144,10 +145,22 @@ def grouped_sampler(data, data_args: MoVEKDDataArguments, args: MoVEKDTrainingAr
     return data.sampler(args.per_device_train_batch_size * args.gradient_accumulation_steps, args.world_size, seed)
 
 
+def check_eval_data(data_args: MoVEKDDataArguments, args: MoVEKDTrainingArguments) -> None:
+    """`eval_strategy` other than `no` needs held-out data; say which options give it."""
+    has_eval = bool(data_args.eval_data_path) or data_args.validation_split_percentage is not None
+    if args.eval_strategy != "no" and not has_eval:
+        raise SettingsError(
+            f"`eval_strategy: {args.eval_strategy}` has no held-out data",
+            field="eval_data_path",
+            expected="`eval_data_path` (a LLaVA json/jsonl) or `validation_split_percentage`, or `eval_strategy: no`",
+        )
+
+
 def build_trainer(argv: list[str], **trainer_kwargs) -> MoVEKDTrainer:
     """The trainer for `argv` (a YAML plus overrides): argv parsed into objects, then `MoVEKDTrainer(...)`.
     `trainer_kwargs` go to the constructor too (the entry's `card_writer`, a caller's `callbacks`)."""
     model_args, data_args, args = parse_args(argv)
+    check_eval_data(data_args, args)
     resolve_adapters_from(model_args, args)
     set_seed(args.seed)
     # Built whole on every rank, also under ZeRO-3; the engine partitions it when training starts. Building it
@@ -155,9 +168,12 @@ def build_trainer(argv: list[str], **trainer_kwargs) -> MoVEKDTrainer:
     with outside_zero3():
         vlm, processor = load_model(model_args)
     distillation = resolve_teachers(vlm, processor, model_args, data_args, args)
+    teachers_record = distillation.pop("recorded_teachers", None)
     resolve_toy_data(data_args, args)
     with args.main_process_first(desc="tokenising"):
-        data = build_train_data(data_args, processor)
+        # The held-out split follows the data seed, as the sampler's order does.
+        data = build_train_data(data_args, processor, seed=args.data_seed if args.data_seed is not None else args.seed)
+    model_name = model_args.model_name_or_path
     peft_config = None
     if model_args.lora_llm:
         peft_config = llm_lora_config(model_args.lora_llm_rank, model_args.lora_llm_alpha, model_args.lora_llm_dropout)
@@ -166,6 +182,7 @@ def build_trainer(argv: list[str], **trainer_kwargs) -> MoVEKDTrainer:
         args=args,
         **distillation,
         train_dataset=data.dataset,
+        eval_dataset=data.eval_dataset,
         data_collator=data.collator,
         processing_class=processor,
         peft_config=peft_config,
@@ -173,7 +190,10 @@ def build_trainer(argv: list[str], **trainer_kwargs) -> MoVEKDTrainer:
         train_config={
             "teacher_set": model_args.teacher_set if args.kd_preset != "none" else None,
             "base_model": model_args.model_name_or_path or f"preset:{model_args.preset}",
+            # The card links `base_model` to the Hub only when it is not a local folder.
+            "base_model_is_local": bool(model_name and os.path.isdir(model_name)),
             "template": data_args.template,
+            **({"teachers": teachers_record} if teachers_record is not None else {}),
         },
         **trainer_kwargs,
     )

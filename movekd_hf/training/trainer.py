@@ -28,6 +28,14 @@ Reliability:
 - SIGTERM saves a checkpoint at the end of the step under way and stops (`StopOnSignalCallback`); `train()`
   resumes from the newest complete checkpoint for `resume_from_checkpoint=True`, and says so when it starts over
   in a folder that holds checkpoints. Checkpoints are staged and renamed into place (checkpoint.py).
+
+Evaluation (`eval_dataset`, `eval_strategy`): the Trainer's own `evaluate()` loop, with `prediction_step` computing
+L on each held-out batch, teachers included (frozen; the module in eval mode, so the standardisers' running
+statistics stay as they are). Besides `eval_loss` (L) it logs the components as training does, prefixed:
+`eval_lm_loss` (a mean over all held-out label tokens), `eval_kd_loss`, `eval_kd/<teacher>_loss` and
+`eval_balance_loss` (means over all held-out images).
+
+Console: one rounded line per log, written above the progress bar (console.py).
 """
 
 from __future__ import annotations
@@ -45,7 +53,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import Trainer
+from transformers import PrinterCallback, ProgressCallback, Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy, rotate_checkpoints
 from transformers.training_args import ParallelMode
 
@@ -75,6 +83,8 @@ from .checkpoint import (
     save_training_folder,
 )
 from .collator import MoVEKDDataCollator
+from .console import ConsoleLogCallback, ConsolePrinterCallback, logging_above_bars
+from .data_args import image_token_id, num_image_tokens
 from .stages import COMPONENTS, STAGES, apply_stage, component_of
 from .teacher_source import (
     ANCHOR,
@@ -301,10 +311,15 @@ def trainable_parameters(module: MoVEKDTrainingModule) -> dict[str, int]:
     return counts
 
 
-def _default_collator(processing_class, teacher_image_size: int | None):
-
-    pad_token_id = processing_class.tokenizer.pad_token_id
-    return MoVEKDDataCollator(processing_class.image_processor, pad_token_id, teacher_image_size=teacher_image_size)
+def _default_collator(processing_class, teacher_image_size: int | None) -> MoVEKDDataCollator:
+    """The collator of `processing_class`, with the per-sample image-token checks `build_train_data`'s has."""
+    return MoVEKDDataCollator(
+        processing_class.image_processor,
+        processing_class.tokenizer.pad_token_id,
+        teacher_image_size=teacher_image_size,
+        image_token_id=image_token_id(processing_class),
+        num_image_tokens=num_image_tokens(processing_class),
+    )
 
 
 def _check_collator(collator, view_size: int | None) -> None:
@@ -313,6 +328,24 @@ def _check_collator(collator, view_size: int | None) -> None:
             f"the data collator gives the teachers no images (teacher_image_size=None): build it with "
             f"teacher_image_size={view_size}, or pass no data_collator and the trainer builds one"
         )
+
+
+def recorded_teachers(distiller: MoVEKDDistiller | None, specs: Sequence[TeacherSpec] | None) -> list:
+    """train_config.json's `teachers`: `{"name", "model_id", "pretrained"}` per teacher the run distils, from
+    the specs it built them from (hub_cards.card.resolve_teachers reads this shape). The `clip` anchor is the
+    student's own tower as training began: no id of its own (`model_id` None), so the card credits it through
+    the run's teacher set. Without specs (a ready teacher source), the slugs alone."""
+    if distiller is None:
+        return []
+    if specs is None:
+        return list(distiller.teacher_names)
+    by_slug = {spec.slug: spec for spec in specs}
+    return [
+        {"name": slug, "model_id": by_slug[slug].model_id, "pretrained": by_slug[slug].pretrained}
+        if slug in by_slug
+        else {"name": slug, "model_id": None, "pretrained": None}
+        for slug in distiller.teacher_names
+    ]
 
 
 class MoVEKDTrainer(Trainer):
@@ -382,7 +415,12 @@ class MoVEKDTrainer(Trainer):
         )
         self.teacher_source = source
         self.card_writer = card_writer
-        self.train_config = {**self._recorded_config(module, teachers, counts), **dict(train_config or {})}
+        recorded = self._recorded_config(module, teachers, specs, counts)
+        self.train_config = {**recorded, **dict(train_config or {})}
+        for stock, ours in ((ProgressCallback, ConsoleLogCallback), (PrinterCallback, ConsolePrinterCallback)):
+            if self.pop_callback(stock) is not None:  # same events, rounded lines written above the bar
+                self.add_callback(ours)
+        self._eval_sums: torch.Tensor | None = None  # [2, K] sums and counts of `_eval_names()`
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self._pending_logs = {f"trainable_params/{k}": float(v) for k, v in counts.items()}
         self._window_images: torch.Tensor | None = None
@@ -401,12 +439,12 @@ class MoVEKDTrainer(Trainer):
         self._staging: str | None = None  # set while a checkpoint is being written
         self._push_staged = False
 
-    def _recorded_config(self, module: MoVEKDTrainingModule, teachers, counts: dict[str, int]) -> dict[str, Any]:
+    def _recorded_config(self, module: MoVEKDTrainingModule, teachers, specs, counts: dict[str, int]) -> dict:
         """What train_config.json records of the run by itself (the model card reads it)."""
         distiller = module.distiller
         return {
             "teacher_set": teachers if isinstance(teachers, str) else None,
-            "teachers": list(distiller.teacher_names) if distiller is not None else [],
+            "teachers": recorded_teachers(distiller, specs),
             "kd_preset": self.args.kd_preset,
             "kd_loss": distiller.config.to_dict() if distiller is not None else None,
             "stage": self.args.stage,
@@ -540,6 +578,68 @@ class MoVEKDTrainer(Trainer):
             self._pending_logs = {}
         super().log(logs, start_time)
 
+    # ------------------------------------------------------------------------------------------ evaluation
+
+    def _eval_names(self) -> list[str]:
+        """The held-out components, the same list on every rank (their sums are reduced together)."""
+        distiller = self.accelerator.unwrap_model(self.model).distiller
+        teachers = [f"kd/{name}_loss" for name in distiller.teacher_names] if distiller is not None else []
+        return ["lm_loss", "kd_loss", *teachers, "balance_loss"]
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """L on one held-out batch, teachers included, without gradients; its components are summed for
+        `evaluation_loop`. Returns (loss, None, None): no logits are gathered (nothing computes metrics on them).
+        The LM term is this batch's token mean (no `num_items_in_batch`), the others per-image means."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss, out = self.compute_loss(model, inputs, return_outputs=True)
+        self._add_eval_batch(out, inputs.get("labels"))
+        return loss.detach(), None, None
+
+    @torch.no_grad()
+    def _add_eval_batch(self, out: dict, labels: torch.Tensor | None) -> None:
+        """Add (mean x count, count) of each component: label tokens for the LM term, images for the others."""
+        values: dict[str, tuple[torch.Tensor, float | torch.Tensor]] = {}
+        if out["lm_loss"] is not None and labels is not None:
+            values["lm_loss"] = (out["lm_loss"], labels[..., 1:].ne(-100).sum())
+        images = float(out["num_images"])
+        kd = out["kd"]
+        if kd is not None and images:
+            values["kd_loss"] = (kd["loss"], images)
+            per_teacher = kd.get("per_teacher_loss")
+            per_teacher = upcast(per_teacher).mean(0) if per_teacher is not None else kd["per_teacher"]  # [T]
+            for index, name in enumerate(self.accelerator.unwrap_model(self.model).distiller.teacher_names):
+                values[f"kd/{name}_loss"] = (per_teacher[index], images)
+        if out["balance"] is not None and images:
+            values["balance_loss"] = (out["balance"]["loss"], images)
+        names = self._eval_names()
+        if self._eval_sums is None:
+            self._eval_sums = torch.zeros(2, len(names), dtype=torch.float64, device=self.args.device)  # [2, K]
+        for index, name in enumerate(names):
+            if name in values:
+                mean, count = values[name]
+                count = torch.as_tensor(count, dtype=torch.float64, device=self._eval_sums.device)
+                self._eval_sums[0, index] += upcast(mean.detach()).double() * count
+                self._eval_sums[1, index] += count
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix: str = "eval"):  # fmt: skip
+        """The Trainer's loop, plus `{prefix}_lm_loss`, `{prefix}_kd_loss`, `{prefix}_kd/<teacher>_loss` and
+        `{prefix}_balance_loss` over the whole held-out set (all ranks; a rank's padding batch counts too)."""
+        self._eval_sums = None
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        names = self._eval_names()
+        sums = self._eval_sums
+        if sums is None:  # this rank saw no batch: it still joins the reduction
+            sums = torch.zeros(2, len(names), dtype=torch.float64, device=self.args.device)
+        if self.args.world_size > 1:
+            sums = self.accelerator.reduce(sums, reduction="sum")
+        self._eval_sums = None
+        for index, name in enumerate(names):
+            if sums[1, index] > 0:
+                output.metrics[f"{metric_key_prefix}_{name}"] = (sums[0, index] / sums[1, index]).item()
+        return output
+
     # ------------------------------------------------------------------------------------- save and load
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs):
@@ -548,7 +648,7 @@ class MoVEKDTrainer(Trainer):
         step under way (`self.stop_on_signal.received` tells afterwards), and a warning when a run starts over in
         a folder that holds checkpoints."""
         resume = resume_folder(resume_from_checkpoint, self.args.output_dir, warn=self.is_world_process_zero())
-        with self.stop_on_signal.installed():
+        with self.stop_on_signal.installed(), logging_above_bars(not self.args.disable_tqdm):
             return super().train(resume_from_checkpoint=resume, trial=trial, **kwargs)
 
     def _save_checkpoint(self, model: nn.Module, trial) -> None:
