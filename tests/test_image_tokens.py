@@ -187,6 +187,7 @@ def test_init_vision_refuses_a_tower_without_a_token_rule(tmp_path, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "'dinov2'" in err and "expected a CLIP or SigLIP vision model" in err
+    assert "field '--vision'" in err  # the option that named the tower, checked before any weights load
     assert not (tmp_path / "o").exists()
 
 

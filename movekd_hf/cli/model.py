@@ -187,9 +187,13 @@ def run_init(args: argparse.Namespace) -> int:
             settings = {**{k: getattr(preset, k) for k in ("num_experts", "lora_rank", "lora_alpha")}, **settings}
         from transformers import AutoConfig
 
+        from movekd_hf.modeling.llava_conventions import tower_cls_tokens
+
         for option, source in (("--vision", args.vision), ("--llm", args.llm)):
             with loading(option, source):  # the config first, so a missing source is named before any weights load
-                AutoConfig.from_pretrained(source)
+                config = AutoConfig.from_pretrained(source)
+                if option == "--vision":  # a tower the package cannot use is named as --vision, not --llm
+                    tower_cls_tokens(getattr(config, "vision_config", config))
         with loading("--llm", args.llm):  # both configs loaded: what fails now is most likely the LLM's weights
             model, processor = models.from_vision_and_llm(args.vision, args.llm, **settings)
     else:
