@@ -36,6 +36,7 @@ from movekd_hf import MoVEKDConfig, MoVEKDForConditionalGeneration
 from movekd_hf.cli import main
 from movekd_hf.distill.presets import teacher_specs
 from movekd_hf.distill.teachers import build_teacher
+from movekd_hf.errors import SettingsError
 from movekd_hf.models import (
     build_byte_tokenizer,
     build_image_processor,
@@ -268,3 +269,17 @@ def test_stage2_distils_a_siglip_student(tmp_path):
     assert trainer.state.global_step == 2
     assert shapes and all(shape[1:] == (PATCHES, WIDTH) for shape in shapes)  # every patch, none dropped
     assert len(_kd_losses(trainer)) == 2 and all(math.isfinite(loss) for loss in _kd_losses(trainer))
+
+
+def test_a_siglip_student_under_default_is_refused_before_training(tmp_path):
+    """A checkpoint made before the strategy came from the tower (SigLIP under "default": one patch dropped) is
+    refused when the trainer is built, naming the field, instead of failing at step 1 in the distiller."""
+    checkpoint = _init_vision(tmp_path, "siglip")
+    model = MoVEKDForConditionalGeneration.from_pretrained(checkpoint)
+    model.config.vision_feature_select_strategy = "default"
+    args = MoVEKDTrainingArguments(output_dir=str(tmp_path / "run"), stage="stage2", kd_preset="default",
+                                   max_steps=1, report_to="none")  # fmt: skip
+    with pytest.raises(SettingsError, match=r"field 'vision_feature_select_strategy'.*expected 'full'"):
+        MoVEKDTrainer(
+            model=model, args=args, teachers="tiny", processing_class=AutoProcessor.from_pretrained(checkpoint)
+        )

@@ -61,7 +61,7 @@ from ..distill.distiller import MoVEKDDistiller
 from ..distill.losses import KDLossConfig, mole_balance_loss
 from ..distill.teachers import TeacherSpec
 from ..errors import NonFiniteError, SettingsError
-from ..modeling.llava_conventions import student_grid
+from ..modeling.llava_conventions import student_grid, tower_cls_tokens
 from ..modeling.mole import upcast
 from .arguments import MoVEKDTrainingArguments
 from .checkpoint import (
@@ -239,6 +239,24 @@ def _teacher_specs(teachers: Teachers) -> list[TeacherSpec] | None:
     return specs
 
 
+def _check_distilled_tokens(config) -> None:
+    """Refuse, before any step, a student whose image features are not its patch tokens: a tower without a CLS
+    token (SigLIP) under LLaVA's "default" strategy drops a real patch (a checkpoint made before the strategy was
+    chosen from the tower), and the distiller would fail at step 1 with mismatched token counts."""
+    strategy = getattr(config, "vision_feature_select_strategy", "default")
+    try:
+        cls_tokens = tower_cls_tokens(config.vision_config)
+    except ValueError:
+        return  # a tower the package does not know: the distiller reports its shapes
+    if strategy == "default" and cls_tokens == 0:
+        raise SettingsError(
+            f"is 'default', which drops the first token of a {config.vision_config.model_type} tower (it has no CLS "
+            "token): a real patch",
+            field="vision_feature_select_strategy",
+            expected="'full' for a tower without CLS (set it in config.json; `movekd-hf init` now chooses it)",
+        )
+
+
 def _distillation(vlm, args, teachers, distiller, processing_class):
     """(teacher source, distiller, specs of the online teachers or None) for `args.kd_preset`."""
     if args.kd_preset == "none":
@@ -247,6 +265,7 @@ def _distillation(vlm, args, teachers, distiller, processing_class):
         if _adapters_from(args):
             raise ValueError("adapters_from is set, but kd_preset='none' trains without adapters")
         return None, None, None
+    _check_distilled_tokens(vlm.config)
     if teachers is None:
         raise ValueError(
             f"kd_preset={args.kd_preset!r} distils, but no `teachers` were given: pass a teacher set name ('tiny', "
