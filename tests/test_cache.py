@@ -159,3 +159,32 @@ def test_cli_estimates_the_paper_scale_and_runs_resumably(tmp_path, capsys):
         assert main(argv) == 0
         report = json.loads(capsys.readouterr().out)
         assert {slug: r["computed"] for slug, r in report.items()} == {"clip": expected, "sam": expected}
+
+
+def test_cli_pca_int8_estimate_fits_under_a_terabyte_and_exports_a_repository(tmp_path, capsys):
+    import json
+    from dataclasses import asdict
+
+    from movekd_hf.cli import main
+
+    compress = ["--compress", "eva=256", "--compress", "convnext=256", "--compression", "pca", "--token-dtype", "int8"]
+    assert main(["cache-teachers", "--estimate", "--teacher-set", "v1.1", "--num-images", "558128", *compress]) == 0
+    table = capsys.readouterr().out
+    # int8 [576 x 256] + a float32 scale per token + row overhead; the anchor keeps 1024 channels in int8.
+    assert (
+        "| eva | 576 x 256 (24x24) | 4096 x 1024 | 149,792" in table
+        and "| clip | 576 x 1024 (24x24) | 576 x 1024 | 598,560" in table
+    )
+    assert "total for 558,128 images: 584,882,423,808 bytes (584.9 GB)" in table
+
+    paths = make_toy_llava_dataset(tmp_path / "toy", num_samples=3, seed=1)
+    specs = tmp_path / "teachers.json"
+    specs.write_text(json.dumps([asdict(tiny_spec("clip")), asdict(tiny_spec("sam"))]))
+    argv = ["cache-teachers", "--data-path", paths.pretrain_json, "--image-folder", paths.image_folder,
+            "--cache-dir", str(tmp_path / "cache"), "--teachers-json", str(specs), "--student-grid", "4",
+            "--no-progress", "--compress", "sam=5", "--compression", "pca", "--calibration-images", "2",
+            "--token-dtype", "float8_e4m3fn", "--export-repo", str(tmp_path / "repo")]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["sam"]["bytes_per_image"] == 16 * 5 + 4 * 16 + 32 and report["export_repo"]["rows"] == 3
+    assert (tmp_path / "repo" / "teachers" / "sam" / "projection.safetensors").exists()

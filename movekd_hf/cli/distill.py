@@ -99,8 +99,31 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="pad: pad to a square with --background first, as LLaVA-1.5 (default); resize: no padding",
     )
     parser.add_argument("--background", default=None, type=_colour, help="R,G,B padding colour (default: CLIP mean)")
-    parser.add_argument("--compress", action="append", metavar="SLUG=K", help="keep K channels (random projection)")
-    parser.add_argument("--compression-seed", type=int, default=0, help="seed of the --compress projections")
+    parser.add_argument("--compress", action="append", metavar="SLUG=K", help="keep K channels (see --compression)")
+    parser.add_argument(
+        "--compression",
+        default="random",
+        choices=("random", "pca"),
+        help="--compress by a seeded random orthogonal projection (default) or a PCA basis fitted on a calibration pass",
+    )
+    parser.add_argument(
+        "--calibration-images", type=positive_int, default=256, help="images the PCA basis is fitted on (default 256)"
+    )
+    parser.add_argument(
+        "--compression-seed", type=int, default=0, help="seed of the random projections / the calibration pick"
+    )
+    parser.add_argument(
+        "--token-dtype",
+        default="float16",
+        choices=("float16", "int8", "float8_e4m3fn"),
+        help="number format of the stored tokens; int8 and float8_e4m3fn keep a float32 scale per token",
+    )
+    parser.add_argument(
+        "--export-repo",
+        default=None,
+        metavar="FOLDER",
+        help="then write the cache as a `datasets` repository (parquet shards + README) in FOLDER",
+    )
     parser.add_argument("--batch-size", type=positive_int, default=8, help="images per teacher forward (default 8)")
     parser.add_argument(
         "--shard-size", type=positive_int, default=1024, help="rows per Arrow shard (the resume unit; default 1024)"
@@ -188,9 +211,19 @@ def _settings(args: argparse.Namespace, specs: list):
         image_aspect=args.image_aspect,
         # The default is what the collator pads with for a CLIP processor.
         background=args.background or CLIP_MEAN_COLOUR,
+        revisions=_pairs(args.revision, "--revision"),
+        **_compression(args),
+    )
+
+
+def _compression(args: argparse.Namespace) -> dict:
+    """The CacheSettings fields of the compression options."""
+    return dict(
         compress=_compress(args),
         compression_seed=args.compression_seed,
-        revisions=_pairs(args.revision, "--revision"),
+        compression=args.compression,
+        calibration_images=args.calibration_images,
+        token_dtype=args.token_dtype,
     )
 
 
@@ -233,7 +266,7 @@ def _teachers_like_training(args: argparse.Namespace):
     teachers = build_teachers(vlm, [], image_processor.image_mean, image_processor.image_std)
     teachers.update({spec.slug: _build(spec) for spec in specs})
     settings = teacher_cache_settings(vlm.config, image_processor, specs, args.grid, args.image_aspect)
-    settings = replace(settings, compress=_compress(args), compression_seed=args.compression_seed)
+    settings = replace(settings, **_compression(args))
     return list(teachers.values()), settings
 
 
@@ -277,7 +310,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from movekd_hf.distill.cache import estimate_cache_size
-    from movekd_hf.distill.cache_writer import cache_teacher_features, dataset_items
+    from movekd_hf.distill.cache_writer import cache_teacher_features, dataset_items, export_cache_repo
 
     if args.model:
         teachers, settings = _teachers_like_training(args)
@@ -298,5 +331,9 @@ def run(args: argparse.Namespace) -> int:
     report = cache_teacher_features(
         args.cache_dir, teachers, settings, items, args.batch_size, args.shard_size, progress=not args.no_progress
     )
+    if args.export_repo:
+        specs = [teacher.spec for teacher in teachers]
+        report["export_repo"] = {"folder": args.export_repo, **export_cache_repo(args.cache_dir, specs, settings,
+                                 args.export_repo, args.shard_size)}  # fmt: skip
     print(json.dumps(report, indent=1))
     return 0

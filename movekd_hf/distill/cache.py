@@ -11,16 +11,33 @@ id, revision, input size, normalisation, resize, output layer, SAM layout, the t
 stored grid, dtype, compression). Training opens the directory of the key it computes; if only a directory with
 another key exists, the error names the teacher and the fields that differ.
 
+A finished cache exports (`cache_writer.export_cache_repo`) as a `datasets` repository, ready for
+`huggingface_hub.upload_folder(..., repo_type="dataset")`: `data/train-*.parquet` with one row per image
+(`sample_id`, `image_index`, and every teacher's columns as `<slug>__tokens`, ...), each teacher's cache.json and
+basis under `teachers/<slug>/`, and a README whose `configs` names the parquet files. `CachedTeachers.from_repo`
+reads it map-style (`datasets.load_dataset`), `stream_cached_teachers` streams it (`streaming=True`); both decode
+through the same `TeacherCache.decode` and check the same keys.
+
 Grids: `grid="student"` stores non-anchor tokens already resampled to the student grid (what the resolution-free
 `resample` adapter does first; 5-7x smaller at paper scale); `grid="native"` keeps the teacher's own grid, which
 the faithful `token_mix` adapter (a linear map over the N_t teacher tokens) and the student-to-teacher head need.
 
-Compression (optional, per teacher): a fixed random orthogonal projection Q [C, k] (seeded, stored next to the
-shards). The cache keeps Q^T t per token and training reads Q Q^T t: the adapter sees the teacher's features
-projected onto a random k-dimensional subspace. It cuts storage by C/k; the loss then ignores what lies outside
-the subspace (`cache.json` records the fraction of feature energy kept). Random rather than PCA so it needs no
-pass over the data and is the same for every shard; leave the anchor teacher uncompressed, since the student is
-compared with its raw tokens.
+Compression (optional, per teacher; `compression` picks the kind, `compress` the rank k per teacher):
+- "random": a fixed random orthogonal projection Q [C, k] (seeded). The cache keeps Q^T t per token and training
+  reads Q Q^T t: the teacher's features projected onto a random k-dimensional subspace. It needs no pass over the
+  data; `cache.json` records the fraction of feature energy kept.
+- "pca": a basis fitted on a calibration pass over `calibration_images` images (a seeded pick of the dataset): the
+  mean mu [C], the top-k principal directions V [C, k] of the stored tokens and each coordinate's standard
+  deviation s [k]. The cache keeps z = (t - mu) V / s (whitened, so every stored channel has unit variance and a
+  per-token int8 scale fits all of them) and training reads mu + (z * s) V^T. On features with a decaying spectrum
+  (trained teachers) it keeps far more than a random subspace of the same size.
+Both store the basis in `projection.safetensors`; a PCA cache's `cache.json` key also holds the basis's sha256,
+checked on every read, and a writer never refits a basis for shards already written.
+
+Number format (`token_dtype`, every teacher): float16 (default); int8 with one float32 scale per token (absmax /
+127, `token_scales` column); float8_e4m3fn (stored as its uint8 bits, absmax / 448 per token). The anchor teacher's
+tokens are compared with the student's directly, so compress it (`compress`) only knowingly; quantising it changes
+them by its int8/fp8 rounding only (see benchmarks/README.md for the measured fidelity).
 """
 
 from __future__ import annotations
@@ -29,10 +46,11 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..modeling.llava_conventions import CLIP_MEAN_COLOUR
@@ -43,9 +61,16 @@ CACHE_FORMAT_VERSION = 1
 GRID_MODES = ("student", "native")
 META_FILE = "cache.json"
 PROJECTION_FILE = "projection.safetensors"
-TOKEN_DTYPE = "float16"
+TOKEN_DTYPE = "float16"  # the default number format
+COMPRESSION_KINDS = ("random", "pca")
+# Stored number formats: Arrow value type, bytes per value, the largest stored magnitude (None: no scale).
+TOKEN_DTYPES = {"float16": ("float16", 2, None), "int8": ("int8", 1, 127.0), "float8_e4m3fn": ("uint8", 1, 448.0)}
+# Key fields a writer adds once it has fitted something (not derivable from the settings; checked on read).
+FITTED_KEY_FIELDS = ("basis_sha256",)
 # Arrow overhead per row beyond the arrays: the sample id (~20 bytes in LLaVA data), its offset, image_index.
 ROW_OVERHEAD_BYTES = 32
+REPO_TEACHERS = "teachers"  # a cache repository's folder of per-teacher cache.json + basis
+REPO_SEPARATOR = "__"  # a cache repository's column names: <slug>__<column>
 
 
 @dataclass(frozen=True)
@@ -56,7 +81,11 @@ class CacheSettings:
     grid: "student" (tokens resampled to the student grid) or "native" (the teacher's own grid).
     teacher_image_size / image_aspect / background: the square view the collator gives the teachers
         (`MoVEKDDataCollator(teacher_image_size=..., image_aspect=...)`, padded with `background`).
-    compress: teacher slug -> channels kept by the random orthogonal projection (absent: uncompressed).
+    compress: teacher slug -> channels k kept by the projection (absent: uncompressed).
+    compression: the projection's kind, "random" (seeded orthogonal) or "pca" (fitted on a calibration pass).
+    compression_seed: seeds the random projection, or the pick of PCA calibration images.
+    calibration_images: images the PCA basis is fitted on (the first of a seeded permutation of the dataset).
+    token_dtype: number format of the stored tokens: "float16", "int8" or "float8_e4m3fn" (per-token scales).
     revisions: teacher slug -> weights revision (Hub commit or tag), part of the key.
     """
 
@@ -67,9 +96,20 @@ class CacheSettings:
     background: tuple[int, int, int] = CLIP_MEAN_COLOUR  # LLaVA's expand2square colour
     compress: Mapping[str, int] = field(default_factory=dict)
     compression_seed: int = 0
+    compression: str = "random"
+    calibration_images: int = 256
+    token_dtype: str = TOKEN_DTYPE
     revisions: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.compression not in COMPRESSION_KINDS:
+            raise ValueError(f"CacheSettings.compression is {self.compression!r}; expected one of {COMPRESSION_KINDS}")
+        if self.token_dtype not in TOKEN_DTYPES:
+            raise ValueError(
+                f"CacheSettings.token_dtype is {self.token_dtype!r}; expected one of {tuple(TOKEN_DTYPES)}"
+            )
+        if self.calibration_images < 1:
+            raise ValueError(f"CacheSettings.calibration_images must be positive, got {self.calibration_images}")
         if self.grid not in GRID_MODES:
             raise ValueError(f"CacheSettings.grid is {self.grid!r}; expected one of {GRID_MODES}")
         if self.teacher_image_size <= 0:
@@ -87,6 +127,11 @@ def _jsonable(value):
 def cache_key(spec: TeacherSpec, settings: CacheSettings) -> dict:
     """Every field that changes what the cache stores for one teacher (order irrelevant: hashed sorted)."""
     native = settings.grid == "native"
+    compressed = spec.slug in settings.compress
+    # Fields new since format 1 enter only when not at their old value, so existing caches keep their hash.
+    extra = {}
+    if compressed and settings.compression != "random":
+        extra = {"compression_kind": settings.compression, "calibration_images": settings.calibration_images}
     return _jsonable(
         {
             "format_version": CACHE_FORMAT_VERSION,
@@ -116,9 +161,10 @@ def cache_key(spec: TeacherSpec, settings: CacheSettings) -> dict:
             "grid": settings.grid,
             # A native-grid cache serves any student; a student-grid one only its grid.
             "student_grid": None if native else settings.student_grid,
-            "dtype": TOKEN_DTYPE,
+            "dtype": settings.token_dtype,
             "compression": settings.compress.get(spec.slug),
-            "compression_seed": settings.compression_seed if spec.slug in settings.compress else None,
+            "compression_seed": settings.compression_seed if compressed else None,
+            **extra,
         }
     )
 
@@ -131,6 +177,16 @@ def cache_dir_for(root: str | os.PathLike, spec: TeacherSpec, settings: CacheSet
     return Path(root) / f"{spec.slug}-{key_hash(cache_key(spec, settings))[:12]}"
 
 
+def tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over names, dtypes, shapes and bytes of `tensors` (sorted by name): the identity of a fitted basis."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
 def random_orthogonal(channels: int, rank: int, seed: int) -> torch.Tensor:
     """[channels, rank] with orthonormal columns (QR of a seeded Gaussian matrix, signs fixed)."""
     if rank > channels:
@@ -138,6 +194,77 @@ def random_orthogonal(channels: int, rank: int, seed: int) -> torch.Tensor:
     gaussian = torch.randn(channels, rank, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     q, r = torch.linalg.qr(gaussian)
     return (q * torch.sign(torch.diagonal(r))).float()  # sign fix: the factorisation is then unique
+
+
+def pca_basis(total: torch.Tensor, outer: torch.Tensor, count: int, rank: int) -> dict[str, torch.Tensor]:
+    """The top-`rank` principal directions of tokens summarised by their sum `total` [C], the sum of their outer
+    products `outer` [C, C] (float64) and their number `count`.
+
+    Returns float32 {"mean": [C], "projection": [C, k] orthonormal columns by decreasing variance, "scale": [k]
+    the standard deviation along each (floored at 1e-6 of the largest, so whitening never divides by zero)}.
+    Each column's sign makes its largest-magnitude entry positive, so the same statistics give the same bytes.
+    """
+    channels = total.shape[0]
+    if rank > channels:
+        raise ValueError(f"compression to {rank} channels needs at least {rank} teacher channels, got {channels}")
+    if count < 2:
+        raise ValueError(f"a PCA basis needs at least 2 calibration tokens, got {count}")
+    mean = total / count
+    covariance = (outer - count * torch.outer(mean, mean)) / (count - 1)  # [C, C]
+    variances, vectors = torch.linalg.eigh(covariance)  # ascending
+    variances, vectors = variances.flip(0)[:rank], vectors.flip(1)[:, :rank]
+    peaks = vectors.gather(0, vectors.abs().argmax(0, keepdim=True))  # [1, k]
+    vectors = vectors * torch.sign(peaks)
+    scale = variances.clamp_min(0).sqrt()
+    scale = scale.clamp_min(1e-6 * float(scale.max().clamp_min(1e-30)))
+    return {"mean": mean.float(), "projection": vectors.float().contiguous(), "scale": scale.float()}
+
+
+@dataclass
+class TokenCodec:
+    """How one teacher's tokens [B, N, C] are stored: an optional affine map to k channels, z = ((t - mean) @
+    projection) / scale (random: projection only; pca: all three), then a number format (TOKEN_DTYPES) with a
+    per-token absmax scale for the quantised ones. `decode(encode(t))` is t up to the subspace and the rounding."""
+
+    token_dtype: str = TOKEN_DTYPE
+    projection: torch.Tensor | None = None  # [C, k]
+    mean: torch.Tensor | None = None  # [C]
+    scale: torch.Tensor | None = None  # [k]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        named = {"projection": self.projection, "mean": self.mean, "scale": self.scale}
+        return {name: t.contiguous() for name, t in named.items() if t is not None}
+
+    def encode(self, tokens: torch.Tensor) -> dict[str, np.ndarray]:
+        """tokens [B, N, C] (float32 or wider) -> {"tokens": [B, N * k] in the storage type, and for quantised
+        formats "token_scales": [B, N] float32}."""
+        z = tokens if self.mean is None else tokens - self.mean.to(tokens)
+        z = z if self.projection is None else z @ self.projection.to(tokens)
+        z = z if self.scale is None else z / self.scale.to(tokens)  # [B, N, k]
+        limit = TOKEN_DTYPES[self.token_dtype][2]
+        if limit is None:
+            return {"tokens": z.to(torch.float16).flatten(1).cpu().numpy()}
+        scales = (z.abs().amax(-1, keepdim=True) / limit).float().clamp_min(torch.finfo(torch.float32).tiny)
+        scaled = z / scales.to(z)
+        if self.token_dtype == "int8":
+            stored = scaled.round().clamp(-limit, limit).to(torch.int8)
+        else:  # float8 e4m3: Arrow has no such type, its bytes go as uint8
+            stored = scaled.clamp(-limit, limit).to(torch.float8_e4m3fn).view(torch.uint8)
+        return {"tokens": stored.flatten(1).cpu().numpy(), "token_scales": scales.squeeze(-1).cpu().numpy()}
+
+    def decode(self, stored: torch.Tensor, scales: torch.Tensor | None = None) -> torch.Tensor:
+        """stored [B, N, k] as read (float16, int8 or the uint8 bits of float8) and scales [B, N] -> float32
+        tokens [B, N, C] back in the teacher's channels."""
+        if self.token_dtype == "float8_e4m3fn":
+            stored = stored.view(torch.float8_e4m3fn)
+        z = stored.float()
+        if scales is not None:
+            z = z * scales.float().unsqueeze(-1)
+        if self.scale is not None:
+            z = z * self.scale.to(z)
+        if self.projection is not None:
+            z = z @ self.projection.to(z).t()
+        return z if self.mean is None else z + self.mean.to(z)
 
 
 # ------------------------------------------------------------------------------------------------ shapes, sizes
@@ -154,10 +281,17 @@ class StoredShape:
     teacher_channels: int
     cls: int  # channels of the CLS token (0 if none)
     cls_attention: int  # length of the attention row (0 if none)
+    token_dtype: str = TOKEN_DTYPE  # number format of the tokens (TOKEN_DTYPES)
+
+    @property
+    def token_scales(self) -> bool:
+        """Whether each token carries a float32 scale (the quantised formats)."""
+        return TOKEN_DTYPES[self.token_dtype][2] is not None
 
     @property
     def bytes_per_image(self) -> int:
-        return 2 * self.tokens * self.channels + 4 * (self.cls + self.cls_attention) + ROW_OVERHEAD_BYTES
+        values = TOKEN_DTYPES[self.token_dtype][1] * self.tokens * self.channels
+        return values + 4 * (self.tokens * self.token_scales + self.cls + self.cls_attention) + ROW_OVERHEAD_BYTES
 
 
 def teacher_output_shape(spec: TeacherSpec) -> TeacherOutput:
@@ -182,6 +316,7 @@ def stored_shape(spec: TeacherSpec, settings: CacheSettings, output: TeacherOutp
         teacher_channels=int(c),
         cls=0 if output.cls is None else int(output.cls.shape[-1]),
         cls_attention=0 if output.cls_attention is None else int(output.cls_attention.shape[-1]),
+        token_dtype=settings.token_dtype,
     )
 
 
@@ -214,11 +349,14 @@ def stored_grid(output: TeacherOutput, settings: CacheSettings) -> tuple[int, in
 def arrow_features(shape: StoredShape):
     import datasets
 
+    arrow_type = TOKEN_DTYPES[shape.token_dtype][0]
     columns = {
         "sample_id": datasets.Value("string"),
         "image_index": datasets.Value("int32"),
-        "tokens": datasets.List(datasets.Value("float16"), length=shape.tokens * shape.channels),
+        "tokens": datasets.List(datasets.Value(arrow_type), length=shape.tokens * shape.channels),
     }
+    if shape.token_scales:
+        columns["token_scales"] = datasets.List(datasets.Value("float32"), length=shape.tokens)
     if shape.cls:
         columns["cls"] = datasets.List(datasets.Value("float32"), length=shape.cls)
     if shape.cls_attention:
@@ -242,21 +380,31 @@ def _diff(expected: Mapping, found: Mapping) -> list[str]:
     ]
 
 
+def settings_key(stored_key: Mapping) -> dict:
+    """A stored key without the fields its writer fitted: what settings alone determine."""
+    return {name: value for name, value in stored_key.items() if name not in FITTED_KEY_FIELDS}
+
+
+def check_cache_key(directory: Path, spec: TeacherSpec, settings: CacheSettings) -> None:
+    """Raise a ValueError naming the teacher and every differing field unless `directory`'s cache.json holds the
+    key of `spec` + `settings`."""
+    found = settings_key(json.loads((directory / META_FILE).read_text())["key"])
+    expected = cache_key(spec, settings)
+    if found != expected:
+        raise ValueError(f"teacher {spec.slug!r}: cache {directory} is stale: " + "; ".join(_diff(expected, found)))
+
+
 def find_cache_dir(root: str | os.PathLike, spec: TeacherSpec, settings: CacheSettings) -> Path:
     """The directory of this teacher's cache under `root`; a missing or mismatched cache raises a ValueError
     that names the teacher and, for a cache written with other settings, every field that differs."""
     directory = cache_dir_for(root, spec, settings)
     expected = cache_key(spec, settings)
     if (directory / META_FILE).exists():
-        found = json.loads((directory / META_FILE).read_text())["key"]
-        if found != expected:  # edited by hand or a hash collision
-            raise ValueError(
-                f"teacher {spec.slug!r}: cache {directory} is stale: " + "; ".join(_diff(expected, found))
-            )
+        check_cache_key(directory, spec, settings)  # edited by hand or a hash collision
         return directory
     others = sorted(Path(root).glob(f"{spec.slug}-*/{META_FILE}")) if Path(root).is_dir() else []
     if others:
-        found = json.loads(others[-1].read_text())["key"]
+        found = settings_key(json.loads(others[-1].read_text())["key"])
         raise ValueError(
             f"teacher {spec.slug!r}: the cache in {others[-1].parent} was written with other settings ("
             + "; ".join(_diff(expected, found))
@@ -265,32 +413,58 @@ def find_cache_dir(root: str | os.PathLike, spec: TeacherSpec, settings: CacheSe
     raise ValueError(f"teacher {spec.slug!r}: no cache under {root}; run `movekd-hf cache-teachers` first")
 
 
-class TeacherCache:
-    """One teacher's cached outputs, memory-mapped, looked up by (sample id, image index)."""
+def load_codec(directory: Path, meta: Mapping) -> TokenCodec:
+    """The codec a cache was written with: its number format and, when compressed, the basis stored next to it,
+    whose sha256 must match the key's `basis_sha256` when the key has one (a refitted basis never reads old rows)."""
+    token_dtype = meta["shape"].get("token_dtype", TOKEN_DTYPE)
+    path = directory / PROJECTION_FILE
+    if not path.exists():
+        if meta["key"].get("compression") is not None:
+            raise ValueError(f"cache {directory} is compressed but has no {PROJECTION_FILE}")
+        return TokenCodec(token_dtype)
+    from safetensors.torch import load_file
 
-    def __init__(self, directory: str | os.PathLike):
+    tensors = load_file(str(path))
+    expected = meta["key"].get("basis_sha256")
+    if expected is not None and tensors_sha256(tensors) != expected:
+        raise ValueError(
+            f"cache {directory}: {PROJECTION_FILE} is not the basis its rows were written with (sha256 "
+            f"{tensors_sha256(tensors)[:12]}, key has {expected[:12]}); rebuild the cache"
+        )
+    return TokenCodec(token_dtype, **tensors)
+
+
+class TeacherCache:
+    """One teacher's cached outputs, memory-mapped, looked up by (sample id, image index).
+
+    directory: holds cache.json (and the basis); the rows are its Arrow shards, or `table` (an Arrow-formatted
+    `datasets.Dataset`, e.g. a cache repository's parquet shards) whose columns carry `prefix` (`"eva__tokens"`).
+    """
+
+    def __init__(self, directory: str | os.PathLike, table=None, prefix: str = ""):
         import datasets
 
-        self.directory = Path(directory)
+        self.directory, self.prefix = Path(directory), prefix
         self.meta = json.loads((self.directory / META_FILE).read_text())
         self.shape = StoredShape(**{**self.meta["shape"], "grid": tuple(self.meta["shape"]["grid"])})
-        shards = [datasets.Dataset.from_file(str(path)) for path in shard_paths(self.directory)]
-        self.table = datasets.concatenate_datasets(shards).with_format("arrow") if shards else None
+        if table is None:
+            shards = [datasets.Dataset.from_file(str(path)) for path in shard_paths(self.directory)]
+            table = datasets.concatenate_datasets(shards).with_format("arrow") if shards else None
+        self.table = table
         self.index: dict[tuple[str, int], int] = {}
         if self.table is not None:  # built once: id -> row
-            ids = self.table[:]
+            ids = self.table.select_columns(["sample_id", "image_index"])[:]
             for row, key in enumerate(zip(ids["sample_id"].to_pylist(), ids["image_index"].to_pylist())):
                 self.index[key] = row
-        projection = self.directory / PROJECTION_FILE
-        self.projection = None
-        if projection.exists():
-            from safetensors.torch import load_file
-
-            self.projection = load_file(str(projection))["projection"]  # [C, k]
+        self.codec = load_codec(self.directory, self.meta)
 
     @property
     def slug(self) -> str:
         return self.meta["key"]["slug"]
+
+    @property
+    def projection(self) -> torch.Tensor | None:
+        return self.codec.projection
 
     def __len__(self) -> int:
         return len(self.index)
@@ -305,18 +479,25 @@ class TeacherCache:
         return [self.index[k] for k in keys]
 
     def fetch(self, keys: Sequence[tuple[str, int]], device=None, dtype: torch.dtype = torch.float32) -> TeacherOutput:
-        """TeacherOutput for these images: tokens [B, N, C] (decompressed to C channels), cls [B, C] and
+        """TeacherOutput for these images: tokens [B, N, C] (decoded to the teacher's C channels), cls [B, C] and
         cls_attention [B, N] when stored, in `dtype` on `device`."""
-        table = self.table[self.rows_for(keys)]
-        shape = self.shape
+        return self.decode(self.table[self.rows_for(keys)], device, dtype)
+
+    def decode(self, table, device=None, dtype: torch.dtype = torch.float32) -> TeacherOutput:
+        """A pyarrow table of this teacher's rows (its columns under `prefix`) -> TeacherOutput, as `fetch`."""
+        shape, rows = self.shape, len(table)
 
         def column(name: str, width: int) -> torch.Tensor:
-            values = table[name].combine_chunks().flatten().to_numpy(zero_copy_only=False).copy()  # writable
-            return torch.from_numpy(values.reshape(len(keys), width)).to(device=device)
+            chunks = table[self.prefix + name].combine_chunks().flatten()
+            values = chunks.to_numpy(zero_copy_only=False).copy()  # writable
+            return torch.from_numpy(values.reshape(rows, width)).to(device=device)
 
-        tokens = column("tokens", shape.tokens * shape.channels).view(len(keys), shape.tokens, shape.channels)
-        if self.projection is not None:
-            tokens = tokens.float() @ self.projection.to(device).t()  # back to the teacher's C channels
+        stored = column("tokens", shape.tokens * shape.channels).view(rows, shape.tokens, shape.channels)
+        scales = column("token_scales", shape.tokens) if shape.token_scales else None
+        if self.codec.tensors() or scales is not None:
+            tokens = self.codec.decode(stored, scales)  # back to the teacher's C channels, float32
+        else:
+            tokens = stored
         out = TeacherOutput(tokens=tokens.to(dtype), grid=shape.grid)
         if shape.cls:
             out.cls = column("cls", shape.cls).to(dtype)
@@ -362,6 +543,32 @@ class CachedTeachers:
         if distiller is not None:
             check_cache_fits_distiller(self, distiller)
 
+    @classmethod
+    def from_repo(
+        cls,
+        folder: str | os.PathLike,
+        specs: Sequence[TeacherSpec],
+        settings: CacheSettings,
+        dtype: torch.dtype = torch.float32,
+        distiller=None,
+        **load_kwargs,
+    ) -> CachedTeachers:
+        """The same source over a cache repository (`export_cache_repo`'s folder, or a local snapshot of one on the
+        Hub): its parquet shards through `datasets.load_dataset(folder, split="train", **load_kwargs)`."""
+        import datasets
+
+        directories = repo_teacher_dirs(folder, specs, settings)
+        table = datasets.load_dataset(str(folder), split="train", **load_kwargs).with_format("arrow")
+        source = cls.__new__(cls)
+        source.settings, source.dtype = settings, dtype
+        source.caches = {
+            slug: TeacherCache(directory, table, prefix=slug + REPO_SEPARATOR)
+            for slug, directory in directories.items()
+        }
+        if distiller is not None:
+            check_cache_fits_distiller(source, distiller)
+        return source
+
     def __call__(self, inputs: Mapping) -> dict[str, TeacherOutput]:
         if "sample_ids" not in inputs:
             raise ValueError("CachedTeachers needs `sample_ids` in the batch (the collator's sample id list)")
@@ -371,6 +578,44 @@ class CachedTeachers:
         pixels = inputs.get("pixel_values")
         device = pixels.device if isinstance(pixels, torch.Tensor) else None
         return {slug: cache.fetch(keys, device, self.dtype) for slug, cache in self.caches.items()}
+
+
+def repo_teacher_dirs(
+    folder: str | os.PathLike, specs: Sequence[TeacherSpec], settings: CacheSettings
+) -> dict[str, Path]:
+    """slug -> `folder/teachers/<slug>`, each checked against the key of `specs` + `settings` (ValueError if
+    missing or written with other settings)."""
+    directories = {}
+    for spec in specs:
+        directory = Path(folder) / REPO_TEACHERS / spec.slug
+        if not (directory / META_FILE).exists():
+            raise ValueError(f"teacher {spec.slug!r}: the cache repository {folder} has no {directory / META_FILE}")
+        check_cache_key(directory, spec, settings)
+        directories[spec.slug] = directory
+    return directories
+
+
+def stream_cached_teachers(
+    folder: str | os.PathLike,
+    specs: Sequence[TeacherSpec],
+    settings: CacheSettings,
+    batch_size: int = 8,
+    dtype: torch.dtype = torch.float32,
+    **load_kwargs,
+) -> Iterator[tuple[list[tuple[str, int]], dict[str, TeacherOutput]]]:
+    """Stream a cache repository in its row order without downloading it first: yields ((sample id, image index)
+    per image, {slug: TeacherOutput}) per `batch_size` rows, decoded as `CachedTeachers` decodes them.
+    Uses `datasets.load_dataset(folder, split="train", streaming=True, **load_kwargs)`."""
+    import datasets
+
+    readers = {
+        slug: TeacherCache(directory, prefix=slug + REPO_SEPARATOR)  # no local shards: decoding only
+        for slug, directory in repo_teacher_dirs(folder, specs, settings).items()
+    }
+    stream = datasets.load_dataset(str(folder), split="train", streaming=True, **load_kwargs)
+    for batch in stream.with_format("arrow").iter(batch_size=batch_size):
+        keys = list(zip(batch["sample_id"].to_pylist(), batch["image_index"].to_pylist()))
+        yield keys, {slug: reader.decode(batch, dtype=dtype) for slug, reader in readers.items()}
 
 
 def check_cache_fits_distiller(source: CachedTeachers, distiller) -> None:

@@ -1,5 +1,6 @@
 """Writing the teacher-feature cache (layout and keys in cache.py): run the teachers once over a dataset's
-images, batched and resumable, and append their outputs to Arrow shards."""
+images, batched and resumable, and append their outputs to Arrow shards; fit PCA bases on a calibration pass
+first when asked; export a finished cache as a `datasets` repository (parquet shards) that reads back the same."""
 
 from __future__ import annotations
 
@@ -16,32 +17,43 @@ from ..modeling.mole import upcast
 from .cache import (
     META_FILE,
     PROJECTION_FILE,
+    REPO_SEPARATOR,
+    REPO_TEACHERS,
     CacheSettings,
     StoredShape,
+    TeacherCache,
+    TokenCodec,
     arrow_features,
     cache_dir_for,
     cache_key,
+    find_cache_dir,
     key_hash,
+    pca_basis,
     random_orthogonal,
     shard_paths,
     stored_grid,
     stored_shape,
+    tensors_sha256,
 )
-from .teachers import Teacher, TeacherOutput
+from .teachers import Teacher, TeacherOutput, TeacherSpec
 
 
-def stored_rows(output: TeacherOutput, settings: CacheSettings, projection: torch.Tensor | None) -> dict:
+def grid_tokens(output: TeacherOutput, settings: CacheSettings) -> torch.Tensor:
+    """The tokens as stored before encoding: on `stored_grid`, in at least float32 [B, N, C]."""
+    return resample_tokens(upcast(output.tokens), tuple(output.grid), stored_grid(output, settings))
+
+
+def stored_rows(output: TeacherOutput, settings: CacheSettings, codec: TokenCodec | torch.Tensor | None) -> dict:
     """TeacherOutput of a batch -> the arrays the cache stores.
 
-    tokens [B, N_t, C] -> on `stored_grid` (resampled to the student grid or kept), projected by
-    `projection` [C, k] if given, float16 -> [B, N * C']; cls [B, C] and cls_attention [B, N_t] in at least
-    float32 (their Arrow columns store float32).
+    tokens [B, N_t, C] -> on `stored_grid` (resampled to the student grid or kept), encoded by `codec` (a
+    projection [C, k] alone means random compression to float16) -> "tokens" [B, N * k] and for quantised formats
+    "token_scales" [B, N]; cls [B, C] and cls_attention [B, N_t] in at least float32 (their Arrow columns).
     """
+    if not isinstance(codec, TokenCodec):
+        codec = TokenCodec(projection=codec)
     # Resampled and projected in at least float32 (float64 teachers stay float64); rounded once, on storing.
-    tokens = resample_tokens(upcast(output.tokens), tuple(output.grid), stored_grid(output, settings))
-    if projection is not None:
-        tokens = tokens @ projection.to(tokens)  # [B, N, k]
-    rows = {"tokens": tokens.to(torch.float16).flatten(1).cpu().numpy()}
+    rows = codec.encode(grid_tokens(output, settings))
     if output.cls is not None:
         rows["cls"] = upcast(output.cls).cpu().numpy()
     if output.cls_attention is not None:
@@ -69,7 +81,8 @@ class TeacherCacheWriter:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.done = {key for path in shard_paths(self.directory) for key in _read_ids(path)}
         self.buffer: dict[str, list] = {}
-        self.meta, self.shape, self.projection = None, None, None
+        self.meta, self.shape, self.codec = None, None, None
+        self.pca = settings.compression == "pca" and self.spec.slug in settings.compress
         if (self.directory / META_FILE).exists():
             self._open(json.loads((self.directory / META_FILE).read_text()))
 
@@ -77,7 +90,8 @@ class TeacherCacheWriter:
         self.meta = meta
         self.shape = StoredShape(**{**meta["shape"], "grid": tuple(meta["shape"]["grid"])})
         self.energy = [meta.get("energy_kept_sum", 0.0), meta.get("energy_total_sum", 0.0)]
-        self.projection = self._projection()
+        self.error = [meta.get("error_sum", 0.0), meta.get("energy_sum", 0.0)]
+        self.codec = self._codec()
 
     def _create(self, output: TeacherOutput) -> None:
         """First batch of a new cache: its shapes come from the real output (no extra teacher forward)."""
@@ -89,30 +103,75 @@ class TeacherCacheWriter:
             "shape": asdict(shape),
             "bytes_per_image": shape.bytes_per_image,
         }
-        (self.directory / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True))
+        self.meta = meta
+        self._write_meta()
         self._open(meta)
 
-    def _projection(self) -> torch.Tensor | None:
-        rank = self.settings.compress.get(self.spec.slug)
-        if rank is None:
-            return None
+    @property
+    def projection(self) -> torch.Tensor | None:
+        return None if self.codec is None else self.codec.projection
+
+    @property
+    def needs_basis(self) -> bool:
+        """A PCA cache whose basis is not fitted yet (fit it with `fit_basis` before `add`)."""
+        return self.pca and not (self.directory / PROJECTION_FILE).exists()
+
+    def _codec(self) -> TokenCodec | None:
+        """The stored basis, or a new random one; None while a PCA basis awaits its calibration pass."""
         from safetensors.torch import load_file, save_file
 
-        path = self.directory / PROJECTION_FILE
+        rank, path = self.settings.compress.get(self.spec.slug), self.directory / PROJECTION_FILE
+        if rank is None:
+            return TokenCodec(self.settings.token_dtype)
         if path.exists():
-            return load_file(str(path))["projection"]
+            return TokenCodec(self.settings.token_dtype, **load_file(str(path)))
+        if self.pca:
+            if shard_paths(self.directory):  # rows encoded with a basis that is gone: never mix two bases
+                raise ValueError(f"cache {self.directory} has shards but lost its PCA basis; delete it and rebuild")
+            return None
         projection = random_orthogonal(self.shape.teacher_channels, int(rank), self.settings.compression_seed)
         save_file({"projection": projection.contiguous()}, str(path))
-        return projection
+        return TokenCodec(self.settings.token_dtype, projection)
+
+    def fit_basis(self, outputs: Iterable[TeacherOutput]) -> None:
+        """PCA on the stored-grid tokens of `outputs` (the calibration pass); saves the basis and puts its sha256
+        into the key in cache.json."""
+        from safetensors.torch import save_file
+
+        total, outer, count = None, None, 0
+        for output in outputs:
+            if self.meta is None:
+                self._create(output)
+            flat = grid_tokens(output, self.settings).flatten(0, 1).double()  # [B * N, C]
+            total = flat.sum(0) if total is None else total + flat.sum(0)
+            outer = flat.t() @ flat if outer is None else outer + flat.t() @ flat
+            count += flat.shape[0]
+        basis = pca_basis(total, outer, count, int(self.settings.compress[self.spec.slug]))
+        save_file(basis, str(self.directory / PROJECTION_FILE))
+        self.meta["key"]["basis_sha256"] = tensors_sha256(basis)
+        self.meta.update(key_hash=key_hash(self.meta["key"]), calibration_tokens=count)
+        self._write_meta()
+        self.codec = TokenCodec(self.settings.token_dtype, **basis)
+
+    def _write_meta(self) -> None:
+        (self.directory / META_FILE).write_text(json.dumps(self.meta, indent=1, sort_keys=True))
 
     def add(self, keys: Sequence[tuple[str, int]], output: TeacherOutput) -> None:
         if self.meta is None:
             self._create(output)
-        rows = stored_rows(output, self.settings, self.projection)
-        if self.projection is not None:  # how much of the features the subspace keeps
+        if self.codec is None:
+            raise ValueError(f"teacher {self.spec.slug!r}: fit the PCA basis (`fit_basis`) before adding rows")
+        rows = stored_rows(output, self.settings, self.codec)
+        if self.projection is not None and not self.pca:  # how much of the features the random subspace keeps
             flat = upcast(output.tokens)
             self.energy[0] += float((flat @ self.projection.to(flat)).square().sum())
             self.energy[1] += float(flat.square().sum())
+        if self.codec.tensors() or self.shape.token_scales:  # what encoding loses, on the stored grid
+            tokens = grid_tokens(output, self.settings)
+            scales = torch.from_numpy(rows["token_scales"]) if "token_scales" in rows else None
+            stored = torch.from_numpy(rows["tokens"]).view(*tokens.shape[:2], -1)
+            self.error[0] += float((self.codec.decode(stored, scales).to(tokens) - tokens).square().sum())
+            self.error[1] += float(tokens.square().sum())
         self.buffer.setdefault("sample_id", []).extend(k[0] for k in keys)
         self.buffer.setdefault("image_index", []).extend(int(k[1]) for k in keys)
         for name, values in rows.items():
@@ -135,10 +194,13 @@ class TeacherCacheWriter:
         writer.close()
         os.replace(partial, final)
         self.buffer = {}
-        if self.projection is not None:
+        if self.projection is not None and not self.pca:
             self.meta.update(energy_kept_sum=self.energy[0], energy_total_sum=self.energy[1])
             self.meta["energy_kept_fraction"] = self.energy[0] / max(self.energy[1], 1e-30)
-            (self.directory / META_FILE).write_text(json.dumps(self.meta, indent=1, sort_keys=True))
+        if self.error[1]:  # relative MSE of what training reads against the stored-grid tokens
+            self.meta.update(error_sum=self.error[0], energy_sum=self.error[1])
+            self.meta["reconstruction_relative_mse"] = self.error[0] / max(self.error[1], 1e-30)
+        self._write_meta()
 
 
 # ------------------------------------------------------------------------------------------ running teachers
@@ -184,6 +246,18 @@ def teacher_view(items: Sequence[CacheItem], settings: CacheSettings) -> torch.T
     return teacher_images(images, settings.image_aspect, settings.background, settings.teacher_image_size)
 
 
+def calibration_items(items: Sequence[CacheItem], settings: CacheSettings) -> list[CacheItem]:
+    """The images a PCA basis is fitted on: the first `calibration_images` of a permutation of `items` seeded by
+    `compression_seed` (a spread over the dataset, not its first files)."""
+    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(settings.compression_seed))
+    return [items[i] for i in order[: settings.calibration_images].tolist()]
+
+
+def _calibration_outputs(teacher: Teacher, items: Sequence[CacheItem], settings: CacheSettings, batch_size: int):
+    for start in range(0, len(items), batch_size):
+        yield teacher(teacher_view(items[start : start + batch_size], settings))
+
+
 def cache_teacher_features(
     root: str | os.PathLike,
     teachers: Sequence[Teacher],
@@ -196,11 +270,20 @@ def cache_teacher_features(
     """Run every teacher over every image not yet cached and store the results; returns per-teacher counts.
 
     Resumable: images already in a finished shard are skipped, so a second run over the same data computes
-    nothing. Each image is decoded once per batch and shared by all teachers that still need it.
+    nothing. Each image is decoded once per batch and shared by all teachers that still need it. A teacher
+    compressed with PCA first runs over `calibration_items` to fit its basis (once: later runs reuse it).
     """
     from tqdm.auto import tqdm
 
     writers = {t.slug: TeacherCacheWriter(root, t, settings, shard_size) for t in teachers}
+    for teacher in teachers:
+        if writers[teacher.slug].needs_basis:
+            if not items:
+                raise ValueError(
+                    f"teacher {teacher.slug!r}: a PCA basis needs calibration images; the dataset is empty"
+                )
+            calibration = calibration_items(items, settings)
+            writers[teacher.slug].fit_basis(_calibration_outputs(teacher, calibration, settings, batch_size))
     computed = dict.fromkeys(writers, 0)
     pending = [it for it in items if any((it.sample_id, it.image_index) not in w.done for w in writers.values())]
     bar = tqdm(total=len(pending), desc="caching teacher features", unit="img", disable=not progress)
@@ -225,5 +308,69 @@ def cache_teacher_features(
             "cached": len(writer.done),
             "bytes_per_image": writer.shape.bytes_per_image if writer.shape else None,
             "energy_kept_fraction": (writer.meta or {}).get("energy_kept_fraction"),
+            "reconstruction_relative_mse": (writer.meta or {}).get("reconstruction_relative_mse"),
         }
     return report
+
+
+# --------------------------------------------------------------------------------------- datasets repository
+
+REPO_README = """---
+configs:
+- config_name: default
+  data_files:
+  - split: train
+    path: data/train-*.parquet
+---
+# MoVE-KD teacher-feature cache
+
+Written by `movekd-hf cache-teachers --export-repo`. One row per image: `sample_id`, `image_index`, and per
+teacher `<slug>__tokens` (and `<slug>__token_scales`, `<slug>__cls`, `<slug>__cls_attention` where stored).
+`teachers/<slug>/cache.json` holds each teacher's key and stored shapes, `projection.safetensors` its basis.
+Read it with `movekd_hf.distill.cache.CachedTeachers.from_repo` or `stream_cached_teachers`.
+"""
+
+
+def export_cache_repo(
+    root: str | os.PathLike,
+    specs: Sequence[TeacherSpec],
+    settings: CacheSettings,
+    out: str | os.PathLike,
+    rows_per_shard: int = 1024,
+) -> dict:
+    """Write the caches of `specs` under `root` as one `datasets` repository in `out` (layout in cache.py): rows
+    in the first teacher's storage order, every teacher's columns side by side, `rows_per_shard` rows per parquet
+    file. Raises ValueError if a teacher lacks an image the first one has. Returns {"rows", "shards", "bytes"}."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    caches = {spec.slug: TeacherCache(find_cache_dir(root, spec, settings)) for spec in specs}
+    keys = list(next(iter(caches.values())).index)
+    if not keys:
+        raise ValueError(f"the cache under {root} holds no rows to export")
+    rows = {slug: cache.rows_for(keys) for slug, cache in caches.items()}  # raises on a missing image
+    out = Path(out)
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    for slug, cache in caches.items():
+        (out / REPO_TEACHERS / slug).mkdir(parents=True, exist_ok=True)
+        for name in (META_FILE, PROJECTION_FILE):
+            if (cache.directory / name).exists():
+                shutil.copyfile(cache.directory / name, out / REPO_TEACHERS / slug / name)
+    shards = -(-len(keys) // rows_per_shard)
+    for shard in range(shards):
+        part = slice(shard * rows_per_shard, (shard + 1) * rows_per_shard)
+        columns = {
+            "sample_id": pa.array([k[0] for k in keys[part]], pa.string()),
+            "image_index": pa.array([k[1] for k in keys[part]], pa.int32()),
+        }
+        for slug, cache in caches.items():
+            table = cache.table[rows[slug][part]]
+            for name in table.column_names:
+                if name not in ("sample_id", "image_index"):
+                    columns[slug + REPO_SEPARATOR + name] = table[name]
+        pq.write_table(pa.table(columns), out / "data" / f"train-{shard:05d}-of-{shards:05d}.parquet")
+    (out / "README.md").write_text(REPO_README)
+    size = sum(path.stat().st_size for path in (out / "data").glob("*.parquet"))
+    return {"rows": len(keys), "shards": shards, "bytes": size}
