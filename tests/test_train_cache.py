@@ -64,3 +64,27 @@ def test_a_cache_for_another_view_is_refused(cached_run):
         )  # fmt: skip
     with pytest.raises(ValueError, match="teacher_cache_dir"):
         build(common[0], root / "nodir", *common[1:], "--teacher_source", "cached")
+
+
+def test_training_reads_a_compressed_cache(cached_run):
+    """A PCA + int8 cache (`cache-teachers --compression pca --token-dtype int8`) is read by training given the
+    same compression settings; without them the run looks for the uncompressed cache's key and is refused."""
+    root, common = cached_run
+    toy = root / "toy"
+    compressed = ["--compress", "convnext=8", "--compress", "sam=8", "--compression", "pca", "--token-dtype", "int8",
+                  "--calibration-images", "8"]  # fmt: skip
+    command = ["cache-teachers", "--model", str(root / "init"), "--teacher-set", "tiny", "--random-weights",
+               "--data-path", str(toy / "pretrain.json"), "--image-folder", str(toy / "images"),
+               "--cache-dir", str(root / "pca_cache"), "--grid", "native", "--seed", "42", "--no-progress",
+               *compressed]  # fmt: skip
+    assert main(command) == 0
+    reading = ["--teacher_source", "cached", "--teacher_cache_dir", str(root / "pca_cache")]
+    settings = ["--teacher_cache_compress", "convnext=8,sam=8", "--teacher_cache_compression", "pca",
+                "--teacher_cache_token_dtype", "int8", "--teacher_cache_calibration_images", "8"]  # fmt: skip
+    online = build(common[0], root / "online_pca", *common[1:])
+    cached = build(common[0], root / "cached_pca", *common[1:], *reading, *settings)
+    expected, got = first_batch_loss(online), first_batch_loss(cached)
+    assert torch.isfinite(got["loss"]) and got["per_teacher"].shape == expected["per_teacher"].shape
+    assert not torch.equal(got["per_teacher"], expected["per_teacher"])  # the features really were compressed
+    with pytest.raises(ValueError):  # the same folder read as an uncompressed cache: another key
+        build(common[0], root / "wrong_key", *common[1:], *reading)

@@ -20,6 +20,7 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
 from .. import configs
+from ..distill.cache import COMPRESSION_KINDS, TOKEN_DTYPES
 from ..distill.losses import KD_LOSS_PRESETS
 from ..distill.presets import TEACHER_SETS
 from ..errors import InputError, SettingsError
@@ -67,6 +68,19 @@ class MoVEKDModelArguments:
         default="native",
         metadata={"help": "Grid the cache stores (`native` suits every adapter; `student` only `resample`)."},
     )
+    teacher_cache_compress: str | None = field(
+        default=None,
+        metadata={"help": "The cache's compression, as `cache-teachers --compress` wrote it: `slug=k,slug=k` "
+                  "(channels kept per teacher); with the four options below it must match the cache's."},
+    )  # fmt: skip
+    teacher_cache_compression: str = field(default="random", metadata={"help": "`random` or `pca` (cache-teachers)."})
+    teacher_cache_compression_seed: int = field(default=0, metadata={"help": "cache-teachers --compression-seed."})
+    teacher_cache_calibration_images: int = field(
+        default=256, metadata={"help": "cache-teachers --calibration-images."}
+    )
+    teacher_cache_token_dtype: str = field(
+        default="float16", metadata={"help": "`float16`, `int8` or `float8_e4m3fn` (cache-teachers --token-dtype)."}
+    )
     lora_llm: bool = field(default=False, metadata={"help": "Stage 2 low-memory: peft LoRA on the LLM's linears."})
     lora_llm_rank: int = field(default=128, metadata={"help": "LLaVA-1.5's LoRA recipe: r=128, alpha=256."})
     lora_llm_alpha: int = field(default=256)
@@ -84,6 +98,8 @@ class MoVEKDModelArguments:
             ("teacher_set", self.teacher_set, tuple(TEACHER_SETS)),
             ("teacher_source", self.teacher_source, TEACHER_SOURCES),
             ("teacher_cache_grid", self.teacher_cache_grid, ("native", "student")),
+            ("teacher_cache_compression", self.teacher_cache_compression, COMPRESSION_KINDS),
+            ("teacher_cache_token_dtype", self.teacher_cache_token_dtype, tuple(TOKEN_DTYPES)),
         ):
             _check_choice(name, value, choices)
         # Checked here, under the names the user typed: peft's own errors speak of `r` and `lora_alpha`.
@@ -94,6 +110,24 @@ class MoVEKDModelArguments:
         _check_number("lora_llm_dropout", self.lora_llm_dropout, 0, 1, expected="a number in [0, 1)")
         if self.qlora and not self.lora_llm:
             raise SettingsError("trains LoRA on a 4-bit LLM", field="qlora", expected="`lora_llm: true` too")
+
+    def cache_compression(self) -> dict:
+        """The `CacheSettings` compression fields the cache was written with (`movekd-hf cache-teachers`)."""
+        compress = {}
+        for item in filter(None, (self.teacher_cache_compress or "").split(",")):
+            slug, _, channels = item.partition("=")
+            if not channels.strip().isdigit() or int(channels) < 1:
+                raise SettingsError(
+                    f"entry {item!r}", field="teacher_cache_compress", expected="`slug=k` with k an integer >= 1"
+                )
+            compress[slug.strip()] = int(channels)
+        return dict(
+            compress=compress,
+            compression=self.teacher_cache_compression,
+            compression_seed=self.teacher_cache_compression_seed,
+            calibration_images=self.teacher_cache_calibration_images,
+            token_dtype=self.teacher_cache_token_dtype,
+        )
 
     def checkpoint_map(self) -> dict[str, str]:
         """`teacher_checkpoints` as {slug: path}."""

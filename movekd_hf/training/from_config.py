@@ -115,7 +115,12 @@ def resolve_teachers(vlm, processor, model_args, data_args, args) -> dict[str, A
     image_processor = processor.image_processor
     all_specs = [clip_teacher_spec(vlm.config, image_processor.image_mean, image_processor.image_std), *specs]
     settings = teacher_cache_settings(
-        vlm.config, image_processor, specs, model_args.teacher_cache_grid, data_args.image_aspect
+        vlm.config,
+        image_processor,
+        specs,
+        model_args.teacher_cache_grid,
+        data_args.image_aspect,
+        **model_args.cache_compression(),
     )
     distiller = build_distiller(vlm, specs, args)
     cache = CachedTeachers(model_args.teacher_cache_dir, all_specs, settings, distiller=distiller)

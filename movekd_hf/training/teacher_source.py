@@ -117,9 +117,13 @@ def teacher_view_size(config, specs: list[TeacherSpec]) -> int:
     return max([spec.image_size for spec in specs] + [config.vision_config.image_size])
 
 
-def teacher_cache_settings(config, image_processor, specs: list[TeacherSpec], grid: str, image_aspect: str):
+def teacher_cache_settings(
+    config, image_processor, specs: list[TeacherSpec], grid: str, image_aspect: str, **compression
+):
     """The `CacheSettings` a training run with this student, processor and data view reads its cache with;
-    `movekd-hf cache-teachers --model` writes with the same, so the cache keys agree."""
+    `movekd-hf cache-teachers --model` writes with the same, so the cache keys agree. `compression`: the
+    `CacheSettings` compression fields (`compress`, `compression`, `compression_seed`, `calibration_images`,
+    `token_dtype`) the cache was written with."""
 
     return CacheSettings(
         student_grid=student_grid(config.vision_config),
@@ -127,6 +131,7 @@ def teacher_cache_settings(config, image_processor, specs: list[TeacherSpec], gr
         teacher_image_size=teacher_view_size(config, specs),
         image_aspect=image_aspect,
         background=mean_colour(image_processor),
+        **compression,
     )
 
 
