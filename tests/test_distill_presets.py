@@ -29,6 +29,7 @@ def test_teacher_sets_and_real_ids():
         "v1.1": ("clip", "eva", "convnext", "sam"),
         "tiny": ("clip", "convnext", "sam"),
         "modern": ("clip", "siglip2", "dinov3", "sam2"),
+        "tiny-modern": ("clip", "siglip2", "dinov3", "sam2"),
     }
     assert PAPER_TEACHERS["clip"].model_id == "openai/clip-vit-large-patch14-336"
     assert (PAPER_TEACHERS["eva"].model_id, PAPER_TEACHERS["eva"].filename) == (

@@ -11,7 +11,7 @@ MOLE_FLAGS = ("num_experts", "lora_rank", "lora_alpha", "mole_routing")
 # importing those modules imports torch, which `--help` must not (tests/test_cli.py checks they agree).
 PRESETS = ("tiny", "llava-1.5-7b", "llava-1.5-13b", "mobilellama-1.4b")
 PAPER_PRESETS = PRESETS[1:]
-TEACHER_SETS = ("v1.0", "v1.1", "tiny", "modern")
+TEACHER_SETS = ("v1.0", "v1.1", "tiny", "modern", "tiny-modern")
 
 
 def positive_int(text: str) -> int:

@@ -1,5 +1,5 @@
 """Teacher specs from one place: one factory per teacher kind, the paper's teachers and teacher sets (METHOD.md
-section 1, real ids, input sizes and normalisation), and the `tiny` set for CPU runs.
+section 1, real ids, input sizes and normalisation), and the `tiny` and `tiny-modern` sets for CPU runs.
 
 A factory fixes what makes its kind (backend, model class, normalisation, resize mode, which output is read) and
 takes the architecture's size as `sizes` (the paper's teacher by default) plus any other `TeacherSpec` field
@@ -429,31 +429,84 @@ TINY_TEACHERS: dict[str, TeacherSpec] = {
     "sam": sam_teacher(TINY_SAM, model_id="tiny-sam", pretrained=False),
 }
 
-# Teacher set name -> its teachers' slugs. v1.0 / v1.1 are the paper's; `tiny` always has random weights;
-# `modern` is issue 17's.
+# The `tiny-modern` set: the `modern` set's classes (SiglipVisionModel, DINOv3ViTModel, Sam2VisionModel) read as
+# its presets read them, at CPU-test sizes with random weights; every width and token count differs from the
+# student's and from each other's: siglip2 6x6 x 44, dinov3 5x5 x 48 (+1 CLS, 4 registers), sam2 8x8 x 24.
+TINY_SIGLIP2 = dict(
+    hidden_size=44,
+    intermediate_size=52,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    image_size=48,
+    patch_size=8,
+    hidden_act="gelu_pytorch_tanh",
+    layer_norm_eps=1e-6,
+)
+TINY_DINOV3 = dict(
+    hidden_size=48,
+    intermediate_size=60,
+    num_hidden_layers=2,
+    num_attention_heads=2,  # head width 24: DINOv3's RoPE wants a multiple of 4
+    patch_size=8,
+    image_size=40,
+    num_register_tokens=4,
+    layerscale_value=1.0,
+    layer_norm_eps=1e-5,
+    key_bias=False,
+)
+TINY_SAM2 = dict(
+    backbone_config=dict(
+        model_type="sam2_hiera_det_model",
+        hidden_size=8,
+        num_attention_heads=1,
+        embed_dim_per_stage=[8, 16, 28, 36],
+        num_attention_heads_per_stage=[1, 1, 2, 2],
+        blocks_per_stage=[1, 1, 2, 1],
+        global_attention_blocks=[3],
+        window_positional_embedding_background_size=[2, 2],
+        window_size_per_stage=[2, 2, 2, 2],
+        image_size=[128, 128],
+    ),
+    backbone_channel_list=[36, 28, 16, 8],
+    backbone_feature_sizes=[[32, 32], [16, 16], [8, 8]],  # strides 4, 8, 16 at 128 px
+    fpn_hidden_size=24,
+)
+TINY_MODERN_TEACHERS: dict[str, TeacherSpec] = {
+    "clip": TINY_TEACHERS["clip"],
+    "siglip2": siglip2_teacher(TINY_SIGLIP2, model_id="tiny-siglip2", pretrained=False, grid=(6, 6), channels=44),
+    "dinov3": dinov3_teacher(TINY_DINOV3, model_id="tiny-dinov3", pretrained=False, grid=(5, 5), channels=48),
+    "sam2": sam2_teacher(TINY_SAM2, model_id="tiny-sam2", pretrained=False, grid=(8, 8), channels=24),
+}
+
+# Teacher set name -> its teachers' slugs. v1.0 / v1.1 are the paper's; `tiny` and `tiny-modern` always have
+# random weights; `modern` is issue 17's.
 TEACHER_SETS: dict[str, tuple[str, ...]] = {
     "v1.0": ("clip", "eva", "convnext"),
     "v1.1": ("clip", "eva", "convnext", "sam"),
     "tiny": ("clip", "convnext", "sam"),
     # The student's own CLIP (the anchor, as in the paper's sets) with SigLIP 2, DINOv3 and SAM2.
     "modern": ("clip", "siglip2", "dinov3", "sam2"),
+    "tiny-modern": ("clip", "siglip2", "dinov3", "sam2"),
 }
 PRESET_TEACHERS: dict[str, TeacherSpec] = {**PAPER_TEACHERS, **MODERN_TEACHERS}
+# Sets of test-sized teachers: their own specs, never pretrained weights.
+TINY_SETS: dict[str, dict[str, TeacherSpec]] = {"tiny": TINY_TEACHERS, "tiny-modern": TINY_MODERN_TEACHERS}
 
 
 def teacher_specs(teacher_set: str, pretrained: bool = True, sam_layout: str = "grid") -> list[TeacherSpec]:
     """The specs of a teacher set (a key of `TEACHER_SETS`), in the set's order.
 
-    pretrained: load real weights (paper sets; `tiny` never has any). sam_layout "faithful" reproduces the authors'
-    SAM reshape (METHOD.md section 6) for adapters trained by them; "grid" (default) keeps the true grid.
+    pretrained: load real weights (paper and modern sets; `tiny` and `tiny-modern` never have any). sam_layout
+    "faithful" reproduces the authors' SAM reshape (METHOD.md section 6) for adapters trained by them; "grid"
+    (default) keeps the true grid.
     """
     if teacher_set not in TEACHER_SETS:
         raise ValueError(f"unknown teacher set {teacher_set!r}; expected one of {sorted(TEACHER_SETS)}")
-    presets = TINY_TEACHERS if teacher_set == "tiny" else PRESET_TEACHERS
+    presets = TINY_SETS.get(teacher_set, PRESET_TEACHERS)
     specs = []
     for slug in TEACHER_SETS[teacher_set]:
         spec = presets[slug]
-        if teacher_set != "tiny":
+        if teacher_set not in TINY_SETS:
             spec = replace(spec, pretrained=pretrained)
         if slug == "sam":
             spec = replace(spec, sam_layout=sam_layout)

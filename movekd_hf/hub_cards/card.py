@@ -18,7 +18,7 @@ from huggingface_hub import EvalResult, EvalResultEntry, ModelCard, ModelCardDat
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-from ..distill.presets import TEACHER_SETS, TINY_TEACHERS
+from ..distill.presets import TEACHER_SETS, TINY_SETS
 from ..evaluation.benchmarks import benchmark_key
 from ..training.checkpoint import LLM_LORA_DIR
 from .card_template import CARD_TEMPLATE
@@ -93,9 +93,16 @@ _TRAIN_CONFIG_SPECIAL = {
 NOT_RECORDED = "not recorded"
 DATA_FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".parquet", ".arrow", ".txt", ".yaml", ".yml", ".zip", ".tar")
 RANDOM_WEIGHTS = "none (random weights, nothing downloaded)"
+# The `modern` set's teachers (movekd_hf.distill.presets.MODERN_TEACHERS), credited in runs of that set.
+MODERN_TEACHER_INFO: dict[str, TeacherInfo] = {
+    "siglip2": TeacherInfo("siglip2", "google/siglip2-so400m-patch16-384", "Apache-2.0"),
+    "dinov3": TeacherInfo("dinov3", "facebook/dinov3-vitl16-pretrain-lvd1689m", "DINOv3 License (gated on the Hub)"),
+    "sam2": TeacherInfo("sam2", "facebook/sam2.1-hiera-large", "Apache-2.0"),
+}
 # Teacher sets whose models are toys: a card of such a run says so at the top.
 TOY_TEACHER_SETS = {
     "tiny": "Its teachers are the `tiny` set: real architectures at test sizes with random weights",
+    "tiny-modern": "Its teachers are the `tiny-modern` set: real architectures at test sizes with random weights",
     "demo": "It is the output of `movekd-hf demo`: small teachers and a small LLM trained on synthetic images",
 }
 # A Hub licence identifier (https://huggingface.co/docs/hub/repositories-licenses): lowercase, e.g. apache-2.0.
@@ -103,15 +110,19 @@ _LICENSE_ID = re.compile(r"^[a-z0-9][a-z0-9.\-]*$")
 
 
 def teacher_set_members(teacher_set: str | None) -> dict[str, TeacherInfo]:
-    """What the slugs of a named teacher set stand for: the paper's weights for v1.0 / v1.1, the random tiny
-    architectures (movekd_hf.distill.presets.TINY_TEACHERS) for `tiny`, nothing for any other set."""
-    if teacher_set == "tiny":
+    """What the slugs of a named teacher set stand for: the paper's weights for v1.0 / v1.1, the modern teachers'
+    for `modern`, the random architectures at test size (movekd_hf.distill.presets.TINY_SETS) for `tiny` and
+    `tiny-modern`, nothing for any other set. A slug no table knows is "not recorded" (never a guess)."""
+    if teacher_set in TINY_SETS:
         return {
             slug: TeacherInfo(slug, f"`{spec.model_id}` architecture at test size, random weights", RANDOM_WEIGHTS)
-            for slug, spec in TINY_TEACHERS.items()
+            for slug, spec in TINY_SETS[teacher_set].items()
         }
     if teacher_set in TEACHER_SETS:
-        return {slug: KNOWN_TEACHERS[slug] for slug in TEACHER_SETS[teacher_set]}
+        known = {**KNOWN_TEACHERS, **MODERN_TEACHER_INFO}
+        return {
+            slug: known.get(slug, TeacherInfo(slug, NOT_RECORDED, NOT_RECORDED)) for slug in TEACHER_SETS[teacher_set]
+        }
     return {}
 
 
