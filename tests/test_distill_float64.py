@@ -116,7 +116,7 @@ def test_cache_writer_computes_in_float64_and_rounds_once_on_storing(tmp_path):
     teacher = build_teacher(tiny_spec("clip")).double()
     output = teacher(images().double())
     settings = CacheSettings(student_grid=STUDENT_GRID, teacher_image_size=32, compress={"clip": 8})
-    rows = stored_rows(output, settings, projection=None)
+    rows = stored_rows(output, settings, codec=None)
     assert rows["cls"].dtype == rows["cls_attention"].dtype == np.float64  # float32 only in the Arrow column
     writer = TeacherCacheWriter(tmp_path, teacher, settings)
     writer.add([("a", 0), ("b", 0)], output)
