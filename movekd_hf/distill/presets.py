@@ -148,6 +148,13 @@ def _spec(fields: Mapping[str, Any], **preset: Any) -> TeacherSpec:
     return TeacherSpec(**{**preset, **fields})
 
 
+def _modern_spec(fields: Mapping[str, Any], sizes: Mapping[str, Any], model_type: str, **preset: Any) -> TeacherSpec:
+    """`_spec` for a transformers model of the modern presets: their processors squash the image to a square
+    (bilinear) unless the preset says otherwise; `sizes` are the config fields of `model_type`."""
+    defaults = dict(backend="transformers", resize_mode="squash", interpolation="bilinear")
+    return _spec(fields, **{**defaults, **preset, "config": {"model_type": model_type, **sizes}})
+
+
 def clip_teacher(sizes: Mapping[str, Any] = CLIP_L_336, **fields: Any) -> TeacherSpec:
     """A transformers CLIP vision tower read at `feature_layer` (-2, as LLaVA), its CLS token dropped from the
     patch tokens and kept, with the CLS-to-patch attention row that weights the distillation loss.
@@ -234,19 +241,17 @@ def siglip2_teacher(sizes: Mapping[str, Any] = SIGLIP2_SO400M, **fields: Any) ->
     """A SigLIP (2) vision tower's final tokens (after its post-layernorm; no CLS), on SigLIP's view: squashed to
     a square (bilinear), normalised to [-1, 1]. sizes: `SiglipVisionConfig` fields (SigLIP 2 so400m/16 at 384 px:
     576 x 1152 tokens by default)."""
-    return _spec(
+    return _modern_spec(
         fields,
+        sizes,
+        "siglip_vision_model",
         slug="siglip2",
-        backend="transformers",
         model_id=SIGLIP2_SO400M_ID,
         model_class="SiglipVisionModel",
         image_size=sizes["image_size"],
         mean=HALF,
         std=HALF,
-        resize_mode="squash",
-        interpolation="bilinear",
         output="last_hidden_state",
-        config={"model_type": "siglip_vision_model", **sizes},
     )
 
 
@@ -254,57 +259,55 @@ def dinov3_teacher(sizes: Mapping[str, Any] = DINOV3_VITL, **fields: Any) -> Tea
     """A DINOv3 ViT's final, normed patch tokens, its CLS kept as `cls` and its register tokens dropped; DINOv3's
     view (squash, bilinear, ImageNet normalisation). sizes: `DINOv3ViTConfig` fields (ViT-L/16 at 224 px:
     196 x 1024 tokens by default; DINOv3 runs at any multiple of 16, e.g. `image_size=448`)."""
-    return _spec(
+    return _modern_spec(
         fields,
+        sizes,
+        "dinov3_vit",
         slug="dinov3",
-        backend="transformers",
         model_id=DINOV3_VITL_ID,
         model_class="DINOv3ViTModel",
         image_size=sizes["image_size"],
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
-        resize_mode="squash",
-        interpolation="bilinear",
         output="last_hidden_state",
         num_prefix_tokens=1 + sizes["num_register_tokens"],
         has_cls=True,
-        config={"model_type": "dinov3_vit", **sizes},
     )
 
 
 def dinov3_convnext_teacher(sizes: Mapping[str, Any] = DINOV3_CONVNEXT_L, **fields: Any) -> TeacherSpec:
     """A DINOv3 ConvNeXt's last stage as normed tokens (stride 32), its pooled token kept as `cls`; DINOv3's view.
     sizes: `DINOv3ConvNextConfig` fields (ConvNeXt-Large at 224 px: 49 x 1536 tokens by default)."""
-    return _spec(
+    return _modern_spec(
         fields,
+        sizes,
+        "dinov3_convnext",
         slug="dinov3_convnext",
-        backend="transformers",
         model_id=DINOV3_CONVNEXT_L_ID,
         model_class="DINOv3ConvNextModel",
         image_size=sizes["image_size"],
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
-        resize_mode="squash",
-        interpolation="bilinear",
         output="last_hidden_state",
         num_prefix_tokens=1,
         has_cls=True,
-        config={"model_type": "dinov3_convnext", **sizes},
     )
 
 
 def aimv2_teacher(sizes: Mapping[str, Any] = AIMV2_L, **fields: Any) -> TeacherSpec:
     """An AIMv2 vision tower's final, RMS-normed tokens (no CLS), on CLIP's view (its processor is CLIP's).
     sizes: `Aimv2VisionConfig` fields (AIMv2-L/14 at 224 px: 256 x 1024 tokens by default)."""
-    return _spec(
+    return _modern_spec(
         fields,
+        sizes,
+        "aimv2_vision_model",
         slug="aimv2",
-        backend="transformers",
         model_id=AIMV2_L_ID,
         model_class="Aimv2VisionModel",
         image_size=sizes["image_size"],
+        resize_mode="crop",
+        interpolation="bicubic",
         output="last_hidden_state",
-        config={"model_type": "aimv2_vision_model", **sizes},
     )
 
 
@@ -312,22 +315,20 @@ def sam2_teacher(sizes: Mapping[str, Any] = SAM2_L, **fields: Any) -> TeacherSpe
     """The SAM2 image encoder's neck at stride 16 (the image embedding its mask decoder reads), on SAM2's view:
     squashed to 1024 x 1024 (bilinear), ImageNet normalisation. sizes: `Sam2VisionConfig` fields (SAM 2.1
     Hiera-L: 4096 x 256 tokens by default); `backbone_config["image_size"]` is the input size."""
-    return _spec(
+    return _modern_spec(
         fields,
+        sizes,
+        "sam2_vision_model",
         slug="sam2",
-        backend="transformers",
         model_id=SAM2_L_ID,
         model_class="Sam2VisionModel",
         image_size=sizes["backbone_config"]["image_size"][0],
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
-        resize_mode="squash",
-        interpolation="bilinear",
         output="neck",
         map_layout="nhwc",
         neck_index=-1,
         weights_prefix=SAM_ENCODER_PREFIX,
-        config={"model_type": "sam2_vision_model", **sizes},
     )
 
 
@@ -335,22 +336,20 @@ def sam3_teacher(sizes: Mapping[str, Any] = SAM3, **fields: Any) -> TeacherSpec:
     """The SAM3 image encoder's neck at the ViT's own stride 14 (the level its detector reads), on SAM3's view:
     squashed to 1008 x 1008 (bilinear), normalised to [-1, 1]. sizes: `Sam3VisionConfig` fields (SAM3's
     ViT-L/14: 5184 x 256 tokens by default); `backbone_config["image_size"]` is the input size."""
-    return _spec(
+    return _modern_spec(
         fields,
+        sizes,
+        "sam3_vision_model",
         slug="sam3",
-        backend="transformers",
         model_id=SAM3_ID,
         model_class="Sam3VisionModel",
         image_size=sizes["backbone_config"]["image_size"],
         mean=HALF,
         std=HALF,
-        resize_mode="squash",
-        interpolation="bilinear",
         output="neck",
         map_layout="nhwc",
         neck_index=list(sizes.get("scale_factors", SAM3["scale_factors"])).index(1.0),
         weights_prefix=SAM_ENCODER_PREFIX,
-        config={"model_type": "sam3_vision_model", **sizes},
     )
 
 
@@ -359,21 +358,19 @@ def radio_teacher(sizes: Mapping[str, Any] = C_RADIO, **fields: Any) -> TeacherS
     features, the first summary (CLS) token kept as `cls`, its other CLS and register tokens dropped. RADIO
     normalises [0, 1] pixels itself, so the spec passes them unnormalised (squash, bilinear). sizes:
     `RadioConfig` fields (C-RADIOv4-H at 512 px: 1024 x 1280 tokens by default)."""
-    return _spec(
+    return _modern_spec(
         fields,
+        sizes,
+        "radio",
         slug="radio",
-        backend="transformers",
         model_id=C_RADIO_ID,
         model_class="RadioModel",
         image_size=sizes["image_size"],
         mean=(0.0, 0.0, 0.0),
         std=(1.0, 1.0, 1.0),
-        resize_mode="squash",
-        interpolation="bilinear",
         output="last_hidden_state",
         num_prefix_tokens=sizes["num_cls_tokens"] + sizes["num_registers"],
         has_cls=True,
-        config={"model_type": "radio", **sizes},
     )
 
 
