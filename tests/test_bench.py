@@ -65,3 +65,46 @@ def test_distill_overhead_benchmark_prints_shares_and_cls_rows(tmp_path, capsys)
 def test_memory_benchmark_runs_a_configuration_in_a_subprocess(tmp_path, capsys):
     printed, result = run_script("bench_memory", tmp_path, capsys, "--only", "no checkpointing")
     assert "| configuration" in printed and result["results"]["no checkpointing"]["step_peak_delta"] > 0
+
+
+def test_gpu_benchmark_runs_every_section_at_tiny_widths_on_cpu(tmp_path, capsys):
+    """`bench_gpu.py --device cpu --tiny`: the GPU benchmark's code paths (MoLE vs plain CLIP, the v1.1 teachers,
+    stage-1 and stage-2 steps with online teachers, cached features and plain LLaVA) at tiny widths, in bf16."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        module = importlib.import_module("bench_gpu")
+        out = tmp_path / "gpu.json"
+        assert module.main(["--device", "cpu", "--tiny", "--out", str(out)]) == 0
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    printed, result = capsys.readouterr().out, json.loads(out.read_text())
+    assert printed.startswith("MoVE-KD at tiny widths on cpu") and "| section" in printed
+    assert result["quick"] is True and result["settings"]["dtype"] == "bfloat16"
+    sections = result["results"]
+    assert set(sections) == {"encoder", "teachers", "stage1", "stage2"}
+    assert set(sections["teachers"]["summary"]) == {
+        "clip teacher (28 px)", "eva teacher (64 px)", "convnext teacher (64 px)", "sam teacher (64 px)"
+    }  # fmt: skip
+    for stage in ("stage1", "stage2"):
+        assert list(sections[stage]["summary"]) == [
+            f"plain LLaVA {stage}", f"MoVE-KD {stage}, cached features", f"MoVE-KD {stage}, online teachers"
+        ]  # fmt: skip
+    for section in sections.values():
+        rows = list(section["summary"].values())
+        assert rows[0]["ratio"] == 1.0 and all(row["median_s"] > 0 and row["state_gb"] > 0 for row in rows)
+        assert all(row["peak_gb"] is None for row in rows)  # CUDA allocator figures only on a GPU
+    online = sections["stage2"]["summary"]["MoVE-KD stage2, online teachers"]
+    assert online["state_gb"] > sections["stage2"]["summary"]["MoVE-KD stage2, cached features"]["state_gb"]
+
+
+def test_gpu_benchmark_without_a_gpu_prints_one_line_and_exits_0(capsys, monkeypatch):
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        module = importlib.import_module("bench_gpu")
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same answer on a machine with a GPU
+        assert module.main([]) == 0
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    captured = capsys.readouterr()
+    assert captured.err == "" and captured.out.count("\n") == 1
+    assert captured.out.startswith("bench_gpu: skipped: no CUDA GPU")

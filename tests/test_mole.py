@@ -5,13 +5,14 @@ import torch
 from torch import nn
 
 from movekd_hf import MoVEKDConfig
-from movekd_hf.modeling.mole import MoLEMLP, expert_gate
+from movekd_hf.modeling.mole import MoLEMLP, dropped_positions, expert_gate
 
 HIDDEN, INTERMEDIATE, EXPERTS, RANK = 12, 20, 3, 5
 
 
 def make_mlp(**settings) -> MoLEMLP:
-    config = MoVEKDConfig(num_experts=EXPERTS, lora_rank=RANK, lora_alpha=2.0, lora_dropout=0.0, **settings)
+    settings = {"lora_dropout": 0.0, **settings}
+    config = MoVEKDConfig(num_experts=EXPERTS, lora_rank=RANK, lora_alpha=2.0, **settings)
     torch.manual_seed(0)
     mlp = MoLEMLP(config, HIDDEN, INTERMEDIATE, nn.GELU())
     with torch.no_grad():
@@ -104,3 +105,141 @@ def test_zero_init_b_leaves_the_base_mlp_and_kaiming_moves_it():
         init_mole_linear(mlp.fc2, b_init)
         base = mlp.fc2(nn.functional.gelu(mlp.fc1(x)))
         assert torch.allclose(mlp(x), base) is not changes
+
+
+# ------------------------------------------------------------------------------------------------ LoRA dropout
+# On CPU the dropout of the LoRA inputs is drawn by the gaps between drops (`dropped_positions`) and applied in
+# the sorted copy; these tests hold it to nn.Dropout's distribution: each element kept independently with
+# probability 1 - p and scaled by 1 / (1 - p).
+
+WIDE = 6  # channels of the revealing MLP below
+
+
+def revealing_mlp(p: float, routing: str) -> MoLEMLP:
+    """A MoLE MLP whose output is its fc1 LoRA input after dropout: fc1's base is zero and every expert's LoRA is
+    the identity (scaling 1, no biases), the activation is the identity, fc2's base is the identity and its LoRA
+    zero. Tokens are routed by which of the first three channels is largest."""
+    config = MoVEKDConfig(
+        num_experts=EXPERTS, lora_rank=WIDE, lora_alpha=float(WIDE), lora_dropout=p, lora_bias=False,
+        mole_routing=routing, expert_output_scale="none",
+    )  # fmt: skip
+    mlp = MoLEMLP(config, WIDE, WIDE, nn.Identity())
+    with torch.no_grad():
+        for param in mlp.parameters():
+            param.zero_()
+        mlp.fc1.lora_A.copy_(torch.eye(WIDE).expand(EXPERTS, -1, -1))
+        mlp.fc1.lora_B.copy_(torch.eye(WIDE).expand(EXPERTS, -1, -1))
+        mlp.fc2.weight.copy_(torch.eye(WIDE))
+        mlp.router.weight[:, :EXPERTS] = torch.eye(EXPERTS) * 10.0
+    return mlp.train()
+
+
+def within_binomial(count: int, trials: int, prob: float, sigmas: float = 5.0) -> bool:
+    return abs(count - trials * prob) <= sigmas * (trials * prob * (1 - prob)) ** 0.5
+
+
+@pytest.mark.parametrize("routing", ["sparse", "dense"])
+@pytest.mark.parametrize("p", [0.05, 0.3])
+def test_lora_dropout_keeps_each_element_independently_with_probability_1_minus_p(p, routing):
+    mlp = revealing_mlp(p, routing)
+    x = torch.rand(1, 20000, WIDE, generator=torch.Generator().manual_seed(0)) + 1.0  # no zeros: drops show
+    torch.manual_seed(1)
+    with torch.no_grad():
+        first, second = mlp(x) / x, mlp(x) / x  # per element: 0 (dropped) or 1 / (1 - p) (kept)
+    chosen = mlp.router_logits.argmax(-1)[0]
+    kept = first != 0
+    # Kept values are scaled by exactly 1 / (1 - p) (dense: through the gate, which sums to 1 up to rounding).
+    torch.testing.assert_close(first[kept], torch.full_like(first[kept], 1 / (1 - p)), rtol=2e-6, atol=0)
+    assert torch.equal(first[~kept], torch.zeros_like(first[~kept]))
+    mask = kept[0]  # [T, WIDE]
+    assert within_binomial(int(mask.sum()), mask.numel(), 1 - p)
+    for expert in range(EXPERTS):  # the same rate for every expert's tokens
+        rows = mask[chosen == expert]
+        assert rows.shape[0] > 5000 and within_binomial(int(rows.sum()), rows.numel(), 1 - p)
+    # Independence: both of a pair kept with probability (1 - p)^2, for neighbouring channels of a token,
+    # the same channel of neighbouring tokens (routed to the same or to different experts), and the same element
+    # in two calls.
+    both = (1 - p) ** 2
+    pairs = {
+        "channels": (mask[:, :-1], mask[:, 1:]),
+        "tokens": (mask[:-1], mask[1:]),
+        "experts": (mask[:-1][chosen[:-1] != chosen[1:]], mask[1:][chosen[:-1] != chosen[1:]]),
+        "calls": (mask, second[0] != 0),
+    }
+    for name, (a, b) in pairs.items():
+        assert within_binomial(int((a & b).sum()), a.numel(), both), name
+    assert not torch.equal(mask, second[0] != 0)
+
+
+def test_dropped_positions_draw_more_gaps_when_a_batch_runs_short():
+    torch.manual_seed(0)
+    counts = [dropped_positions(1000, 0.2, torch.device("cpu"), draws=3) for _ in range(200)]
+    drops = torch.cat(counts)
+    assert all(bool((c[1:] > c[:-1]).all()) and int(c.min()) >= 0 and int(c.max()) < 1000 for c in counts)
+    assert within_binomial(drops.numel(), 200 * 1000, 0.2)
+    assert within_binomial(sum(int(c[0] == 0) for c in counts), 200, 0.2)  # the first element too
+    # each position is as likely as any other: the first and second halves get the same share
+    assert within_binomial(int((drops < 500).sum()), drops.numel(), 0.5)
+
+
+@pytest.mark.parametrize("routing", ["sparse", "dense"])
+def test_eval_mode_is_identity(routing):
+    mlp = revealing_mlp(0.3, routing).eval()
+    x = torch.rand(2, 50, WIDE) + 1.0
+    torch.testing.assert_close(mlp(x), x, rtol=2e-6, atol=0)
+    assert torch.equal(mlp(x), mlp(x))
+
+
+def masked_reference(mlp: MoLEMLP, x: torch.Tensor, masks: tuple, p: float) -> torch.Tensor:
+    """The gate formula (every expert, weighted by the gate) with nn.Dropout's arithmetic on given keep masks
+    (in token order): drop(v) = v * (mask / (1 - p))."""
+    flat = x.reshape(-1, x.shape[-1])
+    gate = expert_gate(mlp.router(flat), mlp.routing, mlp.output_scale)
+    h = mlp.activation_fn(mlp.fc1(flat) + mlp.scaling * mlp.fc1.lora_delta(flat * (masks[0] / (1 - p)), gate))
+    return (mlp.fc2(h) + mlp.scaling * mlp.fc2.lora_delta(h * (masks[1] / (1 - p)), gate)).view_as(x)
+
+
+def nn_dropout_formula_holds(p: float) -> bool:
+    """nn.Dropout computes v * (mask / (1 - p)) with its own mask: the arithmetic `masked_reference` uses."""
+    dropout, v = nn.Dropout(p).train(), torch.randn(64, 9)
+    torch.manual_seed(5)
+    mask = dropout(torch.ones_like(v)) != 0
+    torch.manual_seed(5)
+    return torch.equal(dropout(v), v * (mask / (1 - p)))
+
+
+@pytest.mark.parametrize("routing", ["sparse", "dense"])
+def test_dropout_values_and_gradients_match_nn_dropout_on_the_same_mask(routing):
+    p = 0.3
+    assert nn_dropout_formula_holds(p)
+    mlp = make_mlp(mole_routing=routing, lora_dropout=p, expert_output_scale="straight_through").train()
+    x = torch.randn(2, 9, HIDDEN)
+    probe = torch.randn_like(x)
+    results = []
+    for run in ("ours", "reference"):
+        torch.manual_seed(3)
+        inputs = x.clone().requires_grad_(True)
+        if run == "ours":
+            out = mlp(inputs)
+        else:  # the same draws, in the order the module makes them: fc1's input, then fc2's
+            chosen = mlp.router(x.reshape(-1, HIDDEN)).argmax(-1)
+            order = torch.argsort(chosen, stable=True) if routing == "sparse" else torch.arange(chosen.numel())
+            masks = []
+            for width in (HIDDEN, INTERMEDIATE):
+                keep = torch.ones(chosen.numel() * width, dtype=torch.bool)
+                keep[dropped_positions(keep.numel(), p, torch.device("cpu"))] = False
+                token_order = torch.empty_like(keep.view(-1, width))
+                token_order[order] = keep.view(-1, width)  # sparse draws are in expert order
+                masks.append(token_order.float())
+            out = masked_reference(mlp, inputs, tuple(masks), p)
+        (out * probe).sum().backward()
+        grads = {name: param.grad.clone() for name, param in mlp.named_parameters() if param.grad is not None}
+        results.append((out.detach(), inputs.grad, grads))
+        mlp.zero_grad(set_to_none=True)
+    (out, grad_in, grads), (ref_out, ref_grad_in, ref_grads) = results
+    assert not torch.allclose(out, masked_reference(mlp, x, (1.0, 1.0), 0.0))  # dropout did act
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_in, ref_grad_in, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == ref_grads.keys() and "fc2.lora_A" in grads
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-5, atol=1e-6, msg=name)

@@ -13,6 +13,13 @@ expert: all experts' A run as one matmul (E * r columns), the result is weighted
 through all experts' B as one matmul. benchmarks/bench_mole_overhead.py measures both against plain CLIP and
 against other dispatches.
 
+LoRA dropout (`drop`) is inverted dropout as `nn.Dropout` draws it: each element kept independently with
+probability 1 - p and scaled by 1 / (1 - p). On CPU, where one Bernoulli draw per element cost more than the
+expert's matmuls, the dropped elements are drawn as the gaps between successive drops (`dropped_positions`,
+~p * numel random numbers) and zeroed in place in the sorted copy of the LoRA input, and the 1 / (1 - p)
+multiplies the A weights (r x in numbers) instead of the input. Other devices use `F.dropout`'s fused kernel.
+Dropout cannot move after the A projection: A (m * x) is not a function of A x for a random mask m.
+
 Remote code: imports only torch, runs on transformers 4.57 and 5.x.
 """
 
@@ -47,18 +54,21 @@ class MoLELinear(nn.Linear):
         names = ("lora_A", "lora_B", "lora_A_bias", "lora_B_bias")
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
-    def lora_delta(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    def lora_delta(self, x: torch.Tensor, gate: torch.Tensor, input_scale: float = 1.0) -> torch.Tensor:
         """Gated sum of the experts' LoRA outputs (unscaled).
 
         Args:
             x: `[T, in]` LoRA input (already dropped out).
             gate: `[T, E]` expert weights per token (one-hot for sparse routing).
+            input_scale: factor on `x` (dropout's 1 / (1 - p) when `x` is only masked), applied to the A weights
+                (r x in numbers instead of T x in); the biases are not scaled.
         Returns:
             `[T, out]`.
         """
         num_experts, rank = self.num_experts, self.rank
         a_bias = None if self.lora_A_bias is None else self.lora_A_bias.reshape(-1)
-        low_rank = F.linear(x, self.lora_A.reshape(num_experts * rank, -1), a_bias)  # [T, E*r]
+        a_weight = self.lora_A if input_scale == 1.0 else self.lora_A * input_scale
+        low_rank = F.linear(x, a_weight.reshape(num_experts * rank, -1), a_bias)  # [T, E*r]
         low_rank = (low_rank.view(-1, num_experts, rank) * gate.unsqueeze(-1)).view(-1, num_experts * rank)
         b_weight = self.lora_B.permute(1, 0, 2).reshape(self.out_features, num_experts * rank)  # [out, E*r]
         delta = F.linear(low_rank, b_weight)  # [T, out]
@@ -66,7 +76,9 @@ class MoLELinear(nn.Linear):
             delta = delta + gate @ self.lora_B_bias
         return delta
 
-    def grouped_lora_deltas(self, x: torch.Tensor, counts: list, weight: torch.Tensor) -> list:
+    def grouped_lora_deltas(
+        self, x: torch.Tensor, counts: list, weight: torch.Tensor, input_scale: float = 1.0
+    ) -> list:
         """Each token's own expert's LoRA output, for tokens grouped by expert (sparse routing).
 
         Args:
@@ -74,12 +86,14 @@ class MoLELinear(nn.Linear):
                 next `counts[1]` to expert 1, and so on.
             counts: tokens per expert (Python ints summing to T).
             weight: `[T, 1]` per-token output weight (the gate value of the chosen expert, times any scaling).
+            input_scale: factor on `x`, applied to the A weights (see `lora_delta`).
         Returns:
             one `[counts[e], out]` tensor per expert: weight * (B_e (A_e x + bA_e) + bB_e) per token.
         """
         # `unbind` gives all experts' weights in one autograd node: their gradients are stacked once, where
         # indexing `lora_A[e]` per expert would build a zero-filled full-size gradient per expert.
-        a_weights, b_weights = self.lora_A.unbind(0), self.lora_B.unbind(0)
+        a_weights = (self.lora_A if input_scale == 1.0 else self.lora_A * input_scale).unbind(0)
+        b_weights = self.lora_B.unbind(0)
         a_biases = self.lora_A_bias.unbind(0) if self.lora_A_bias is not None else [None] * self.num_experts
         b_biases = self.lora_B_bias.unbind(0) if self.lora_B_bias is not None else [None] * self.num_experts
         deltas = []
@@ -97,6 +111,59 @@ class MoLELinear(nn.Linear):
                 out = out + scale * b_biases[expert]
             deltas.append(out[:rows])
         return deltas
+
+
+def dropped_positions(numel: int, p: float, device: torch.device, draws: int = 0) -> torch.Tensor:
+    """The elements inverted dropout zeroes in a tensor of `numel` elements: each one independently with
+    probability `p` (the Bernoulli draws of `nn.Dropout`, drawn by their gaps).
+
+    The gaps between successive drops in a sequence of independent Bernoulli(p) trials are independent
+    Geometric(p) variables on 1, 2, ...; their running sum gives the drop positions with the same joint
+    distribution as one draw per element, from ~p * numel random numbers (`Tensor.geometric_`) instead of
+    `numel`. The default generator of `device` draws them, so `torch.manual_seed` and checkpointing's RNG-state
+    replay reproduce them.
+
+    Args:
+        draws: gaps drawn at a time (0: enough for all but ~1e-9 of calls; more are drawn when needed).
+    Returns:
+        `[K]` int64 flat indices, increasing, K ~ Binomial(numel, p).
+    """
+    mean = numel * p
+    draws = draws or int(mean + 6.0 * math.sqrt(mean * (1.0 - p))) + 16  # the mean + 6 standard deviations
+    chunks, start = [], 0.0
+    while True:
+        # float64 keeps the sums exact; a gap is inf with probability 2^-53 (uniform 0), which ends the run.
+        ends = torch.empty(draws, dtype=torch.float64, device=device).geometric_(p).cumsum_(0).add_(start - 1.0)
+        inside = int(torch.searchsorted(ends, float(numel)))
+        chunks.append(ends[:inside])
+        if inside < draws:
+            return torch.cat(chunks).long()
+        start = float(ends[-1]) + 1.0
+
+
+class _SortedDroppedRows(torch.autograd.Function):
+    """`x.index_select(0, order)` with the elements at the flat positions `dropped` (of the result) set to zero.
+
+    The copy that sorting makes anyway takes the dropout in place; the backward saves only `order` and the
+    positions (no float mask) and scatters the gradient with one `index_copy_` (`order` is a permutation).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, order: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
+        out = x.index_select(0, order)  # [T, in]
+        if dropped.numel():
+            out.view(-1).index_fill_(0, dropped, 0.0)
+        ctx.save_for_backward(order, dropped)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple:
+        order, dropped = ctx.saved_tensors
+        grad_x = torch.empty_like(grad, memory_format=torch.contiguous_format).index_copy_(0, order, grad)
+        if dropped.numel():
+            width = grad.shape[1]  # the same positions, in x's row order
+            grad_x.view(-1).index_fill_(0, order[dropped // width] * width + dropped % width, 0.0)
+        return grad_x, None, None
 
 
 def _uniform_like_linear(tensor: torch.Tensor, fan_in: int) -> None:
@@ -203,11 +270,33 @@ class MoLEMLP(nn.Module):
         self.router_logits = logits.view(*shape[:-1], self.num_experts)  # [B, N, E]
         if self.routing == "dense":
             gate = expert_gate(logits, self.routing, self.output_scale)
-            h = self.fc1(x) + self.scaling * self.fc1.lora_delta(self.lora_dropout(x), gate)
+            h = self.fc1(x) + self.scaling * self.fc1.lora_delta(self._dense_drop(x), gate, self._input_scale(x))
             h = self.activation_fn(h)
-            y = self.fc2(h) + self.scaling * self.fc2.lora_delta(self.lora_dropout(h), gate)
+            y = self.fc2(h) + self.scaling * self.fc2.lora_delta(self._dense_drop(h), gate, self._input_scale(h))
             return y.view(*shape[:-1], -1)
         return self._sparse_forward(x, logits).view(*shape[:-1], -1)
+
+    def _sampled_dropout(self, x: torch.Tensor) -> bool:
+        """Whether dropout on `x` is drawn by `dropped_positions` (CPU), its 1 / (1 - p) left to the A weights."""
+        return self.training and self.lora_dropout.p > 0 and x.device.type == "cpu"
+
+    def _input_scale(self, x: torch.Tensor) -> float:
+        """The dropout's 1 / (1 - p) where `_sampled_dropout` only masked the LoRA input, else 1."""
+        return 1.0 / (1.0 - self.lora_dropout.p) if self._sampled_dropout(x) else 1.0
+
+    def _dense_drop(self, x: torch.Tensor) -> torch.Tensor:
+        """[T, in] LoRA input of the dense path, dropped out (unscaled on CPU, see `_input_scale`)."""
+        if not self._sampled_dropout(x):
+            return self.lora_dropout(x)
+        dropped = dropped_positions(x.numel(), self.lora_dropout.p, x.device)
+        return x.reshape(-1).index_fill(0, dropped, 0.0).view_as(x)
+
+    def _sorted_drop(self, x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+        """[T, in] LoRA input in expert order, dropped out (unscaled on CPU, see `_input_scale`)."""
+        if self._sampled_dropout(x):
+            dropped = dropped_positions(x.numel(), self.lora_dropout.p, x.device)
+            return _SortedDroppedRows.apply(x, order, dropped)
+        return self.lora_dropout(_SortedDroppedRows.apply(x, order, order.new_empty(0)))
 
     def _sparse_forward(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """Top-1 MoLE: [T, D] -> [T, D]. The LoRA inputs are sorted by expert so each expert reads a contiguous
@@ -220,7 +309,8 @@ class MoLEMLP(nn.Module):
 
         def with_lora(layer: MoLELinear, inputs: torch.Tensor) -> torch.Tensor:
             out = layer(inputs)  # [T, out]; first, as before, so hooks that gather weights (ZeRO-3) have run
-            deltas = layer.grouped_lora_deltas(self.lora_dropout(inputs.index_select(0, order)), counts, weight)
+            lora_input = self._sorted_drop(inputs, order)
+            deltas = layer.grouped_lora_deltas(lora_input, counts, weight, self._input_scale(inputs))
             # Each expert's rows are added in place into the base output at their tokens' positions. (The
             # linear's backward does not need its output; `order` is a permutation, so no row adds twice.)
             for positions, delta in zip(order.split(counts), deltas):
