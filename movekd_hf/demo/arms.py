@@ -1,10 +1,15 @@
 """The demo's VLM: assembled from the pretrained `clip` teacher and a small pretrained LLM, then trained in the
-paper's two stages through the real `MoVEKDTrainer`, once per arm.
+paper's two stages through the real `MoVEKDTrainer`, once per arm and training seed.
 
 Each stage builds its trainer from objects, as a Python user would: the VLM and processor loaded from the previous
-folder, `MoVEKDTrainingArguments` (sizes from configs/train/tiny_stage{1,2}.yaml), the demo's own pretrained
-teachers (`teachers.DEMO_TEACHERS`, as specs), and for stage 2 the stage-1 adapters (`adapters_from`). The `clip`
-teacher is, as always, the frozen copy of the student's initial tower.
+folder, `MoVEKDTrainingArguments`, the teachers as a ready teacher source (the demo's teacher-feature cache,
+`CachedTeachers`, written once and read by every arm and seed) with the arm's `MoVEKDDistiller`, and for stage 2
+the stage-1 adapters (`adapters_from`). The `clip` teacher is, as always, the frozen copy of the student's initial
+tower.
+
+Arms differ only in the KD loss: every KD arm is the authors' `faithful` loss (`KDLossConfig.from_preset
+("faithful")`) plus the named options of `Arm.kd_options`, one change per arm, so each arm against `faithful`
+isolates one option; every arm (the no-KD baseline included) starts from the same faithful-MoLE VLM.
 """
 
 from __future__ import annotations
@@ -12,32 +17,41 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import torch
 from transformers import ProgressCallback
 
-from ..distill.teachers import TeacherSpec
+from ..distill.distiller import MoVEKDDistiller, TeacherShape
+from ..distill.losses import KDLossConfig
 from ..modeling import MoVEKDForConditionalGeneration, MoVEKDProcessor
 from ..training.arguments import MoVEKDTrainingArguments
 from ..training.data_args import MoVEKDDataArguments, build_train_data
 from ..training.trainer import MoVEKDTrainer
+from .teachers import GAP_TEACHER
 
 
 @dataclass(frozen=True)
 class Arm:
-    """One row of the table: a KD preset of `KDLossConfig` ("none" = LLaVA baseline) and the MoLE settings."""
+    """One row of the tables: a KD preset of `KDLossConfig` ("none" = the LLaVA baseline) and the named
+    `KDLossConfig` options changed from it (`kd_options`)."""
 
     name: str
     label: str
     kd_preset: str
-    faithful_mole: bool = False
+    kd_options: dict = field(default_factory=dict)
+
+    def loss_config(self) -> KDLossConfig | None:
+        return None if self.kd_preset == "none" else KDLossConfig.from_preset(self.kd_preset, **self.kd_options)
 
 
+BASELINE_ARM = "llava"
 ARMS = (
-    Arm("llava", "LLaVA (no distillation)", "none"),
-    Arm("mse", "+ MSE baseline", "mse_baseline"),
-    Arm("movekd_faithful", "+ MoVE-KD (faithful)", "faithful", faithful_mole=True),
-    Arm("movekd_improved", "+ MoVE-KD (improved defaults)", "improved"),
+    Arm(BASELINE_ARM, "LLaVA (no distillation)", "none"),
+    Arm("faithful", "MoVE-KD faithful (authors' setting)", "faithful"),
+    Arm("anchor_0.4", "faithful, clip anchor weight 0.4 (not 0.8)", "faithful", {"anchor_weight": 0.4}),
+    Arm("standardized", "faithful, teacher features standardised", "faithful", {"standardize_features": True}),
+    Arm("gap_x4", f"faithful, {GAP_TEACHER} loss x4", "faithful", {"teacher_loss_scale": {GAP_TEACHER: 4.0}}),
 )
 
 
@@ -102,29 +116,48 @@ class _BarOnly(ProgressCallback):
         return None
 
 
+def build_distiller(arm: Arm, shapes: Mapping[str, TeacherShape], vlm, seed: int) -> MoVEKDDistiller | None:
+    """The arm's adapters and loss for teachers of `shapes` (slug -> TeacherShape, the anchor included), seeded
+    as the trainer seeds its own (`training.trainer.build_distiller`); None for the no-KD arm."""
+    config = arm.loss_config()
+    if config is None:
+        return None
+    vision = vlm.config.vision_config
+    side = vision.image_size // vision.patch_size
+    torch.manual_seed(seed)
+    return MoVEKDDistiller(dict(shapes), vision.hidden_size, side * side, config)
+
+
 def build_stage_trainer(
     settings: StageSettings,
     model_path: str,
-    kd_preset: str,
+    arm: Arm,
     output_dir: str,
-    specs: Mapping[str, TeacherSpec],
+    teacher_source=None,
+    shapes: Mapping[str, TeacherShape] | None = None,
     previous: str | None = None,
 ) -> MoVEKDTrainer:
-    """One stage's trainer, from objects. `previous` (the stage-1 folder) hands its trained adapters to stage 2, so
-    the distiller carries on instead of starting again."""
+    """One stage's trainer, from objects. `teacher_source` (the demo's `CachedTeachers`) gives every teacher's
+    output, the anchor's included; `shapes` sizes the arm's adapters. `previous` (the stage-1 folder) hands its
+    trained adapters to stage 2, so the distiller carries on instead of starting again."""
 
-    kd = kd_preset != "none"
+    kd = arm.kd_preset != "none"
     vlm = MoVEKDForConditionalGeneration.from_pretrained(model_path)
     processor = MoVEKDProcessor.from_pretrained(model_path)
     data = build_train_data(stage_data(settings), processor)
     trainer = MoVEKDTrainer(
         model=vlm,
-        args=stage_arguments(settings, kd_preset, output_dir, previous if kd else None),
-        # clip is the student's own tower, as always; the others are the demo's pretrained teachers.
-        teachers=[spec for slug, spec in specs.items() if slug != "clip"] if kd else None,
-        train_dataset=data.dataset,  # the trainer's collator also gives the teachers their view
+        args=stage_arguments(settings, arm.kd_preset, output_dir, previous if kd else None),
+        teachers=teacher_source if kd else None,
+        distiller=build_distiller(arm, shapes, vlm, settings.seed) if kd else None,
+        train_dataset=data.dataset,
         processing_class=processor,
-        train_config={"teacher_set": "demo" if kd else None, "base_model": model_path, "template": settings.template},
+        train_config={
+            "teacher_set": "demo" if kd else None,
+            "base_model": model_path,
+            "template": settings.template,
+            "demo_arm": arm.name,
+        },  # fmt: skip
     )
     # The Trainer adds its progress bar itself (no constructor argument replaces it); swap it, through the
     # documented callback API, for the same bar without the printed log dicts.
@@ -136,14 +169,15 @@ def build_stage_trainer(
 def run_stage(
     settings: StageSettings,
     model_path: str,
-    kd_preset: str,
+    arm: Arm,
     output_dir: str,
-    specs: Mapping[str, TeacherSpec],
+    teacher_source=None,
+    shapes: Mapping[str, TeacherShape] | None = None,
     previous: str | None = None,
 ) -> dict:
     """Train one stage and save its folder. Returns {"history": the trainer's log history (also saved as
     log_history.json), "training_args": TrainingArguments as a dict, "train_config": the run's settings}."""
-    trainer = build_stage_trainer(settings, model_path, kd_preset, output_dir, specs, previous)
+    trainer = build_stage_trainer(settings, model_path, arm, output_dir, teacher_source, shapes, previous)
     trainer.train()
     trainer.save_model()
     history = trainer.state.log_history

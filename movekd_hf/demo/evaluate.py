@@ -1,23 +1,28 @@
-"""Held-out evaluation of a trained demo checkpoint, by question type, with the package's own scorers.
+"""Held-out evaluation of a trained demo VLM by question type, as per-question units for paired comparisons.
 
-Open questions (colour, shape, count, position) are scored with `vqa_accuracy` (each gold answer given as the ten
-"human" answers, so it is exact match after VQA normalisation) grouped by type; existence questions are POPE:
-`pope_scores` over the random / popular / adversarial splits, F1 as the headline like the paper's POPE column.
+Every answer of the world is one word of the demo's word-level vocabulary, so the model's answer is its greedy
+first token: one forward pass per batch, `argmax` of the next-token logits after the prompt (what greedy decoding
+emits first; `answer_questions` is the same with `generate`, used by the final check's kind of path). A question
+scores 1 when that word is the gold answer. Existence questions (POPE-style yes/no) are scored as accuracy.
+
+`unit_scores` turns one model's answers into `movekd_hf.evaluation.compare.UnitScores` (unit = question, type =
+question kind, value = correct), so the demo's intervals come from the same `paired_bootstrap` as
+`movekd-hf compare`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
-from ..evaluation.scorers import pope_scores, vqa_accuracy
+from ..evaluation.compare import UnitScores, mean_percent, weighted_mean
 from ..modeling.llava_conventions import IMAGE_TOKEN, vicuna_v1_generation_prompt
 from . import world
 
-OPEN_TYPES = ("colour", "shape", "count", "position")
-# Table columns: the four open types, POPE F1, and their mean.
-COLUMNS = (*OPEN_TYPES, "pope", "overall")
+OPEN_TYPES = ("colour", "shape", "stripes", "count", "position")
+COLUMNS = (*OPEN_TYPES, "existence")
 
 
 def prompt(question: world.Question) -> str:
@@ -25,44 +30,65 @@ def prompt(question: world.Question) -> str:
 
 
 @torch.no_grad()
-def answer_questions(
-    model, processor, questions: list[world.Question], scenes: list[world.Scene], batch_size: int = 64,
+def first_word_answers(
+    model, processor, questions: list[world.Question], images: dict[int, object], batch_size: int = 128,
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, str]:  # fmt: skip
-    """Greedy answers ({question key: text}) of `model` for `questions` about the rendered `scenes`."""
+    """{question key: the greedy first token, decoded} of `model` for `questions`; images: scene index -> PIL image."""
+    model.eval()
+    answers: dict[str, str] = {}
+    for start in range(0, len(questions), batch_size):
+        chunk = questions[start : start + batch_size]
+        inputs = processor(text=[prompt(q) for q in chunk], images=[images[q.scene] for q in chunk], padding=True,
+                           return_tensors="pt")  # fmt: skip
+        logits = model(**inputs).logits[:, -1]  # left padding: the last position is every prompt's end
+        for question, token in zip(chunk, logits.argmax(dim=-1).tolist()):
+            answers[question.key] = processor.tokenizer.decode([token], skip_special_tokens=True).strip()
+        if progress is not None:
+            progress(len(chunk))
+    return answers
+
+
+@torch.no_grad()
+def answer_questions(
+    model, processor, questions: list[world.Question], scenes: list[world.Scene], batch_size: int = 64,
+    max_new_tokens: int = 3,
+) -> dict[str, str]:  # fmt: skip
+    """Greedy answers ({question key: text}) of `model` through `generate`, for `questions` about `scenes`."""
     model.eval()
     answers: dict[str, str] = {}
     for start in range(0, len(questions), batch_size):
         chunk = questions[start : start + batch_size]
         images = [world.render_scene(scenes[q.scene]) for q in chunk]
         inputs = processor(text=[prompt(q) for q in chunk], images=images, padding=True, return_tensors="pt")
-        output = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         new_tokens = output[:, inputs["input_ids"].shape[1] :]
         for question, text in zip(chunk, processor.batch_decode(new_tokens, skip_special_tokens=True)):
             answers[question.key] = text.strip()
-        if progress is not None:
-            progress(len(chunk))
     return answers
 
 
-def score(answers: dict[str, str], questions: list[world.Question]) -> dict[str, dict[str, float]]:
-    """{"open": vqa_accuracy by type, "pope": pope_scores} for one model's answers."""
-    open_questions = [q for q in questions if q.kind in OPEN_TYPES]
-    gold = {q.key: [q.answer] * 10 for q in open_questions}
-    kinds = {q.key: q.kind for q in open_questions}
-    open_scores = vqa_accuracy({k: answers[k] for k in gold if k in answers}, gold, kinds)
-    existence = [q for q in questions if q.kind == "existence"]
-    pope = pope_scores(
-        {q.key: answers[q.key] for q in existence if q.key in answers},
-        {q.key: q.answer for q in existence},
-        {q.key: q.split for q in existence},
+def unit_scores(answers: dict[str, str], questions: list[world.Question]) -> UnitScores:
+    """Per-question correctness by question kind (COLUMNS), for `compare.paired_bootstrap`; headline: the mean
+    over all questions. A missing answer counts as wrong."""
+    units: dict[str, list[str]] = {kind: [] for kind in COLUMNS}
+    values: dict[str, list[list[float]]] = {kind: [] for kind in COLUMNS}
+    for question in sorted(questions, key=lambda q: q.key):
+        given = answers.get(question.key, "").strip().lower().rstrip(".")
+        units[question.kind].append(question.key)
+        values[question.kind].append([float(given == question.answer)])
+    kinds = [kind for kind in COLUMNS if units[kind]]
+    return UnitScores(
+        "demo-world",
+        {kind: units[kind] for kind in kinds},
+        {kind: np.asarray(values[kind], dtype=np.float64) for kind in kinds},
+        mean_percent,
+        weighted_mean,
     )
-    return {"open": open_scores, "pope": pope}
 
 
-def table_row(scores: dict[str, dict[str, float]]) -> dict[str, float]:
-    """The row of the results table: accuracy per open type, POPE F1, and the mean of those five."""
-    row = {kind: scores["open"].get(f"accuracy_{kind}", 0.0) for kind in OPEN_TYPES}
-    row["pope"] = scores["pope"]["f1"]
-    row["overall"] = sum(row.values()) / len(row)
+def accuracy_row(scores: UnitScores) -> dict[str, float]:
+    """Accuracy (%) per question kind and over all questions ("overall")."""
+    row = {kind: float(values.mean() * 100.0) for kind, values in scores.values.items()}
+    row["overall"] = float(np.concatenate(list(scores.values.values())).mean() * 100.0)
     return row

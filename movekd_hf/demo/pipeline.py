@@ -1,11 +1,19 @@
 """`run(out_dir, quick)`: every step of the demo, writing one run folder.
 
+The question the demo answers: does distillation move a teacher's knowledge into the student? The world carries
+an attribute (stripe orientation) that the `convnext` teacher's tokens carry and the initial student's do not;
+the gap is measured first, then every arm (no KD, the authors' faithful MoVE-KD, and one anchor option each) is
+trained for several seeds, and the student's tokens are probed (linear probes per object), its answers scored by
+question type, and the KD loss decrease split between the adapters and the student. Every comparison is paired
+with the no-KD arm of the same seed, with intervals from `movekd_hf.evaluation.compare`.
+
 RUN/
   data/                 world images, pretrain.json (stage 1), finetune.json (stage 2)
   teachers/<slug>/      the pretrained teachers (loaded back through `build_teacher`)
-  init/                 vision encoder, LLM, and the untrained VLMs (default and faithful MoLE)
-  arms/<arm>/stage{1,2} trainer output folders, log_history.json, answers.json
-  checkpoint/           the MoVE-KD (improved) model: loadable through remote code, with README.md (model card)
+  teacher_cache/        every teacher's features of the training images, written once, read by every arm and seed
+  init/                 vision encoder, LLM, and the untrained VLM (faithful MoLE; every arm starts from it)
+  arms/<arm>/seed<k>/stage{1,2}  trainer output folders, log_history.json, answers.json
+  checkpoint/           the faithful MoVE-KD model of seed 0: loadable through remote code, with README.md (card)
   eval/results.json     its scores ({benchmark: {metric: value}}, the run-dir contract of movekd_hf.hub_cards)
   plots/*.png           losses, teacher weights, expert use, CLS-attention heatmap
   results.md, results.json, train_config.json, training_args.json, final_check.json
@@ -20,49 +28,54 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+from safetensors.torch import load_file
 
+from ..distill.cache import CachedTeachers
+from ..distill.cache_writer import cache_teacher_features, dataset_items
 from ..distill.losses import token_weights_from_cls_attention
 from ..hub_cards.card import write_card
 from ..isolated import run_without_package
 from ..modeling import MoVEKDForConditionalGeneration, MoVEKDProcessor
 from ..training.checkpoint import DISTILLER_FILE
-from . import assemble, plots, world
-from .arms import ARMS, Arm, StageSettings, run_stage
+from ..training.data import load_source
+from ..training.teacher_source import build_teachers, teacher_cache_settings, teacher_shapes
+from . import assemble, plots, probes, report, world
+from .arms import ARMS, BASELINE_ARM, Arm, StageSettings, build_distiller, run_stage
 from .assemble import LLM_CONFIG
-from .evaluate import answer_questions, prompt, score, table_row
-from .report import markdown_table, verdict
-from .teachers import load_teachers, pretrain_teachers, seed_everything
+from .evaluate import COLUMNS, first_word_answers, prompt, unit_scores
+from .teachers import GAP_TEACHER, load_teachers, pretrain_teachers, seed_everything
 
-FINAL_ARM = "movekd_improved"
-TRIED = (
-    "four arms differing only in the KD setting (none, mse_baseline, faithful, improved) with identical data order "
-    "and seeds; complementary teachers (colour-blind CLIP ViT segmenting shapes per patch, colour ConvNeXt at 48 px, "
-    "segmentation SAM at 96 px)"
-)
+FINAL_ARM = "faithful"  # the released checkpoint: the authors' setting, seed 0
+STUDENT = "student (initial)"
 
 
 @dataclass(frozen=True)
 class DemoSize:
     num_train: int
-    num_test: int
+    num_test: int  # held-out scenes: the probes' and the questions' units
+    probe_train: int  # training scenes the probes are fitted on
     teacher_steps: int
+    gap_teacher_steps: int  # the convnext teacher needs more to learn the stripe orientation (teachers.py)
     llm_steps: int
     stage1_steps: int
     stage2_steps: int
+    seeds: tuple[int, ...] = (0, 1, 2)  # training seeds of every arm
+    arms: tuple[str, ...] = tuple(arm.name for arm in ARMS)
     batch_size: int = 16
     stage1_lr: float = 1e-3
-    stage2_lr: float = 1e-3
-    seed: int = 0
+    stage2_lr: float = 2e-3
+    loss_batch: int = 128  # training images the KD loss accounting is computed on
+    seed: int = 0  # world, teachers and LLM
 
 
-# Sized for the issue's budget (default < 10 min, --quick < 2 min on 2 CPU cores); see benchmarks/bench_demo.py.
-# Stage 1 trains only the projector (and MoLE) under a frozen LLM, which a tiny LLM cannot be steered through in a
-# few steps, so it stays short; the VLM learns to read the image in stage 2, where the LLM trains too.
-DEFAULT_SIZE = DemoSize(num_train=1000, num_test=120, teacher_steps=150, llm_steps=150, stage1_steps=50,
-                        stage2_steps=500, stage2_lr=2e-3)  # fmt: skip
-QUICK_SIZE = DemoSize(num_train=96, num_test=24, teacher_steps=6, llm_steps=8, stage1_steps=3, stage2_steps=4,
-                      batch_size=8)  # fmt: skip
+# Sized for the issue's budget (default < 10 min, --quick ~2 min on 2 CPU cores); see benchmarks/bench_demo.py.
+DEFAULT_SIZE = DemoSize(num_train=1000, num_test=400, probe_train=600, teacher_steps=150, gap_teacher_steps=400,
+                        llm_steps=150, stage1_steps=30, stage2_steps=120)  # fmt: skip
+QUICK_SIZE = DemoSize(num_train=96, num_test=48, probe_train=96, teacher_steps=6, gap_teacher_steps=6, llm_steps=8,
+                      stage1_steps=2, stage2_steps=3, seeds=(0, 1), arms=(BASELINE_ARM, FINAL_ARM), batch_size=8,
+                      loss_batch=16)  # fmt: skip
 
 
 def _say(text: str) -> None:
@@ -119,7 +132,8 @@ def prepare_teachers(run: Path, data: world.DemoData, size: DemoSize):
         bars.append(_bar(f"pretraining teacher {slug}", total))
         return bars[-1].update
 
-    specs, reports = pretrain_teachers(str(run / "teachers"), train, test, size.teacher_steps, size.seed, factory)
+    specs, reports = pretrain_teachers(str(run / "teachers"), train, test, size.teacher_steps, size.seed, factory,
+                                       gap_steps=size.gap_teacher_steps)  # fmt: skip
     for bar in bars:
         bar.close()
     return specs, reports
@@ -135,42 +149,112 @@ def prepare_initial_models(run: Path, data: world.DemoData, specs, size: DemoSiz
     llm_dir = assemble.save_llm(llm, tokenizer, str(init / "llm"))
     clip = load_teachers({"clip": specs["clip"]})["clip"].model
     vision_dir = assemble.save_vision_encoder(clip, str(init / "vision"))
-    folders = {
-        faithful: assemble.initial_checkpoint(
-            vision_dir, llm_dir, str(init / ("faithful" if faithful else "default")), faithful
-        )
-        for faithful in (False, True)
-    }
-    return {"folders": folders, "llm_loss": loss}
+    folder = assemble.initial_checkpoint(vision_dir, llm_dir, str(init / "faithful"), faithful=True)
+    return {"folder": folder, "llm_loss": loss}
 
 
-def train_arm(run: Path, arm: Arm, data: world.DemoData, specs, init: dict, size: DemoSize) -> dict:
-    """Stage 1 then stage 2 of one arm; returns both log histories and the final folder."""
+@dataclass
+class ProbeData:
+    """The probes' scenes as each encoder reads them: items, the student's pixel values, the teachers' view."""
 
-    folder = run / "arms" / arm.name
+    train_items: probes.ObjectItems
+    test_items: probes.ObjectItems
+    student_train: torch.Tensor  # [N, 3, 64, 64] from the VLM's image processor
+    student_test: torch.Tensor
+    raw_train: torch.Tensor  # [N, 3, 64, 64] in [0, 1] (teachers resize and normalise themselves)
+    raw_test: torch.Tensor
+
+
+def probe_data(data: world.DemoData, processor, size: DemoSize) -> ProbeData:
+    train_scenes, test_scenes = data.train.scenes[: size.probe_train], data.test.scenes
+    pixels = [processor.image_processor(images=[world.render_scene(s) for s in scenes], return_tensors="pt")
+              ["pixel_values"] for scenes in (train_scenes, test_scenes)]  # fmt: skip
+    return ProbeData(probes.object_items(train_scenes), probes.object_items(test_scenes), *pixels,
+                     world.scene_tensor(train_scenes), world.scene_tensor(test_scenes))  # fmt: skip
+
+
+def student_probes(vlm, pdata: ProbeData) -> dict[str, np.ndarray]:
+    train_map = probes.student_token_map(vlm, pdata.student_train)
+    test_map = probes.student_token_map(vlm, pdata.student_test)
+    return probes.probe_scenes(train_map, pdata.train_items, test_map, pdata.test_items)
+
+
+@torch.no_grad()
+def gap_probes(vlm, teachers: dict, pdata: ProbeData) -> dict[str, dict[str, np.ndarray]]:
+    """Per-scene probe correctness of the initial student and of every teacher (its own grid and tokens)."""
+    out = {STUDENT: student_probes(vlm, pdata)}
+    for slug, teacher in teachers.items():
+        maps = []
+        for raw in (pdata.raw_train, pdata.raw_test):
+            output = teacher(raw)
+            maps.append(probes.token_map(output.tokens.float(), output.grid))
+        out[f"{slug} teacher"] = probes.probe_scenes(maps[0], pdata.train_items, maps[1], pdata.test_items)
+    return out
+
+
+def write_teacher_cache(run: Path, data: world.DemoData, init: dict, specs) -> dict:
+    """Every teacher's features of every training image, computed once (the anchor copied from the initial VLM,
+    as the trainer copies it); returns the cached teacher source, the teachers' shapes and the teachers."""
+    vlm = MoVEKDForConditionalGeneration.from_pretrained(init["folder"])
+    image_processor = MoVEKDProcessor.from_pretrained(init["folder"]).image_processor
+    others = [spec for slug, spec in specs.items() if slug != "clip"]
+    teachers = build_teachers(vlm, others, image_processor.image_mean, image_processor.image_std)
+    settings = teacher_cache_settings(vlm.config, image_processor, others, "native", "pad")
+    items = dataset_items(load_source(data.pretrain_json, data.image_folder))
+    root = run / "teacher_cache"
+    cache_teacher_features(root, list(teachers.values()), settings, items, batch_size=64, progress=False)
+    source = CachedTeachers(root, [teacher.spec for teacher in teachers.values()], settings)
+    return {"source": source, "shapes": teacher_shapes(vlm, others), "teachers": teachers, "vlm": vlm}
+
+
+def train_arm(run: Path, arm: Arm, seed: int, data: world.DemoData, init: dict, cache: dict, size: DemoSize) -> dict:
+    """Stage 1 then stage 2 of one arm and seed; returns both log histories and the final folder."""
+
+    folder = run / "arms" / arm.name / f"seed{seed}"
     stage1 = StageSettings("stage1", data.pretrain_json, data.image_folder, "plain", size.stage1_steps,
-                           size.batch_size, size.stage1_lr, size.seed)  # fmt: skip
+                           size.batch_size, size.stage1_lr, seed)  # fmt: skip
     stage2 = StageSettings("stage2", data.finetune_json, data.image_folder, "v1", size.stage2_steps,
-                           size.batch_size, size.stage2_lr, size.seed)  # fmt: skip
-    start = init["folders"][arm.faithful_mole]
-    first = run_stage(stage1, start, arm.kd_preset, str(folder / "stage1"), specs)
-    second = run_stage(
-        stage2, str(folder / "stage1"), arm.kd_preset, str(folder / "stage2"), specs, previous=str(folder / "stage1")
-    )
+                           size.batch_size, size.stage2_lr, seed)  # fmt: skip
+    source, shapes = cache["source"], cache["shapes"]
+    first = run_stage(stage1, init["folder"], arm, str(folder / "stage1"), source, shapes)
+    second = run_stage(stage2, str(folder / "stage1"), arm, str(folder / "stage2"), source, shapes,
+                       previous=str(folder / "stage1"))  # fmt: skip
     return {"histories": [first["history"], second["history"]], "folder": str(folder / "stage2"), "last": second}
 
 
-def evaluate_arm(folder: str, data: world.DemoData, label: str) -> dict:
+@torch.no_grad()
+def kd_losses(distiller, student_tokens: torch.Tensor, grid: tuple[int, int], outputs: dict) -> dict[str, float]:
+    """Per-teacher KD loss L_t (batch mean, unscaled) of `distiller` in eval mode for these student tokens."""
+    distiller.eval()
+    per_teacher = distiller(student_tokens, grid, outputs)["per_teacher_loss"].mean(dim=0)
+    return {name: float(value) for name, value in zip(distiller.teacher_names, per_teacher)}
+
+
+def loss_accounts(arm: Arm, trained: dict, vlm, init_tokens: torch.Tensor, loss_batch: dict, shapes, seed: int):
+    """Per teacher: the KD loss at the start of training (first logged window), of the initial student under the
+    final adapters, and of the final student under them (`report.loss_accounting`)."""
+    distiller = build_distiller(arm, shapes, vlm, seed)
+    distiller.load_state_dict(load_file(str(Path(trained["folder"]) / DISTILLER_FILE)))
+    final_tokens = probes.student_token_map(vlm, loss_batch["pixels"])
+    grid = tuple(final_tokens.shape[-2:])
+    flat = lambda maps: maps.flatten(2).transpose(1, 2)  # noqa: E731  [B, D, h, w] -> [B, h*w, D]
+    initial = kd_losses(distiller, flat(init_tokens), grid, loss_batch["outputs"])
+    final = kd_losses(distiller, flat(final_tokens), grid, loss_batch["outputs"])
+    first = next(entry for entry in trained["histories"][0] if "kd_loss" in entry)
+    return {name: report.loss_accounting(first[f"kd/{name}_loss"], initial[name], final[name]) for name in initial}
+
+
+def evaluate_arm(folder: str, data: world.DemoData, images: dict, pdata: ProbeData, label: str) -> dict:
 
     model = MoVEKDForConditionalGeneration.from_pretrained(folder)
     processor = MoVEKDProcessor.from_pretrained(folder)
     questions = data.test.questions
     bar = _bar(f"evaluating {label}", len(questions))
-    answers = answer_questions(model, processor, questions, data.test.scenes, progress=bar.update)
+    answers = first_word_answers(model, processor, questions, images, progress=bar.update)
     bar.close()
     Path(folder, "answers.json").write_text(json.dumps(answers, indent=1), encoding="utf-8")
-    scores = score(answers, questions)
-    return {"scores": scores, "row": table_row(scores), "expert_use": expert_use(model, processor, data)}
+    return {"model": model, "processor": processor, "units": unit_scores(answers, questions),
+            "probes": student_probes(model, pdata)}  # fmt: skip
 
 
 @torch.no_grad()
@@ -191,37 +275,45 @@ def expert_use(model, processor, data: world.DemoData, num_images: int = 32) -> 
 # ------------------------------------------------------------------------------------------ results and card
 
 
-def write_results(run: Path, arms: dict, teachers: dict, size: DemoSize, llm: str) -> dict:
-    """results.md / results.json (every arm) and eval/results.json (the released arm, for the model card)."""
+def _jsonable(value):
+    if isinstance(value, report.Interval):
+        return value.to_dict()
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    return value
 
-    labels = {arm.name: arm.label for arm in ARMS if arm.name in arms}
-    rows = {name: arms[name]["row"] for name in labels}
-    table = markdown_table(rows, labels, llm)
-    lines = verdict(rows, labels, TRIED)
-    teacher_lines = [f"- `{slug}`: {r['task']}, held-out accuracy {r['test_accuracy']:.1f}%" for slug, r in
-                     teachers.items()]  # fmt: skip
-    text = "\n".join(["# MoVE-KD demo: held-out accuracy (%) by question type", "", table, "", *lines, "",
-                      "Teachers:", *teacher_lines, ""])  # fmt: skip
+
+def write_results(run: Path, results: dict, labels: dict, size: DemoSize) -> list[str]:
+    """results.md / results.json (every table and the verdict) and eval/results.json (the released arm)."""
+    gap = results["gap"]
+    lines = ["# MoVE-KD demo: does distillation move the teacher's knowledge into the student?", "",
+             f"## 1. Gap check (linear probes per object, {size.probe_train} training / {size.num_test} held-out "
+             "scenes, before any training)", "", *report.gap_lines(gap, STUDENT, f"{GAP_TEACHER} teacher"), "",
+             f"## 2. Student's tokens after training: linear probes ({len(size.seeds)} seeds per arm; difference "
+             "from no KD paired by seed, bootstrap over held-out scenes per seed, t-interval over seeds)", "",
+             *report.probe_lines(results["probes"], labels), "",
+             "## 3. VLM answers by question type (accuracy %, mean over seeds)", "",
+             *report.qa_lines(results["qa"], labels, BASELINE_ARM), "",
+             "## 4. Where the KD loss went (mean over seeds; the student's part is what training the student "
+             "removed with the final adapters held fixed)", "", *report.loss_lines(results["losses"], labels), "",
+             "## 5. Verdict", "", *results["verdict"], ""]  # fmt: skip
+    text = "\n".join(lines)
     (run / "results.md").write_text(text, encoding="utf-8")
-    summary = {
-        "columns": list(next(iter(rows.values()))),
-        "arms": {name: {"label": labels[name], "row": rows[name], "scores": arms[name]["scores"]} for name in labels},
-        "verdict": lines,
-        "teachers": teachers,
-        "size": asdict(size),
-    }
-    (run / "results.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
-    final = arms[FINAL_ARM]["scores"]
-    card_results = {f"world-{kind}": {"accuracy": value} for kind, value in rows[FINAL_ARM].items()
-                    if kind not in ("pope", "overall")}  # fmt: skip
-    card_results["world-pope"] = {m: final["pope"][m] for m in ("f1", "accuracy", "precision", "recall")}
+    summary = {"size": asdict(size), "labels": labels, **{k: v for k, v in results.items() if k != "units"}}
+    (run / "results.json").write_text(json.dumps(_jsonable(summary), indent=1), encoding="utf-8")
+    final = results["qa"][FINAL_ARM]["accuracy"]
+    card_results = {f"world-{kind}": {"accuracy": float(np.mean(final[kind]))} for kind in COLUMNS if kind in final}
     (run / "eval").mkdir(exist_ok=True)
     (run / "eval" / "results.json").write_text(json.dumps(card_results, indent=1), encoding="utf-8")
-    return {"table": table, "verdict": lines}
+    return lines
 
 
 def make_plots(run: Path, arms: dict, specs) -> list[str]:
-    import numpy as np
+    """Figures of seed 0 of every arm."""
     from skimage import data as skdata
 
     labels = {arm.name: arm.label for arm in ARMS if arm.name in arms}
@@ -263,7 +355,7 @@ def publish_checkpoint(run: Path, arms: dict) -> Path:
 
 TEACHER_IDS = {
     "clip": "demo CLIP ViT (student's initial tower, pretrained here on shapes)",
-    "convnext": "demo timm ConvNeXt (pretrained here on colours)",
+    "convnext": "demo timm ConvNeXt (pretrained here on stripe orientation per cell)",
     "sam": "demo SAM image encoder (pretrained here on segmentation)",
 }
 
@@ -307,35 +399,69 @@ def final_check(run: Path, checkpoint: Path, data: world.DemoData) -> dict:
 
 
 def run(out_dir: str, quick: bool = False) -> int:
-    """Run the whole demo into `out_dir`; prints the table and the verdict. Returns 0 on success."""
+    """Run the whole demo into `out_dir`; prints the gap check, the tables and the verdict. Returns 0."""
     size = QUICK_SIZE if quick else DEFAULT_SIZE
+    arms = [arm for arm in ARMS if arm.name in size.arms]
+    labels = {arm.name: arm.label for arm in arms}
     run_dir = Path(out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with deterministic(size.seed), quiet_libraries():
-        _say(f"[1/7] drawing the world: {size.num_train} training and {size.num_test} held-out scenes")
+        _say(f"[1/8] drawing the world: {size.num_train} training and {size.num_test} held-out scenes")
         data = world.build_world(str(run_dir / "data"), size.num_train, size.num_test, size.seed)
-        _say("[2/7] pretraining three teachers on complementary signals")
+        _say("[2/8] pretraining three teachers on their own signals")
         specs, teacher_reports = prepare_teachers(run_dir, data, size)
-        for slug, report in teacher_reports.items():
-            _say(f"      {slug:<9} {report['task']}: held-out accuracy {report['test_accuracy']:.1f}%")
-        _say("[3/7] pretraining the LLM on world text and assembling the student VLM")
+        for slug, entry in teacher_reports.items():
+            _say(f"      {slug:<9} {entry['task']}: held-out accuracy {entry['test_accuracy']:.1f}%")
+        _say("[3/8] pretraining the LLM on world text and assembling the student VLM")
         init = prepare_initial_models(run_dir, data, specs, size)
-        arms = {}
-        for index, arm in enumerate(ARMS, start=1):
-            _say(f"[4/7] arm {index}/{len(ARMS)}: {arm.label}: stage 1, stage 2, evaluation")
-            trained = train_arm(run_dir, arm, data, specs, init, size)
-            arms[arm.name] = {**trained, **evaluate_arm(trained["folder"], data, arm.label)}
-        _say("[5/7] results")
-        llm = f"LLaMA {init_llm_label()}"
-        results = write_results(run_dir, arms, teacher_reports, size, llm)
-        _say("[6/7] plots and model card")
-        make_plots(run_dir, arms, specs)
-        checkpoint = publish_checkpoint(run_dir, arms)
-        _say("[7/7] reloading the checkpoint without movekd_hf (AutoModelForImageTextToText + pipeline)")
+        _say("[4/8] caching the teachers' features once (shared by every arm and seed)")
+        cache = write_teacher_cache(run_dir, data, init, specs)
+        processor = MoVEKDProcessor.from_pretrained(init["folder"])
+        pdata = probe_data(data, processor, size)
+        _say("[5/8] gap check: linear probes on the initial student's and the teachers' tokens")
+        gap = report.gap_check(gap_probes(cache["vlm"], cache["teachers"], pdata), STUDENT, f"{GAP_TEACHER} teacher")
+        for line in report.gap_lines(gap, STUDENT, f"{GAP_TEACHER} teacher"):
+            _say("      " + line)
+        ids = [f"scene-{index:05d}" for index in range(min(size.loss_batch, size.num_train))]
+        loss_scenes = data.train.scenes[: len(ids)]
+        loss_batch = {"outputs": cache["source"]({"sample_ids": ids}),
+                      "pixels": processor.image_processor(images=[world.render_scene(s) for s in loss_scenes],
+                                                          return_tensors="pt")["pixel_values"]}  # fmt: skip
+        init_tokens = probes.student_token_map(cache["vlm"], loss_batch["pixels"])
+        images = {index: world.render_scene(scene) for index, scene in enumerate(data.test.scenes)}
+        per_scene = {arm.name: [] for arm in arms}
+        units = {arm.name: [] for arm in arms}
+        losses = {arm.name: {} for arm in arms if arm.kd_preset != "none"}
+        first_seed = {}
+        for seed in size.seeds:
+            for index, arm in enumerate(arms, start=1):
+                _say(f"[6/8] seed {seed}, arm {index}/{len(arms)}: {arm.label}")
+                trained = train_arm(run_dir, arm, seed, data, init, cache, size)
+                evaluated = evaluate_arm(trained["folder"], data, images, pdata, f"{arm.name} seed {seed}")
+                per_scene[arm.name].append(evaluated["probes"])
+                units[arm.name].append(evaluated["units"])
+                if arm.kd_preset != "none":
+                    accounts = loss_accounts(arm, trained, evaluated["model"], init_tokens, loss_batch,
+                                             cache["shapes"], seed)  # fmt: skip
+                    for teacher, account in accounts.items():
+                        losses[arm.name].setdefault(teacher, []).append(account)
+                if seed == size.seeds[0]:
+                    first_seed[arm.name] = {
+                        **trained,
+                        "expert_use": expert_use(evaluated["model"], evaluated["processor"], data),
+                    }
+        _say("[7/8] statistics, plots and model card")
+        results = {"teachers": teacher_reports, "gap": gap, "probes": report.probe_statistics(per_scene, BASELINE_ARM),
+                   "qa": report.qa_statistics(units, BASELINE_ARM), "losses": losses}  # fmt: skip
+        results["verdict"] = report.verdict(gap, results["probes"], results["qa"], labels, BASELINE_ARM)
+        lines = write_results(run_dir, results, labels, size)
+        make_plots(run_dir, first_seed, specs)
+        checkpoint = publish_checkpoint(run_dir, first_seed)
+        _say("[8/8] reloading the checkpoint without movekd_hf (AutoModelForImageTextToText + pipeline)")
         check = final_check(run_dir, checkpoint, data)
-    _say("\n" + results["table"] + "\n")
-    for line in results["verdict"]:
+    _say("")
+    for line in lines[2:]:
         _say(line)
     _say(f"Final check: {check['module']}.{check['model_class']} answered {check['answer']!r} to "
          f"{check['question']!r} (expected {check['expected']!r}).")  # fmt: skip

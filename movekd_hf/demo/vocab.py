@@ -28,7 +28,7 @@ def world_corpus() -> list[str]:
     texts += [world.caption(scene), world.existence_question("red", "circle")]
     texts += [question for question, _ in world.open_questions(scene, random.Random(0)).values()]
     texts += ["What shape is the red object?", "Where is the red circle?", "What colour is the circle?"]
-    texts += ["on the left, in the middle, on the right"]
+    texts += ["on the left, in the middle, on the right", " ".join(world.STRIPES), world.stripes_question("circle")]
     return texts
 
 

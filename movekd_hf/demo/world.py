@@ -2,7 +2,10 @@
 captions (stage 1), question/answer conversations (stage 2) and a held-out evaluation set by question type.
 
 A scene is 1-3 objects, each in its own cell of a 3 x 3 grid (so positions are unambiguous), each with a shape,
-a colour and a size, over one of several backgrounds (plain, striped, checked, noisy). Everything comes from one
+a colour, a size and a stripe orientation (each object is filled with stripes of its colour alternating with the
+colour darkened to `STRIPE_DARKNESS`, horizontal or vertical, period `STRIPE_PERIODS` px, random phase), over one
+of several backgrounds (plain, striped, checked, noisy). The stripe orientation is the demo's gap attribute: the
+student's initial tokens do not carry it and the `convnext` teacher does (teachers.py). Everything comes from one
 `random.Random(seed)`, so the same seed gives the same images and questions on every machine.
 """
 
@@ -27,6 +30,9 @@ COLOURS = {
     "purple": (140, 55, 175),
 }
 SHAPES = ("circle", "square", "triangle")
+STRIPES = ("horizontal", "vertical")  # the gap attribute
+STRIPE_PERIODS = (4, 5)  # stripe period in pixels, drawn per object
+STRIPE_DARKNESS = 0.45  # the dark stripes are the object's colour times this
 SIZES = {"small": 0.19, "large": 0.3}  # object extent as a fraction of the canvas; large fits in a cell
 BACKGROUND_TONES = {"white": (238, 238, 232), "grey": (128, 128, 128), "black": (22, 22, 26)}
 TEXTURES = ("plain", "stripes", "checks", "noise")
@@ -34,7 +40,7 @@ COLUMNS = ("left", "middle", "right")
 COUNT_WORDS = ("zero", "one", "two", "three")
 MAX_OBJECTS = 3
 
-QUESTION_TYPES = ("colour", "shape", "count", "position", "existence")
+QUESTION_TYPES = ("colour", "shape", "stripes", "count", "position", "existence")
 POPE_SPLITS = ("random", "popular", "adversarial")
 SHORT_ANSWER = "Answer the question using a single word or phrase."
 DESCRIBE = "Describe the image."  # the long-answer turn: its caption supervises every object in the scene
@@ -46,6 +52,7 @@ class WorldObject:
     colour: str
     size: str
     cell: tuple[int, int]  # (row, column) in the GRID x GRID layout
+    stripes: str = "horizontal"  # one of STRIPES
 
 
 @dataclass(frozen=True)
@@ -79,7 +86,8 @@ def sample_scene(rng: random.Random) -> Scene:
     count = rng.randint(1, MAX_OBJECTS)
     cells = rng.sample([(r, c) for r in range(GRID) for c in range(GRID)], count)
     objects = tuple(
-        WorldObject(rng.choice(SHAPES), rng.choice(list(COLOURS)), rng.choice(list(SIZES)), cell) for cell in cells
+        WorldObject(rng.choice(SHAPES), rng.choice(list(COLOURS)), rng.choice(list(SIZES)), cell, rng.choice(STRIPES))
+        for cell in cells
     )
     return Scene(objects, rng.choice(list(BACKGROUND_TONES)), rng.choice(TEXTURES), rng.randrange(2**31))
 
@@ -124,13 +132,29 @@ def _draw(draw: ImageDraw.ImageDraw, shape: str, box: tuple[float, float, float,
         draw.polygon([((left + right) / 2, top), (left, bottom), (right, bottom)], fill=fill)
 
 
+def _object_mask(shape: str, box: tuple[float, float, float, float], size: int) -> np.ndarray:
+    mask = Image.new("L", (size, size), 0)
+    _draw(ImageDraw.Draw(mask), shape, box, 1)
+    return np.asarray(mask) > 0  # [size, size] bool
+
+
 def render_scene(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
-    """Draw a scene as an RGB image of `size` x `size` pixels (deterministic in `scene.seed`)."""
-    image = Image.fromarray(_background(scene, size, np.random.default_rng(scene.seed)))
-    draw = ImageDraw.Draw(image)
+    """Draw a scene as an RGB image of `size` x `size` pixels (deterministic in `scene.seed`): each object in its
+    colour, every other band of `period` px (horizontal stripes: bands of rows; vertical: of columns) darkened to
+    `STRIPE_DARKNESS` of it."""
+    canvas = _background(scene, size, np.random.default_rng(scene.seed)).astype(np.float32)  # [H, W, 3]
+    rng = np.random.default_rng(scene.seed + 7)
+    ys, xs = np.mgrid[0:size, 0:size]
     for obj, box in _layout(scene, size):
-        _draw(draw, obj.shape, box, COLOURS[obj.colour])
-    return image
+        period = int(rng.integers(STRIPE_PERIODS[0], STRIPE_PERIODS[-1] + 1))
+        phase = int(rng.integers(0, 2 * period))
+        coordinate = ys if obj.stripes == "horizontal" else xs
+        dark = ((coordinate + phase) // period) % 2 == 0
+        mask = _object_mask(obj.shape, box, size)
+        colour = np.array(COLOURS[obj.colour], dtype=np.float32)
+        canvas[mask] = colour
+        canvas[mask & dark] = colour * STRIPE_DARKNESS
+    return Image.fromarray(canvas.round().clip(0, 255).astype(np.uint8))
 
 
 def render_mask(scene: Scene, size: int = IMAGE_SIZE) -> np.ndarray:
@@ -142,12 +166,26 @@ def render_mask(scene: Scene, size: int = IMAGE_SIZE) -> np.ndarray:
     return np.asarray(mask, dtype=np.int64)
 
 
+def render_stripe_mask(scene: Scene, size: int = IMAGE_SIZE) -> np.ndarray:
+    """Stripe orientation per pixel: 0 background, 1 + STRIPES.index(stripes) per object pixel. [size, size]."""
+    mask = np.zeros((size, size), dtype=np.int64)
+    for obj, box in _layout(scene, size):
+        mask[_object_mask(obj.shape, box, size)] = 1 + STRIPES.index(obj.stripes)
+    return mask
+
+
+def object_centres(scene: Scene, size: int = IMAGE_SIZE) -> list[tuple[WorldObject, float, float]]:
+    """(object, x, y) of each object's bounding-box centre, as fractions of the canvas side (in [0, 1))."""
+    return [(obj, (left + right) / 2 / size, (top + bottom) / 2 / size) for obj, (left, top, right, bottom)
+            in _layout(scene, size)]  # fmt: skip
+
+
 # ------------------------------------------------------------------------------------------------------ language
 
 
 def describe_object(obj: WorldObject) -> str:
     where = ("on the left", "in the middle", "on the right")[obj.cell[1]]
-    return f"a {obj.size} {obj.colour} {obj.shape} {where}"
+    return f"a {obj.size} {obj.colour} {obj.shape} with {obj.stripes} stripes {where}"
 
 
 def caption(scene: Scene) -> str:
@@ -173,6 +211,8 @@ def open_questions(scene: Scene, rng: random.Random) -> dict[str, tuple[str, str
     if by_shape:
         obj = rng.choice(by_shape)
         out["colour"] = (f"What colour is the {obj.shape}?", obj.colour)
+        obj = rng.choice(by_shape)
+        out["stripes"] = (stripes_question(obj.shape), obj.stripes)
     by_colour = _unique(scene, "colour")
     if by_colour:
         obj = rng.choice(by_colour)
@@ -182,6 +222,10 @@ def open_questions(scene: Scene, rng: random.Random) -> dict[str, tuple[str, str
         obj = rng.choice(pairs)
         out["position"] = (f"Where is the {obj.colour} {obj.shape}?", COLUMNS[obj.cell[1]])
     return out
+
+
+def stripes_question(shape: str) -> str:
+    return f"Which way do the stripes on the {shape} run?"
 
 
 def existence_question(colour: str, shape: str) -> str:
@@ -281,8 +325,10 @@ def build_world(out_dir: str, num_train: int, num_test: int, seed: int = 0) -> D
     for index, scene in enumerate(train.scenes):
         image = f"train-{index:05d}.png"
         turns = [{"from": "human", "value": IMAGE_TOKEN}, {"from": "gpt", "value": caption(scene)}]
-        pretrain.append({"id": f"cap-{index}", "image": image, "conversations": turns})
-        finetune.append({"id": f"qa-{index}", "image": image, "conversations": training_conversation(scene, rng)})
+        # One sample id per image in both stages: the teacher-feature cache is keyed by it, so one cache serves both.
+        sample_id = f"scene-{index:05d}"
+        pretrain.append({"id": sample_id, "image": image, "conversations": turns})
+        finetune.append({"id": sample_id, "image": image, "conversations": training_conversation(scene, rng)})
     paths = DemoData(
         folder, os.path.join(out_dir, "pretrain.json"), os.path.join(out_dir, "finetune.json"), train, test
     )

@@ -26,6 +26,7 @@ from .losses import (
     mse_baseline_loss,
     resample_token_weights,
     sample_teacher_keep_mask,
+    teacher_loss_scales,
     teacher_token_loss,
     token_weights_from_cls_attention,
 )
@@ -202,7 +203,10 @@ class MoVEKDDistiller(nn.Module):
                 *teacher_weights.shape, self.config.teacher_dropout, protected, generator, teacher_weights.device
             )
             teacher_weights = apply_teacher_dropout(teacher_weights, keep)["weights"]
-        total = kd_total(per_teacher, teacher_weights)
+        scaled = per_teacher
+        if self.config.teacher_loss_scale:  # a stronger lambda for some teachers; the logged L_t stay unscaled
+            scaled = per_teacher * teacher_loss_scales(self.teacher_names, self.config.teacher_loss_scale, per_teacher)
+        total = kd_total(scaled, teacher_weights)
         return {
             **total,
             "per_teacher_loss": per_teacher,

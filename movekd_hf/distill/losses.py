@@ -7,7 +7,7 @@ Each function takes tensors, returns a dict of named components, and holds no st
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +38,9 @@ class KDLossConfig:
         remaining weights renormalised to sum to one.
     objective: "movekd" or "mse_baseline" (the paper's ablation: interpolated tokens, plain MSE, equal weights).
     adapter: "token_mix" (faithful), "resample" (any input size) or "student_head" (student-to-teacher).
+    teacher_loss_scale: faithful {} (every teacher 1.0); teacher slug -> factor c_t > 0 on that teacher's loss in
+        L_kd = mean_b sum_t a_t c_t L_t, e.g. {"convnext": 4.0} gives one teacher a stronger lambda without
+        changing the teacher weights a_t. Logged per-teacher losses stay the unscaled L_t. `movekd` objective only.
     """
 
     token_weighting: str = "cls_attention"
@@ -51,6 +54,7 @@ class KDLossConfig:
     teacher_dropout: float = 0.0
     objective: str = "movekd"
     adapter: str = "token_mix"
+    teacher_loss_scale: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name, allowed in (
@@ -67,6 +71,11 @@ class KDLossConfig:
             raise ValueError(f"KDLossConfig.teacher_dropout must be in [0, 1), got {self.teacher_dropout}")
         if not 0.0 < self.standardize_momentum <= 1.0:
             raise ValueError(f"KDLossConfig.standardize_momentum must be in (0, 1], got {self.standardize_momentum}")
+        bad = {name: value for name, value in self.teacher_loss_scale.items() if not float(value) > 0.0}
+        if bad:
+            raise ValueError(f"KDLossConfig.teacher_loss_scale factors must be positive, got {bad}")
+        if self.teacher_loss_scale and self.objective != "movekd":
+            raise ValueError("KDLossConfig.teacher_loss_scale applies to objective='movekd' only")
         if self.adapter == "student_head" and self.teacher_weighting == "cls_similarity":
             raise ValueError(
                 "KDLossConfig: teacher_weighting='cls_similarity' needs teacher tokens in the student's width; "
@@ -225,6 +234,15 @@ def apply_teacher_dropout(weights: torch.Tensor, keep: torch.Tensor) -> dict[str
     """
     kept = weights * keep.to(weights.dtype)
     return {"weights": kept / kept.sum(dim=1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny), "keep": keep}
+
+
+def teacher_loss_scales(names: Sequence[str], scales: Mapping[str, float], like: torch.Tensor) -> torch.Tensor:
+    """The factors c_t of `KDLossConfig.teacher_loss_scale` as a [T] tensor in the order of `names` (1.0 for a
+    teacher not named), in `like`'s dtype and device. Raises ValueError for a scale naming no teacher."""
+    unknown = sorted(set(scales) - set(names))
+    if unknown:
+        raise ValueError(f"teacher_loss_scale names {unknown}, not among the teachers {list(names)}")
+    return torch.tensor([float(scales.get(name, 1.0)) for name in names], dtype=like.dtype, device=like.device)
 
 
 def kd_total(per_teacher_loss: torch.Tensor, teacher_weights: torch.Tensor) -> dict[str, torch.Tensor]:
