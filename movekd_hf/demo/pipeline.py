@@ -319,11 +319,16 @@ def make_plots(run: Path, arms: dict, specs) -> list[str]:
     labels = {arm.name: arm.label for arm in ARMS if arm.name in arms}
     histories = {name: arms[name]["histories"] for name in labels}
     folder = run / "plots"
+    shown = f"movekd-hf demo, run {run.name}: training seed 0 of every arm"
     paths = [
-        plots.plot_losses(histories, labels, str(folder / "loss_components.png")),
-        plots.plot_teacher_weights(histories, labels, str(folder / "teacher_weights.png")),
+        plots.plot_losses(histories, labels, str(folder / "loss_components.png"), shown),
+        plots.plot_teacher_weights(histories, labels, str(folder / "teacher_weights.png"), shown),
         plots.plot_experts(
-            np.array(arms[FINAL_ARM]["expert_use"]), histories, labels, str(folder / "expert_utilisation.png")
+            np.array(arms[FINAL_ARM]["expert_use"]),
+            histories,
+            labels,
+            str(folder / "expert_utilisation.png"),
+            f"movekd-hf demo, run {run.name}: {labels[FINAL_ARM]}, seed 0",
         ),
     ]
     photo = skdata.astronaut()
@@ -331,7 +336,12 @@ def make_plots(run: Path, arms: dict, specs) -> list[str]:
     images = torch.from_numpy(photo).permute(2, 0, 1)[None].float().div(255.0)  # [1, 3, 512, 512]
     row = clip(images).cls_attention  # [1, N]
     weights = token_weights_from_cls_attention(row)["token_weights"]
-    paths.append(plots.plot_cls_attention(photo, row[0], weights[0], str(folder / "cls_attention_astronaut.png")))
+    paths.append(
+        plots.plot_cls_attention(
+            photo, row[0], weights[0], str(folder / "cls_attention_astronaut.png"),
+            f"movekd-hf demo, run {run.name}: the pretrained clip teacher (the student's starting tower)",
+        )
+    )  # fmt: skip
     return paths
 
 
