@@ -31,6 +31,7 @@ def run_demo(out: Path, quick: bool, log: Path | None = None) -> dict:
     if out.exists():
         shutil.rmtree(out)
     log = log or out.with_suffix(".log")
+    log.parent.mkdir(parents=True, exist_ok=True)  # a fresh clone has no runs/ yet
     command = [sys.executable, "-m", "movekd_hf.cli", "demo", "--out", str(out)] + (["--quick"] if quick else [])
     load_before = os.getloadavg()
     start = time.perf_counter()

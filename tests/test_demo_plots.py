@@ -9,7 +9,9 @@ import torch
 
 from movekd_hf.demo import plots
 
-ARMS = {"none": "LLaVA (no distillation)", "faithful": "MoVE-KD faithful", "anchor": "anchor 0.4"}
+# As many arms as the demo has (5), so every line style is drawn.
+ARMS = {"none": "LLaVA (no distillation)", "faithful": "MoVE-KD faithful", "anchor": "anchor 0.4",
+        "standardised": "standardised", "gap_x4": "convnext loss x4", "extra": "a sixth arm"}  # fmt: skip
 
 
 def history(offset: float) -> list[list[dict]]:
@@ -43,7 +45,7 @@ def figures(monkeypatch):
 
 
 def test_every_figure_is_labelled(tmp_path, figures):
-    histories = {"none": history(0.0), "faithful": history(0.2), "anchor": history(0.2)}  # two curves coincide
+    histories = {arm: history(0.0 if arm == "none" else 0.2) for arm in ARMS}  # the KD arms' curves coincide
     run = "movekd-hf demo, run demo: training seed 0 of every arm"
     plots.plot_losses(histories, ARMS, str(tmp_path / "loss.png"), run)
     plots.plot_teacher_weights(histories, ARMS, str(tmp_path / "weights.png"), run)

@@ -112,7 +112,8 @@ def plot_experts(
     for style, (arm, stages) in zip(ARM_STYLES, histories.items()):
         for expert in range(per_layer.shape[1]):
             steps, values = series(stages, f"mole/expert_{expert}_tokens")
-            right.plot(steps, values, style, color=f"C{expert}", linewidth=1, label=f"{labels[arm]}, expert {expert}")
+            right.plot(steps, values, linestyle=style, color=f"C{expert}", linewidth=1,
+                       label=f"{labels[arm]}, expert {expert}")  # fmt: skip
     right.set_title("token share per expert during training")
     right.set_xlabel("optimizer step (stage 1, then stage 2)")
     right.set_ylabel("fraction of image tokens")
