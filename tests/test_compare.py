@@ -228,3 +228,28 @@ def test_compare_command_names_a_folder_without_answers(tmp_path, capsys):
     code = main(["compare", str(run_a), str(empty), "--benchmark", "gqa", "--annotations", str(annotations)])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and str(empty) in err[0] and "gqa_answers.jsonl" in err[0]
+
+
+def test_a_runs_card_carries_its_comparisons(tmp_path, capsys):
+    """`compare --json RUN/eval/compare/...` puts the intervals where the run's model card shows them."""
+    from _hub_fixtures import make_run_dir
+    from huggingface_hub import ModelCard
+
+    from movekd_hf.cli import main
+    from movekd_hf.hub_cards.card import write_card
+
+    annotations, (run_a, run_b) = write_gqa(tmp_path, 300, 0.9, 0.5)
+    run = make_run_dir(run_a, full=False)
+    out = run / "eval" / "compare" / "gqa_vs_b.json"
+    out.parent.mkdir(parents=True)
+    argv = ["compare", str(run_a), str(run_b), "--benchmark", "gqa", "--annotations", str(annotations),
+            "--resamples", "300", "--json", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    assert json.loads((run / "eval" / "gqa_answers.jsonl").read_text().splitlines()[0])  # eval records untouched
+    write_card(run)
+    text = (run / "checkpoint" / "README.md").read_text()
+    ModelCard(text)  # still a valid card
+    overall = json.loads(out.read_text())["intervals"]["overall"]
+    row = (f"| gqa | b | overall | {overall['n']} (95 %) | {overall['estimate']:+.1f} "
+           f"[{overall['low']:+.1f}, {overall['high']:+.1f}] |")  # fmt: skip
+    assert "## Paired comparisons" in text and row in text

@@ -27,7 +27,11 @@ def add_parser(subparsers: Any) -> None:
     compare.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples (default 2000)")
     compare.add_argument("--confidence", type=float, default=0.95, help="interval confidence (default 0.95)")
     compare.add_argument("--seed", type=int, default=0, help="seed of the bootstrap draws (default 0)")
-    compare.add_argument("--json", metavar="PATH", help="also write the intervals as JSON to PATH")
+    compare.add_argument(
+        "--json",
+        metavar="PATH",
+        help="also write the intervals as JSON to PATH; under RUN/eval/compare/ the model card of RUN shows them",
+    )
     compare.set_defaults(func=run_compare)
 
 
@@ -67,7 +71,8 @@ def run_compare(args: argparse.Namespace) -> int:
     intervals = compare_predictions(benchmark, a, b, args.resamples, args.confidence, args.seed)
     print(format_comparison(name, intervals, str(args.a), str(args.b)))
     if args.json:
-        payload = {"benchmark": name, "a": str(paths[0]), "b": str(paths[1]), "resamples": args.resamples,
+        payload = {"benchmark": name, "a": str(paths[0]), "b": str(paths[1]), "against": Path(args.b).name,
+                   "resamples": args.resamples,
                    "intervals": {kind: value.to_dict() for kind, value in intervals.items()}}  # fmt: skip
         Path(args.json).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
     return 0

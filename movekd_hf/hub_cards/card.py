@@ -294,6 +294,20 @@ class EvalStatus:
     note: str
 
 
+def comparison_rows(run: RunDir) -> list[tuple[str, str, str, str, str]]:
+    """(benchmark, against, question type, n, `diff [low, high]` with "not resolved" where the interval includes
+    zero) for every `eval/compare/*.json` the run holds (`movekd-hf compare --json`)."""
+    rows = []
+    for record in run.comparisons.values():
+        against = str(record.get("against") or record.get("b", "?"))
+        for kind, value in (record.get("intervals") or {}).items():
+            text = f"{value['estimate']:+.1f} [{value['low']:+.1f}, {value['high']:+.1f}]"
+            text += "" if value.get("resolved") else " (not resolved)"
+            confidence = f"{round(100 * value.get('confidence', 0.95))} %"
+            rows.append((str(record.get("benchmark", "?")), against, kind, f"{value['n']} ({confidence})", text))
+    return rows
+
+
 def eval_status(run: RunDir, benchmark: str) -> EvalStatus:
     """What the run's `eval/<benchmark>.json` record says of `benchmark` (see run_dir's contract)."""
     key = benchmark_key(benchmark)
@@ -426,6 +440,7 @@ def build_model_card(run: RunDir, repo_id: str | None = None) -> ModelCard:
         ),
         results=_result_rows(run),
         any_published=bool(published_results(run)),
+        comparisons=comparison_rows(run),
         plots=run.plots,
     )
 

@@ -62,6 +62,16 @@ The teachers are used during training only; they are not part of these weights.
 metadata and, for benchmarks hosted on the Hub, in `.eval_results/*.yaml`; limited runs are not.
 {% else %}None of these runs covered a whole benchmark, so none is published as a benchmark result in the metadata.
 {% endif %}{% endif %}
+{% if comparisons %}
+## Paired comparisons
+
+This run minus another on the same questions (`movekd-hf compare`): the difference in points with its bootstrap
+interval over questions; a difference whose interval includes zero is not resolved.
+
+| benchmark | against | question type | n (confidence) | difference [interval] |
+|---|---|---|---|---|
+{% for benchmark, against, kind, n, text in comparisons %}| {{ benchmark }} | {{ against }} | {{ kind }} | {{ n }} | {{ text }} |
+{% endfor %}{% endif %}
 {% if plots %}
 ## Training curves
 

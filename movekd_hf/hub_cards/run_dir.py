@@ -22,6 +22,8 @@ A run directory ``RUN_DIR`` holds:
   ``limit`` / ``num_samples`` when it records them). A benchmark with a record is published as a benchmark result
   only when the record says the whole benchmark ran (``"limit": null``); a limited or unverified run shows in the
   card with its sample count, marked as such. Results without a record are taken as given.
+- ``eval/compare/*.json`` (optional): paired comparisons written by ``movekd-hf compare --json`` (the
+  intervals of this run against another, per question type); the card shows them.
 - ``plots/*.png`` (optional): figures shown in the card and uploaded next to it.
 
 The card is written from whatever exists; missing optional parts are left out, never invented.
@@ -39,6 +41,7 @@ TRAIN_CONFIG_FILE = "train_config.json"
 TRAINING_ARGS_FILE = "training_args.json"
 EVAL_RESULTS_FILE = "eval/results.json"
 EVAL_DIR = "eval"
+COMPARE_DIR = "eval/compare"
 PLOTS_DIR = "plots"
 
 
@@ -55,6 +58,8 @@ class RunDir:
     plots: list[Path] = field(default_factory=list)
     # `eval/<benchmark>.json` records keyed by file stem, each with `answer_lines` added when the answers file exists.
     eval_records: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # `eval/compare/*.json` (`movekd-hf compare --json`), keyed by file stem.
+    comparisons: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def find_checkpoint(root: Path) -> Path:
@@ -134,4 +139,5 @@ def read_run_dir(path: str | Path, overrides: dict[str, Any] | None = None) -> R
         eval_results=eval_results,
         plots=plots,
         eval_records=read_eval_records(root / EVAL_DIR),
+        comparisons={path.stem: _read_json(path, dict) for path in sorted((root / COMPARE_DIR).glob("*.json"))},
     )
