@@ -4,7 +4,7 @@ import datasets
 import evaluate
 
 from movekd_hf.evaluation.scorers import gqa_accuracy
-from movekd_hf.metrics._rows import keyed, keyed_predictions
+from movekd_hf.metrics._rows import keyed, keyed_predictions, metric_info
 
 _DESCRIPTION = """GQA exact-match accuracy as LLaVA-1.5 scores testdev-balanced (llava/eval/eval_gqa.py): the
 prediction, lower-cased and without a trailing period, must equal the answer. Percentages."""
@@ -33,14 +33,12 @@ _CITATION = """@inproceedings{hudson2019gqa,
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class GQAAccuracy(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {"predictions": datasets.Value("string"), "references": datasets.Value("string")}
-            ),
-            reference_urls=["https://cs.stanford.edu/people/dorarad/gqa/evaluate.html"],
+        return metric_info(
+            _DESCRIPTION,
+            _CITATION,
+            _KWARGS_DESCRIPTION,
+            datasets.Value("string"),
+            ["https://cs.stanford.edu/people/dorarad/gqa/evaluate.html"],
         )
 
     def _compute(self, predictions, references, structural_types=None):

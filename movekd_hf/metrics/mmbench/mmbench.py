@@ -4,7 +4,7 @@ import datasets
 import evaluate
 
 from movekd_hf.evaluation.scorers import mmbench_circular_accuracy
-from movekd_hf.metrics._rows import keyed_predictions
+from movekd_hf.metrics._rows import keyed_predictions, metric_info
 
 _DESCRIPTION = """MMBench with circular evaluation: each question is asked once per rotation of its options, and
 counts as right only if every round is answered right. A reply picks an option by its letter ("B", "B. ...",
@@ -38,22 +38,17 @@ _CITATION = """@inproceedings{liu2024mmbench,
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class MMBenchCircular(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {
-                    "predictions": datasets.Value("string"),
-                    "references": {
-                        "group": datasets.Value("int64"),
-                        "answer": datasets.Value("string"),
-                        "options": datasets.Sequence(datasets.Value("string")),
-                        "category": datasets.Value("string"),
-                    },
-                }
-            ),
-            reference_urls=["https://github.com/open-compass/MMBench"],
+        return metric_info(
+            _DESCRIPTION,
+            _CITATION,
+            _KWARGS_DESCRIPTION,
+            {
+                "group": datasets.Value("int64"),
+                "answer": datasets.Value("string"),
+                "options": datasets.Sequence(datasets.Value("string")),
+                "category": datasets.Value("string"),
+            },
+            ["https://github.com/open-compass/MMBench"],
         )
 
     def _compute(self, predictions, references):

@@ -4,7 +4,7 @@ import datasets
 import evaluate
 
 from movekd_hf.evaluation.scorers import mme_scores
-from movekd_hf.metrics._rows import keyed_predictions
+from movekd_hf.metrics._rows import keyed_predictions, metric_info
 
 _DESCRIPTION = """MME scores as its official calculation.py computes them: per subtask, acc (% of questions right)
 plus acc+ (% of images whose two questions are both right); `perception` (the paper's MME, out of 2000) sums the
@@ -37,21 +37,16 @@ _CITATION = """@article{fu2023mme,
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class MME(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {
-                    "predictions": datasets.Value("string"),
-                    "references": {
-                        "category": datasets.Value("string"),
-                        "image": datasets.Value("string"),
-                        "answer": datasets.Value("string"),
-                    },
-                }
-            ),
-            reference_urls=["https://github.com/BradyFU/Awesome-Multimodal-Large-Language-Models/tree/Evaluation"],
+        return metric_info(
+            _DESCRIPTION,
+            _CITATION,
+            _KWARGS_DESCRIPTION,
+            {
+                "category": datasets.Value("string"),
+                "image": datasets.Value("string"),
+                "answer": datasets.Value("string"),
+            },
+            ["https://github.com/BradyFU/Awesome-Multimodal-Large-Language-Models/tree/Evaluation"],
         )
 
     def _compute(self, predictions, references):

@@ -4,7 +4,7 @@ import datasets
 import evaluate
 
 from movekd_hf.evaluation.scorers import pope_scores
-from movekd_hf.metrics._rows import keyed_predictions
+from movekd_hf.metrics._rows import keyed_predictions, metric_info
 
 _DESCRIPTION = """POPE object-hallucination metrics as LLaVA-1.5 scores them (llava/eval/eval_pope.py): an answer is
 "no" when its first sentence holds the word No/no/not, else "yes"; accuracy, precision, recall, F1 and the yes
@@ -36,17 +36,12 @@ _CITATION = """@inproceedings{li2023pope,
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class POPE(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {
-                    "predictions": datasets.Value("string"),
-                    "references": {"label": datasets.Value("string"), "split": datasets.Value("string")},
-                }
-            ),
-            reference_urls=["https://github.com/RUCAIBox/POPE"],
+        return metric_info(
+            _DESCRIPTION,
+            _CITATION,
+            _KWARGS_DESCRIPTION,
+            {"label": datasets.Value("string"), "split": datasets.Value("string")},
+            ["https://github.com/RUCAIBox/POPE"],
         )
 
     def _compute(self, predictions, references):

@@ -4,7 +4,7 @@ import datasets
 import evaluate
 
 from movekd_hf.evaluation.scorers import scienceqa_accuracy
-from movekd_hf.metrics._rows import keyed_predictions
+from movekd_hf.metrics._rows import keyed_predictions, metric_info
 
 _DESCRIPTION = """ScienceQA multiple-choice accuracy as LLaVA-1.5 scores it (llava/eval/eval_science_qa.py): the
 reply picks an option by its bare letter, "X. ...", or "The answer is X."; anything else is wrong. Give only the
@@ -34,20 +34,12 @@ _CITATION = """@inproceedings{lu2022scienceqa,
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class ScienceQAAccuracy(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {
-                    "predictions": datasets.Value("string"),
-                    "references": {
-                        "choices": datasets.Sequence(datasets.Value("string")),
-                        "answer": datasets.Value("int32"),
-                    },
-                }
-            ),
-            reference_urls=["https://scienceqa.github.io/"],
+        return metric_info(
+            _DESCRIPTION,
+            _CITATION,
+            _KWARGS_DESCRIPTION,
+            {"choices": datasets.Sequence(datasets.Value("string")), "answer": datasets.Value("int32")},
+            ["https://scienceqa.github.io/"],
         )
 
     def _compute(self, predictions, references):

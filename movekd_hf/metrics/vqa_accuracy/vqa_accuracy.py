@@ -4,7 +4,7 @@ import datasets
 import evaluate
 
 from movekd_hf.evaluation.scorers import vqa_accuracy
-from movekd_hf.metrics._rows import keyed, keyed_predictions
+from movekd_hf.metrics._rows import keyed, keyed_predictions, metric_info
 
 _DESCRIPTION = """The official VQA accuracy (visualqa.org/evaluation.html), as LLaVA-1.5 reports VQAv2, TextVQA and
 VizWiz: answers are normalised (punctuation, articles, number words, contractions), and a prediction scores
@@ -35,14 +35,12 @@ _CITATION = """@inproceedings{goyal2017vqav2,
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class VQAAccuracy(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {"predictions": datasets.Value("string"), "references": datasets.Sequence(datasets.Value("string"))}
-            ),
-            reference_urls=["https://visualqa.org/evaluation.html"],
+        return metric_info(
+            _DESCRIPTION,
+            _CITATION,
+            _KWARGS_DESCRIPTION,
+            datasets.Sequence(datasets.Value("string")),
+            ["https://visualqa.org/evaluation.html"],
         )
 
     def _compute(self, predictions, references, answer_types=None):
