@@ -132,13 +132,17 @@ class TeacherSpec:
 class TeacherOutput:
     """tokens [B, N_t, C_t]; grid (h, w) with h * w = N_t; cls [B, C_t] or None; cls_attention [B, N_t] or None
     (CLS query's attention over the patch keys, softmax over all keys, averaged over heads); prefix [B, P, C_t]
-    (the CLS/register tokens dropped from `tokens`) only for specs with `keep_prefix_tokens`."""
+    (the CLS/register tokens dropped from `tokens`) only for specs with `keep_prefix_tokens`; pooled [B, C_t] or
+    None (an attention-pooling head's output, e.g. SigLIP's MAP head); pool_attention [B, N_t] or None (that head's
+    probe attention over the patch tokens, averaged over heads, rows sum to 1)."""
 
     tokens: torch.Tensor
     grid: tuple[int, int]
     cls: torch.Tensor | None = None
     cls_attention: torch.Tensor | None = None
     prefix: torch.Tensor | None = None
+    pooled: torch.Tensor | None = None
+    pool_attention: torch.Tensor | None = None
 
 
 # ----------------------------------------------------------------------------------------------- preprocessing
