@@ -13,6 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
+from movekd_hf import cli
 from movekd_hf.hub_cards.card import render_repo_files
 from movekd_hf.hub_cards.run_dir import RunDir
 from movekd_hf.training import from_config as training
@@ -68,4 +69,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Through the command's error handling, so `accelerate launch -m movekd_hf.train` and `python -m
+    # movekd_hf.train` print a user error as the one line `movekd-hf train: error: ...` (exit 2), as
+    # `movekd-hf train` does; `--debug` shows the traceback.
+    sys.exit(cli.main(["train", *sys.argv[1:]]))

@@ -149,6 +149,15 @@ def test_unknown_preset_is_one_line_through_the_installed_script():
     assert_one_line_error(2, lines, "plan", "--preset", "'gpt-5'", "llava-1.5-7b")
 
 
+def test_python_dash_m_train_is_one_line_too(tmp_path):
+    """`python -m movekd_hf.train` (what `accelerate launch -m` runs) reports a user error as `movekd-hf train`."""
+    command = [sys.executable, "-m", "movekd_hf.train", str(tmp_path / "missing.yaml")]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=120, env=OFFLINE)
+    assert_one_line_error(out.returncode, out.stderr.splitlines(), "train", "missing.yaml", "no such file")
+    debug = subprocess.run([*command, "--debug"], capture_output=True, text=True, timeout=120, env=OFFLINE)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
 def test_offline_hub_id_is_one_line_and_debug_shows_the_traceback(tmp_path):
     argv = ["init", "--llava", "nobody/no-such-llava", "--out", str(tmp_path / "out")]
     out = run_script(*argv)
