@@ -10,9 +10,10 @@ values): unknown keys, values of the wrong type, NaN or infinite loss weights, L
 from __future__ import annotations
 
 import difflib
+import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -21,7 +22,7 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from .. import configs
 from ..distill.cache import COMPRESSION_KINDS, TOKEN_DTYPES
-from ..distill.losses import KD_LOSS_PRESETS
+from ..distill.losses import KD_LOSS_FIELDS, KD_LOSS_PRESETS, KDLossConfig
 from ..distill.presets import TEACHER_SETS
 from ..errors import InputError, SettingsError
 from .data_args import MoVEKDDataArguments
@@ -160,6 +161,12 @@ class MoVEKDTrainingArguments(TrainingArguments):
         metadata={"help": "A checkpoint whose distill_adapters.safetensors the teacher adapters start from (stage 2 "
                   "carrying on from stage 1)."},
     )  # fmt: skip
+    kd_options: dict | str | None = field(
+        default=None,
+        metadata={"help": "KDLossConfig options over kd_preset's: a YAML mapping, or JSON on the command line, e.g. "
+                  "'{\"token_loss\": \"cosine_smooth_l1\", \"feature_standardization\": \"phi_s\"}'. Keys: "
+                  + ", ".join(KD_LOSS_FIELDS) + "."},
+    )  # fmt: skip
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep image columns for the collator."})
     nonfinite_policy: str = field(
         default="stop",
@@ -191,6 +198,63 @@ class MoVEKDTrainingArguments(TrainingArguments):
             _check_choice(name, value, choices)
         for name in ("lambda_kd", "lambda_bal", "learning_rate"):
             _check_number(name, getattr(self, name), 0)
+        self.kd_options = _parse_kd_options(self.kd_options, self.kd_preset)
+
+    def kd_option_overrides(self) -> dict[str, Any]:
+        """The `KDLossConfig` fields `kd_options` sets over `kd_preset`'s (a copy; {} when none), for
+        `KDLossConfig.from_preset(args.kd_preset, **args.kd_option_overrides())`."""
+        return dict(self.kd_options or {})
+
+
+_KD_OPTION_TYPES = {f.name: type(getattr(KDLossConfig(), f.name)) for f in fields(KDLossConfig)}
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a mapping"}
+
+
+def _kd_value_ok(name: str, value: Any) -> bool:
+    kind = _KD_OPTION_TYPES[name]
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def _parse_kd_options(value: dict | str | None, kd_preset: str) -> dict[str, Any] | None:
+    """`kd_options` (a mapping, JSON text of one, or None) -> a checked mapping of KDLossConfig fields, or None.
+    Raises `SettingsError` (field kd_options) naming the key and the values it allows."""
+    if value is None or value == "" or value == {}:
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as error:
+            raise SettingsError(
+                f"is not JSON ({error.msg} at character {error.pos})", field="kd_options",
+                expected='a JSON object, e.g. \'{"token_loss": "cosine_smooth_l1"}\'',
+            ) from error  # fmt: skip
+    if not isinstance(value, dict):
+        raise SettingsError(f"holds a {type(value).__name__}", field="kd_options", expected="a mapping of options")
+    if kd_preset == "none":
+        raise SettingsError(
+            "is set, but kd_preset 'none' trains without KD", field="kd_options", expected="no kd_options"
+        )
+    for key, option in value.items():
+        if key not in _KD_OPTION_TYPES:
+            close = difflib.get_close_matches(str(key), list(_KD_OPTION_TYPES), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise SettingsError(
+                f"has unknown key {key!r}{hint}", field="kd_options", expected=f"keys among {KD_LOSS_FIELDS}"
+            )
+        if not _kd_value_ok(key, option):
+            kind = _TYPE_WORDS[_KD_OPTION_TYPES[key]]
+            raise SettingsError(f"key {key!r} is {option!r}", field="kd_options", expected=f"{kind} for {key}")
+    try:
+        KDLossConfig.from_preset(kd_preset, **value)
+    except ValueError as error:  # the allowed values, as KDLossConfig states them
+        raise SettingsError(
+            f"{error}", field="kd_options", expected=f"values KDLossConfig accepts over kd_preset {kd_preset!r}"
+        ) from error
+    return dict(value)
 
 
 ARGUMENT_CLASSES = (MoVEKDModelArguments, MoVEKDDataArguments, MoVEKDTrainingArguments)
