@@ -34,8 +34,6 @@ from transformers import SiglipModel as SiglipWholeModel
 
 from movekd_hf import MoVEKDConfig, MoVEKDForConditionalGeneration
 from movekd_hf.cli import main
-from movekd_hf.distill.presets import teacher_specs
-from movekd_hf.distill.teachers import build_teacher
 from movekd_hf.errors import SettingsError
 from movekd_hf.models import (
     build_byte_tokenizer,
@@ -45,10 +43,8 @@ from movekd_hf.models import (
     from_vision_and_llm,
 )
 from movekd_hf.training.arguments import MoVEKDTrainingArguments
-from movekd_hf.training.data_args import MoVEKDDataArguments, build_train_data, num_image_tokens
-from movekd_hf.training.teacher_source import ANCHOR, OnlineTeachers, teacher_view_size
-from movekd_hf.training.toy_data import make_toy_llava_dataset
-from movekd_hf.training.trainer import MoVEKDTrainer, build_distiller
+from movekd_hf.training.data_args import num_image_tokens
+from movekd_hf.training.trainer import MoVEKDTrainer
 
 TINY_SIGLIP = {k: TINY_VISION[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers")}
 TINY_SIGLIP.update(num_attention_heads=TINY_VISION["num_attention_heads"], image_size=32, patch_size=8)
@@ -240,30 +236,12 @@ def test_stage2_distils_a_llava_that_feeds_cls_to_its_projector(tmp_path):
 
 
 def test_stage2_distils_a_siglip_student(tmp_path):
-    """The `clip` anchor copies a CLIP student's tower (training/teacher_source.py), so a SigLIP student gets a
-    ready teacher source: tiny `clip` (on the student's 4 x 4 grid and width) and `convnext` teachers."""
+    """A SigLIP student distils through the command line's path: its anchor is a frozen copy of its own SigLIP
+    tower (named `siglip`, training/teacher_source.py), beside the tiny set's other teachers."""
     checkpoint = _init_vision(tmp_path, "siglip")
-    model = MoVEKDForConditionalGeneration.from_pretrained(checkpoint)
-    processor = AutoProcessor.from_pretrained(checkpoint)
-    specs = [spec for spec in teacher_specs("tiny") if spec.slug in (ANCHOR, "convnext")]
-    torch.manual_seed(0)
-    teachers = OnlineTeachers({spec.slug: build_teacher(spec) for spec in specs}).to("cpu", torch.float32)
-    toy = make_toy_llava_dataset(tmp_path / "toy", num_samples=8)
-    data_args = MoVEKDDataArguments(
-        data_path=toy.finetune_json,
-        image_folder=toy.image_folder,
-        teacher_image_size=teacher_view_size(model.config, specs),
-    )
-    data = build_train_data(data_args, processor)
-    args = MoVEKDTrainingArguments(
-        output_dir=str(tmp_path / "run"), stage="stage2", kd_preset="default", max_steps=2, logging_steps=1,
-        per_device_train_batch_size=4, save_strategy="no", report_to="none", disable_tqdm=True, seed=0,
-    )  # fmt: skip
-    distiller = build_distiller(model, [spec for spec in specs if spec.slug != ANCHOR], args)
-    trainer = MoVEKDTrainer(
-        model=model, args=args, teachers=teachers, distiller=distiller, train_dataset=data.dataset,
-        data_collator=data.collator, processing_class=processor,
-    )  # fmt: skip
+    trainer = build(TINY_STAGE2, tmp_path / "run", "--model_name_or_path", str(checkpoint), "--data_path",
+                    "toy:finetune:8", "--max_steps", "2", "--logging_steps", "1", "--save_strategy", "no")  # fmt: skip
+    assert trainer.model.distiller.teacher_names == ["siglip", "convnext", "sam"]
     shapes = _distiller_inputs(trainer)
     trainer.train()
     assert trainer.state.global_step == 2

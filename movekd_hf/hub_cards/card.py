@@ -126,17 +126,40 @@ def teacher_set_members(teacher_set: str | None) -> dict[str, TeacherInfo]:
     return {}
 
 
-def resolve_teachers(train_config: dict[str, Any] | None) -> list[TeacherInfo]:
+def anchor_info(name: str, student_tower: str | None) -> TeacherInfo:
+    """The credit of an anchor teacher the run's teacher set does not describe (a SigLIP student's `siglip`): the
+    student's own vision tower as training began, by its Hub id when the run knows it."""
+    where = f"`{student_tower}`" if student_tower else "its id not recorded"
+    return TeacherInfo(name, f"the student's own vision tower as training began ({where})", "the student encoder's")
+
+
+def student_tower_id(run: RunDir) -> str | None:
+    """The student tower's Hub id: train_config's `vision_tower`, else the `_name_or_path` that `init --vision`
+    leaves in config.json's `vision_config`; None for a local folder or nothing recorded."""
+    vision = (run.config or {}).get("vision_config") or {}
+    for value in ((run.train_config or {}).get("vision_tower"), vision.get("_name_or_path")):
+        if hub_repo_id(value, run):
+            return value
+    return None
+
+
+def resolve_teachers(train_config: dict[str, Any] | None, student_tower: str | None = None) -> list[TeacherInfo]:
     """The run's teachers from `train_config["teachers"]` (slug list, slug->id dict or list of dicts with `name`,
     optional `model_id`, `license`, `pretrained`).
 
     A bare slug means what the run's `teacher_set` says it means (`teacher_set_members`); outside a named set its id
-    and licence are "not recorded". `pretrained: false` means random weights: no licence applies."""
+    and licence are "not recorded". `pretrained: false` means random weights: no licence applies. The anchor
+    (`kd_loss.anchor_teacher`, recorded without an id) is the student's own tower: where the set does not describe
+    it (a SigLIP student's `siglip`; the sets' `clip` entry stands for a CLIP tower) it is credited to
+    `student_tower` (`anchor_info`)."""
     train_config = train_config or {}
     raw = train_config.get("teachers")
     if raw is None:
         return []
     members = teacher_set_members(train_config.get("teacher_set"))
+    anchor = (train_config.get("kd_loss") or {}).get("anchor_teacher")
+    if anchor and anchor not in members:
+        members = {**members, anchor: anchor_info(anchor, student_tower)}
     if isinstance(raw, dict):
         raw = [{"name": name, "model_id": model_id} for name, model_id in raw.items()]
     if not isinstance(raw, list):
@@ -430,7 +453,7 @@ def build_model_card(run: RunDir, repo_id: str | None = None) -> ModelCard:
         architecture=describe_architecture(run.config, run),
         llm_lora=has_llm_lora(run.checkpoint),
         llm_lora_dir=LLM_LORA_DIR,
-        teachers=resolve_teachers(run.train_config),
+        teachers=resolve_teachers(run.train_config, student_tower_id(run)),
         teacher_set=train_config.get("teacher_set"),
         hyperparameters=collect_hyperparameters(run),
         recipe_summary=(
