@@ -1,9 +1,10 @@
 """Model presets and the ways to start a MoVE-KD model.
 
 Presets: `tiny`, a random model (< 2M parameters) with a byte-level tokenizer built offline, for tests and the CPU
-demo; and the paper's LLaVA-1.5 sizes (`llava-1.5-7b`, `llava-1.5-13b`, `mobilellama-1.4b`), built on the meta
-device for planning. Builders: from a preset, from a vision encoder plus a causal LM (as LLaVA training starts), or
-from an existing Hugging Face LLaVA checkpoint (MoLE added, every LLaVA weight kept).
+demo; the paper's LLaVA-1.5 sizes (`llava-1.5-7b`, `llava-1.5-13b`, `mobilellama-1.4b`) and llava-hf's
+LLaVA-OneVision ones (`onevision-qwen2-0.5b`, `onevision-qwen2-7b`), built on the meta device for planning. Builders:
+from a preset, from a vision encoder plus a causal LM (as LLaVA training starts), or from an existing Hugging Face
+LLaVA or LLaVA-OneVision checkpoint (MoLE added, every weight kept).
 
 The student's tower is the `clip` teacher's architecture (distill/presets.py), as the paper's student starts as
 its CLIP teacher.
@@ -20,16 +21,24 @@ import logging
 
 import torch
 from torch import nn
-from transformers import CLIPVisionConfig, LlamaConfig
+from transformers import CLIPVisionConfig, LlamaConfig, Qwen2Config, SiglipVisionConfig
 
 from .distill.presets import CLIP_L_336, TINY_CLIP
-from .modeling import MoVEKDConfig, MoVEKDForConditionalGeneration, MoVEKDProcessor
+from .modeling import (
+    MoVEKDConfig,
+    MoVEKDForConditionalGeneration,
+    MoVEKDOnevisionConfig,
+    MoVEKDOnevisionForConditionalGeneration,
+    MoVEKDOnevisionProcessor,
+    MoVEKDProcessor,
+)
 from .modeling.llava_conventions import (
     CLIP_MEAN,
     CLIP_STD,
     IMAGE_TOKEN,
     feature_select_strategy,
     image_token_count,
+    student_grid,
     tower_cls_tokens,
 )
 
@@ -54,11 +63,42 @@ TINY_TEXT = dict(
 )
 TINY_MOLE = dict(num_experts=3, lora_rank=4, lora_alpha=1.0, lora_dropout=0.0)
 
-PRESETS = ("tiny", *_LLMS)
+# LLaVA-OneVision as llava-hf converts it (transformers' convert_llava_onevision_weights_to_hf.py): SigLIP so400m/14 at
+# 384 px with its last layer dropped (26 of 27) and no pooling head, on AnyRes tiles; Qwen2-Instruct with `<image>`
+# and `<video>` added after its vocabulary (151646, 151647), padded to a multiple of 64. Key: the Hub checkpoint
+# `init --onevision` starts from.
+ONEVISION_SIGLIP = dict(
+    hidden_size=1152,
+    intermediate_size=4304,
+    num_hidden_layers=26,
+    num_attention_heads=16,
+    image_size=384,
+    patch_size=14,
+    vision_use_head=False,
+)
+_ONEVISION_LLMS = {
+    "onevision-qwen2-0.5b": dict(  # Qwen/Qwen2-0.5B-Instruct, vocab 151936 + 2 -> 152000
+        hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+        vocab_size=152000, tie_word_embeddings=True,
+    ),
+    "onevision-qwen2-7b": dict(  # Qwen/Qwen2-7B-Instruct, vocab 152064 + 2 -> 152128
+        hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+        vocab_size=152128, tie_word_embeddings=False,
+    ),
+}  # fmt: skip
+ONEVISION_PRESETS = {
+    "onevision-qwen2-0.5b": "llava-hf/llava-onevision-qwen2-0.5b-ov-hf",
+    "onevision-qwen2-7b": "llava-hf/llava-onevision-qwen2-7b-ov-hf",
+}
+
+PRESETS = ("tiny", *_LLMS, *_ONEVISION_LLMS)
 
 
-def build_config(name: str, **overrides) -> MoVEKDConfig:
-    """The `MoVEKDConfig` of a preset; keyword arguments override top-level fields (e.g. `faithful=True`)."""
+def build_config(name: str, **overrides) -> MoVEKDConfig | MoVEKDOnevisionConfig:
+    """The `MoVEKDConfig` of a preset (a `MoVEKDOnevisionConfig` for the `onevision-*` ones); keyword arguments
+    override top-level fields (e.g. `faithful=True`)."""
+    if name in _ONEVISION_LLMS:
+        return _onevision_config(name, **overrides)
     if name == "tiny":
         vocab_size = 256 + len(SPECIAL_TOKENS)
         text = LlamaConfig(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=3, **TINY_TEXT)
@@ -76,6 +116,43 @@ def build_config(name: str, **overrides) -> MoVEKDConfig:
     strategy = kwargs["vision_feature_select_strategy"]
     kwargs.setdefault("image_seq_length", image_token_count(kwargs["vision_config"], strategy))  # 16 tiny, 576 paper
     return MoVEKDConfig(**kwargs)
+
+
+def _onevision_config(name: str, **overrides) -> MoVEKDOnevisionConfig:
+    """A llava-hf LLaVA-OneVision preset (`ONEVISION_PRESETS`) with MoLE, for planning on the meta device."""
+    llm = dict(_ONEVISION_LLMS[name])
+    tie = llm.pop("tie_word_embeddings")
+    text = Qwen2Config(
+        max_position_embeddings=32768, rms_norm_eps=1e-6, bos_token_id=151643, eos_token_id=151645,
+        tie_word_embeddings=tie, **llm,
+    )  # fmt: skip
+    kwargs = dict(
+        vision_config=SiglipVisionConfig(**ONEVISION_SIGLIP),
+        text_config=text,
+        image_token_index=151646,
+        video_token_index=151647,
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+        tie_word_embeddings=tie,
+    )
+    return MoVEKDOnevisionConfig(**{**kwargs, **overrides})
+
+
+def model_class(config) -> type:
+    """The MoVE-KD generation class of a config: LLaVA-OneVision's for a `MoVEKDOnevisionConfig`, else LLaVA's."""
+    if isinstance(config, MoVEKDOnevisionConfig):
+        return MoVEKDOnevisionForConditionalGeneration
+    return MoVEKDForConditionalGeneration
+
+
+def checkpoint_classes(path: str) -> tuple[type, type]:
+    """(model class, processor class) a MoVE-KD checkpoint folder or Hub id loads with: LLaVA-OneVision's for its
+    model type (`init --onevision`), else LLaVA-1.5's. Reads only its config.json."""
+    from transformers import AutoConfig
+
+    if AutoConfig.from_pretrained(path).model_type == MoVEKDOnevisionConfig.model_type:
+        return MoVEKDOnevisionForConditionalGeneration, MoVEKDOnevisionProcessor
+    return MoVEKDForConditionalGeneration, MoVEKDProcessor
 
 
 def build_byte_tokenizer(special_tokens: tuple[str, ...] = tuple(SPECIAL_TOKENS)):
@@ -176,6 +253,10 @@ def from_preset(name: str, seed: int = 0, **overrides):
     The paper presets describe Vicuna/MobileLLaMA-sized models whose tokenizer and weights come from the Hub,
     so they are assembled with `from_vision_and_llm` instead (`movekd-hf plan` shows their shapes).
     """
+    if name in ONEVISION_PRESETS:
+        raise ValueError(
+            f"Preset {name!r} starts from a pretrained LLaVA-OneVision: `--onevision {ONEVISION_PRESETS[name]}`."
+        )
     if name != "tiny":
         build_config(name)  # unknown names fail here with the list of presets
         raise ValueError(
@@ -277,6 +358,14 @@ def _load_parts(module: nn.Module, state_dict: dict, source: str, allow_missing:
         )
 
 
+def _llava_settings(config) -> dict:
+    """A LLaVA-family config as keyword arguments for our config class (its identity fields dropped)."""
+    settings = config.to_dict()
+    for key in ("model_type", "architectures", "auto_map", "transformers_version"):
+        settings.pop(key, None)
+    return settings
+
+
 def from_llava(llava_path: str, **mole_settings):
     """Add MoLE to an existing LLaVA checkpoint (llava-hf layout); every LLaVA weight arrives unchanged.
 
@@ -290,9 +379,7 @@ def from_llava(llava_path: str, **mole_settings):
     llava_config = AutoConfig.from_pretrained(llava_path)
     if llava_config.model_type not in ("llava", "movekd_llava"):
         raise ValueError(f"`--llava {llava_path}` has model_type {llava_config.model_type!r}; expected 'llava'.")
-    settings = llava_config.to_dict()
-    for key in ("model_type", "architectures", "auto_map", "transformers_version"):
-        settings.pop(key, None)
+    settings = _llava_settings(llava_config)
     vision = llava_config.vision_config
     if settings.get("vision_feature_select_strategy") == "default" and not tower_cls_tokens(vision):
         logger.warning(
@@ -307,5 +394,54 @@ def from_llava(llava_path: str, **mole_settings):
     source = AutoProcessor.from_pretrained(llava_path)
     processor = build_processor(
         config, source.tokenizer, source.image_processor, chat_template=getattr(source, "chat_template", None)
+    )
+    return model.eval(), processor
+
+
+def from_onevision(path: str, **mole_settings):
+    """Add MoLE to an existing LLaVA-OneVision checkpoint (llava-hf layout, e.g.
+    `llava-hf/llava-onevision-qwen2-7b-ov-hf`); every weight arrives unchanged, only LoRA/router weights are new
+    (zero `lora_B` by default, so the model computes what the checkpoint did).
+
+    The processor is the checkpoint's own `LlavaOnevisionProcessor` (image and video processors, tokenizer, chat
+    template, `num_image_tokens`, `vision_aspect_ratio`) as a `MoVEKDOnevisionProcessor`, which only makes the saved
+    tokenizer config readable by transformers 4.x. A SigLIP tower under `"default"` (which drops a real patch) is
+    switched to `"full"`, in the config and the processor alike, as `from_llava` does.
+    Raises `ValueError` when `path` is not a LLaVA-OneVision checkpoint or its processor is not LLaVA-OneVision's.
+    """
+    from transformers import AutoConfig, AutoProcessor, LlavaOnevisionProcessor
+
+    source_config = AutoConfig.from_pretrained(path)
+    if source_config.model_type not in ("llava_onevision", "movekd_llava_onevision"):
+        raise ValueError(
+            f"`--onevision {path}` has model_type {source_config.model_type!r}; expected 'llava_onevision' "
+            "(for 'llava' use `--llava`)."
+        )
+    settings = _llava_settings(source_config)
+    vision = source_config.vision_config
+    if settings.get("vision_feature_select_strategy") == "default" and not tower_cls_tokens(vision):
+        logger.warning(
+            "%s: vision_feature_select_strategy 'default' drops a real patch of its %s tower (it has no CLS); "
+            "using 'full' so every patch is an image token",
+            path,
+            vision.model_type,
+        )
+        settings.update(vision_feature_select_strategy="full")
+    config = MoVEKDOnevisionConfig(**{**settings, **mole_settings})
+    source = AutoProcessor.from_pretrained(path)
+    if not isinstance(source, LlavaOnevisionProcessor):
+        raise ValueError(f"`--onevision {path}` holds a {type(source).__name__}; expected a LlavaOnevisionProcessor.")
+    model = MoVEKDOnevisionForConditionalGeneration.from_pretrained(path, config=config)
+    height, width = student_grid(vision)
+    processor = MoVEKDOnevisionProcessor(
+        image_processor=source.image_processor,
+        tokenizer=source.tokenizer,
+        video_processor=getattr(source, "video_processor", None),
+        num_image_tokens=source.num_image_tokens or height * width,  # patches per tile (729 for so400m/14 at 384)
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        chat_template=getattr(source, "chat_template", None),
+        image_token=source.image_token,
+        video_token=source.video_token,
+        vision_aspect_ratio=getattr(source, "vision_aspect_ratio", None) or config.vision_aspect_ratio,
     )
     return model.eval(), processor

@@ -249,11 +249,11 @@ def _teachers_like_training(args: argparse.Namespace):
 
     from movekd_hf.cli import loading
     from movekd_hf.errors import SettingsError
-    from movekd_hf.modeling import MoVEKDForConditionalGeneration
+    from movekd_hf.models import checkpoint_classes
     from movekd_hf.training.teacher_source import build_teachers, run_teacher_specs, teacher_cache_settings
 
     with loading("--model", args.model):
-        vlm = MoVEKDForConditionalGeneration.from_pretrained(args.model)
+        vlm = checkpoint_classes(args.model)[0].from_pretrained(args.model)
         image_processor = AutoProcessor.from_pretrained(args.model).image_processor
     try:
         specs = run_teacher_specs(args.teacher_set, not args.random_weights, _pairs(args.checkpoint, "--checkpoint"))

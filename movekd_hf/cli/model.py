@@ -9,9 +9,17 @@ import os
 MOLE_FLAGS = ("num_experts", "lora_rank", "lora_alpha", "mole_routing")
 # `movekd_hf.models.PRESETS` and the keys of `movekd_hf.distill.presets.TEACHER_SETS`, spelled out here because
 # importing those modules imports torch, which `--help` must not (tests/test_cli.py checks they agree).
-PRESETS = ("tiny", "llava-1.5-7b", "llava-1.5-13b", "mobilellama-1.4b")
-PAPER_PRESETS = PRESETS[1:]
-TEACHER_SETS = ("v1.0", "v1.1", "tiny", "modern", "tiny-modern")
+PRESETS = ("tiny", "llava-1.5-7b", "llava-1.5-13b", "mobilellama-1.4b", "onevision-qwen2-0.5b", "onevision-qwen2-7b")
+# LLaVA-OneVision presets (models.ONEVISION_PRESETS) -> the llava-hf checkpoint `init --onevision` starts from.
+ONEVISION_PRESETS = {
+    "onevision-qwen2-0.5b": "llava-hf/llava-onevision-qwen2-0.5b-ov-hf",
+    "onevision-qwen2-7b": "llava-hf/llava-onevision-qwen2-7b-ov-hf",
+}
+PAPER_PRESETS = tuple(name for name in PRESETS[1:] if name not in ONEVISION_PRESETS)
+# Vision-tower tiles `plan` counts per LLaVA-OneVision image: the base view plus a 3x3 grid (a 1152 px square image at
+# 384 px tiles). The tower sees every tile; `anyres_max_9` only shrinks the features the LLM gets afterwards.
+ONEVISION_PLAN_TILES = 10
+TEACHER_SETS = ("v1.0", "v1.1", "tiny", "modern", "tiny-modern", "modern-2", "tiny-modern-2")
 
 
 def positive_int(text: str) -> int:
@@ -41,8 +49,8 @@ def add_parser(subparsers) -> None:
         "init",
         help="Write an untrained MoVE-KD checkpoint folder.",
         description="Write an untrained MoVE-KD checkpoint (weights, config, processor) to --out: the tiny random "
-        "preset, an existing LLaVA checkpoint with MoLE added, or a vision encoder plus a causal LM. "
-        "Give exactly one of --preset, --llava, or --vision with --llm.",
+        "preset, an existing LLaVA or LLaVA-OneVision checkpoint with MoLE added, or a vision encoder plus a causal "
+        "LM. Give exactly one of --preset, --llava, --onevision, or --vision with --llm.",
     )
     source = init.add_mutually_exclusive_group()
     source.add_argument(
@@ -52,6 +60,12 @@ def add_parser(subparsers) -> None:
         help="tiny (random weights, CPU-sized) or a paper preset, whose weights then come from --vision and --llm",
     )
     source.add_argument("--llava", default=None, help="an HF LLaVA checkpoint (Hub id or folder) to add MoLE to")
+    source.add_argument(
+        "--onevision",
+        default=None,
+        help="an HF LLaVA-OneVision checkpoint (Hub id or folder, e.g. llava-hf/llava-onevision-qwen2-7b-ov-hf) to "
+        "add MoLE to; every weight, the AnyRes settings and the processor are kept",
+    )
     init.add_argument("--vision", default=None, help="CLIP/SigLIP vision model (Hub id or folder); needs --llm")
     init.add_argument("--llm", default=None, help="causal LM (Hub id or folder); needs --vision")
     init.add_argument("--out", required=True, help="output folder (created; files in it are overwritten)")
@@ -152,12 +166,20 @@ def _check_init_sources(args: argparse.Namespace) -> None:
     if (args.vision or args.llm) and not (args.vision and args.llm):
         given, missing = ("--vision", "--llm") if args.vision else ("--llm", "--vision")
         raise SettingsError(f"{given} needs {missing} too", field=given, expected="--vision and --llm together")
-    if args.llava and (args.vision or args.llm):
-        raise SettingsError("--llava already has a vision tower and an LLM", field="--llava",
-                            expected="either --llava or --vision with --llm")  # fmt: skip
-    if not (args.preset or args.llava or args.vision):
+    onevision = getattr(args, "onevision", None)
+    for option, value in (("--llava", args.llava), ("--onevision", onevision)):
+        if value and (args.vision or args.llm):
+            raise SettingsError(f"{option} already has a vision tower and an LLM", field=option,
+                                expected=f"either {option} or --vision with --llm")  # fmt: skip
+    if not (args.preset or args.llava or onevision or args.vision):
         raise SettingsError("no model source given", field="--preset",
-                            expected="--preset, --llava, or --vision with --llm")  # fmt: skip
+                            expected="--preset, --llava, --onevision, or --vision with --llm")  # fmt: skip
+    if args.preset in ONEVISION_PRESETS:
+        raise SettingsError(
+            f"preset {args.preset!r} starts from a pretrained LLaVA-OneVision",
+            field="--preset",
+            expected=f"`--onevision {ONEVISION_PRESETS[args.preset]}` (or a local copy) instead",
+        )
     if args.preset in PAPER_PRESETS and not args.vision:
         raise SettingsError(
             f"preset {args.preset!r} starts from pretrained weights",
@@ -165,11 +187,24 @@ def _check_init_sources(args: argparse.Namespace) -> None:
             expected="`--vision openai/clip-vit-large-patch14-336 --llm lmsys/vicuna-7b-v1.5` with it (or local "
             "copies), or `--llava llava-hf/llava-1.5-7b-hf` instead",
         )
-    for option in ("llava", "vision", "llm"):
-        if getattr(args, option):
+    for option in ("llava", "onevision", "vision", "llm"):
+        if getattr(args, option, None):
             model_source(f"--{option}", getattr(args, option))
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise SettingsError("is a file", file=args.out, field="--out", expected="a folder (new or existing)")
+
+
+def _check_onevision(source: str) -> None:
+    """Raise `SettingsError` unless `source`'s config is a LLaVA-OneVision one."""
+    from transformers import AutoConfig
+
+    from movekd_hf.errors import SettingsError
+
+    model_type = AutoConfig.from_pretrained(source).model_type
+    if model_type not in ("llava_onevision", "movekd_llava_onevision"):
+        hint = "; for 'llava' use --llava" if model_type in ("llava", "movekd_llava") else ""
+        raise SettingsError(f"{source} is a {model_type!r} checkpoint, not LLaVA-OneVision", field="--onevision",
+                            expected=f"a checkpoint with model_type 'llava_onevision'{hint}")  # fmt: skip
 
 
 def run_init(args: argparse.Namespace) -> int:
@@ -181,6 +216,10 @@ def run_init(args: argparse.Namespace) -> int:
     if args.llava:
         with loading("--llava", args.llava):
             model, processor = models.from_llava(args.llava, **settings)
+    elif getattr(args, "onevision", None):
+        with loading("--onevision", args.onevision):
+            _check_onevision(args.onevision)  # the config first: a LLaVA of another kind is named before any weights
+            model, processor = models.from_onevision(args.onevision, **settings)
     elif args.vision:
         if args.preset:
             preset = models.build_config(args.preset)
@@ -222,27 +261,30 @@ def plan_rows(
     import torch
 
     from movekd_hf.distill.memory import memory_plan
-    from movekd_hf.modeling import MoVEKDForConditionalGeneration
-    from movekd_hf.modeling.llava_conventions import student_grid
-    from movekd_hf.models import build_config
+    from movekd_hf.modeling.llava_conventions import student_grid, tower_cls_tokens
+    from movekd_hf.models import build_config, model_class
     from movekd_hf.training.stages import STAGES, count_parameters
 
     config = build_config(preset)
     with torch.device("meta"):
-        model = MoVEKDForConditionalGeneration(config)
+        model = model_class(config)(config)
     components = count_parameters(model)
     parts = dict(components)
     vision, text = config.vision_config, config.text_config
     height, width = student_grid(vision)
+    # The tower runs once per AnyRes tile: a LLaVA-OneVision image counts as ONEVISION_PLAN_TILES tiles.
+    tiles = ONEVISION_PLAN_TILES if preset in ONEVISION_PRESETS else 1
     profiles = None
     if teachers:
-        from movekd_hf.distill.plan import teacher_plan_rows, teacher_profiles
+        from movekd_hf.distill.plan import student_anchor_spec, teacher_plan_rows, teacher_profiles
 
-        rows = teacher_plan_rows(teachers, height * width, vision.hidden_size)
+        # The anchor is the student's own tower: CLIP-L/336 as the paper's presets say, else sized from the tower.
+        anchor_spec = None if vision.model_type == "clip_vision_model" else student_anchor_spec(vision)
+        rows = teacher_plan_rows(teachers, height * width, vision.hidden_size, anchor_spec=anchor_spec)
         components["teachers (frozen)"] = sum(count for _, count, trainable in rows if not trainable)
         components["adapters"] = parts["adapters"] = sum(count for _, count, trainable in rows if trainable)
         components.update({f"  {name}": count for name, count, _ in rows})
-        profiles = teacher_profiles(teachers)
+        profiles = teacher_profiles(teachers, anchor_spec=anchor_spec)
     stages = {stage: sum(components.get(part, 0) for part in trained) for stage, trained in STAGES.items()}
     memory = memory_plan(
         parts,
@@ -250,7 +292,7 @@ def plan_rows(
         llm=dict(hidden=text.hidden_size, intermediate=text.intermediate_size, layers=text.num_hidden_layers,
                  vocab=text.vocab_size),
         vision=dict(hidden=vision.hidden_size, intermediate=vision.intermediate_size,
-                    layers=vision.num_hidden_layers, tokens=height * width + 1),
+                    layers=vision.num_hidden_layers, tokens=tiles * (height * width + tower_cls_tokens(vision))),
         teachers=profiles,
         num_gpus=gpus,
         gpu_memory_gib=gpu_memory,
@@ -260,7 +302,7 @@ def plan_rows(
     )  # fmt: skip
     settings = {"gpus": gpus, "gpu_memory_gib": gpu_memory, "lora_llm_rank": lora_llm_rank}
     return {"preset": preset, "teachers": teachers, "components": components, "stages": stages,
-            "teacher_profiles": profiles, "memory": {"settings": settings, **memory}}  # fmt: skip
+            "teacher_profiles": profiles, "tiles_per_image": tiles, "memory": {"settings": settings, **memory}}  # fmt: skip
 
 
 def _llm_lora_parameters(model, rank: int) -> int:
@@ -296,6 +338,8 @@ def run_plan(args: argparse.Namespace) -> int:
     if plan["teacher_profiles"]:
         _print_teachers(plan["teacher_profiles"])
     _print_memory(plan["memory"], STAGES, args.lora_llm)
+    if plan["tiles_per_image"] > 1:
+        print(f"vision tower: {plan['tiles_per_image']} AnyRes tiles per image (the base view and a 3x3 grid)")
     return 0
 
 

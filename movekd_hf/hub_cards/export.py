@@ -18,7 +18,7 @@ def export_student_encoder(checkpoint: str | Path, out_dir: str | Path) -> Path:
     from transformers import AutoImageProcessor, AutoModelForImageTextToText
 
     vlm = AutoModelForImageTextToText.from_pretrained(checkpoint, trust_remote_code=True)
-    if getattr(vlm.config, "model_type", None) not in ("movekd_llava", "movekd_llava_next"):
+    if getattr(vlm.config, "model_type", None) not in ("movekd_llava", "movekd_llava_next", "movekd_llava_onevision"):
         raise ValueError(f"{checkpoint} is a {vlm.config.model_type!r} checkpoint, not a MoVE-KD one.")
     vision = vlm.config.vision_config
     if vision.model_type != "clip_vision_model":

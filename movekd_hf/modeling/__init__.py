@@ -6,17 +6,19 @@ copied into checkpoints)."""
 
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
-from .configuration_movekd import MoVEKDConfig, MoVEKDNextConfig, MoVEKDVisionConfig
+from .configuration_movekd import MoVEKDConfig, MoVEKDNextConfig, MoVEKDOnevisionConfig, MoVEKDVisionConfig
 from .modeling_movekd import (
     MoVEKDForConditionalGeneration,
     MoVEKDModel,
     MoVEKDNextForConditionalGeneration,
     MoVEKDNextModel,
+    MoVEKDOnevisionForConditionalGeneration,
+    MoVEKDOnevisionModel,
     MoVEKDOutputMixin,
     MoVEKDVisionModel,
 )
 from .mole import MoLELinear, MoLEMLP
-from .processing_movekd import MoVEKDProcessor
+from .processing_movekd import MoVEKDOnevisionProcessor, MoVEKDProcessor
 
 __all__ = [
     "MoLELinear",
@@ -28,6 +30,10 @@ __all__ = [
     "MoVEKDNextConfig",
     "MoVEKDNextForConditionalGeneration",
     "MoVEKDNextModel",
+    "MoVEKDOnevisionConfig",
+    "MoVEKDOnevisionForConditionalGeneration",
+    "MoVEKDOnevisionModel",
+    "MoVEKDOnevisionProcessor",
     "MoVEKDProcessor",
     "MoVEKDVisionConfig",
     "MoVEKDVisionModel",
@@ -38,16 +44,22 @@ def _register_auto_classes() -> None:
     import transformers
 
     multimodal = getattr(transformers, "AutoModelForMultimodalLM", None)
-    for config_class, base, head in (
-        (MoVEKDConfig, MoVEKDModel, MoVEKDForConditionalGeneration),
-        (MoVEKDNextConfig, MoVEKDNextModel, MoVEKDNextForConditionalGeneration),
+    for config_class, base, head, processor in (
+        (MoVEKDConfig, MoVEKDModel, MoVEKDForConditionalGeneration, MoVEKDProcessor),
+        (MoVEKDNextConfig, MoVEKDNextModel, MoVEKDNextForConditionalGeneration, MoVEKDProcessor),
+        (
+            MoVEKDOnevisionConfig,
+            MoVEKDOnevisionModel,
+            MoVEKDOnevisionForConditionalGeneration,
+            MoVEKDOnevisionProcessor,
+        ),
     ):
         AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
         AutoModel.register(config_class, base, exist_ok=True)
         AutoModelForImageTextToText.register(config_class, head, exist_ok=True)
         if multimodal is not None:
             multimodal.register(config_class, head, exist_ok=True)
-        AutoProcessor.register(config_class, MoVEKDProcessor, exist_ok=True)
+        AutoProcessor.register(config_class, processor, exist_ok=True)
     AutoConfig.register(MoVEKDVisionConfig.model_type, MoVEKDVisionConfig, exist_ok=True)
     AutoModel.register(MoVEKDVisionConfig, MoVEKDVisionModel, exist_ok=True)
     MoVEKDVisionConfig.register_for_auto_class()
@@ -55,9 +67,12 @@ def _register_auto_classes() -> None:
     # Saving copies these classes' modules (and what they import) next to the weights.
     MoVEKDConfig.register_for_auto_class()
     MoVEKDNextConfig.register_for_auto_class()
+    MoVEKDOnevisionConfig.register_for_auto_class()
     MoVEKDForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
     MoVEKDNextForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
+    MoVEKDOnevisionForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
     MoVEKDProcessor.register_for_auto_class("AutoProcessor")
+    MoVEKDOnevisionProcessor.register_for_auto_class("AutoProcessor")
 
 
 _register_auto_classes()

@@ -6,7 +6,7 @@ resolve a custom nested model type through remote code); every MoLE setting live
 """
 
 import transformers
-from transformers import CLIPVisionConfig, LlavaConfig, LlavaNextConfig
+from transformers import CLIPVisionConfig, LlavaConfig, LlavaNextConfig, LlavaOnevisionConfig
 
 logger = transformers.logging.get_logger(__name__)
 
@@ -109,7 +109,7 @@ def check_tested_transformers(written_with: str | None, running: str = transform
 
 
 class _MoLESettingsMixin:
-    """Shared MoLE fields for the LLaVA and LLaVA-NeXT variants."""
+    """Shared MoLE fields for the LLaVA, LLaVA-NeXT and LLaVA-OneVision variants."""
 
     def _check_release(self) -> None:
         # `transformers_version` is what the checkpoint's config.json recorded (set by `save_pretrained`).
@@ -179,6 +179,20 @@ class MoVEKDNextConfig(_MoLESettingsMixin, LlavaNextConfig):
     vision tower. Takes the MoLE arguments documented in [`MoVEKDConfig`]."""
 
     model_type = "movekd_llava_next"
+
+    def __init__(self, vision_config=None, text_config=None, **kwargs):
+        kwargs = self._set_mole_settings(kwargs)
+        super().__init__(vision_config=vision_config, text_config=text_config, **kwargs)
+        self._check_feature_layer()
+        self._check_release()
+
+
+class MoVEKDOnevisionConfig(_MoLESettingsMixin, LlavaOnevisionConfig):
+    r"""Configuration of [`MoVEKDOnevisionForConditionalGeneration`]: LLaVA-OneVision (a SigLIP tower seeing AnyRes
+    tiles, a Qwen2 LLM) with a MoLE vision tower. Takes the MoLE arguments documented in [`MoVEKDConfig`]; every
+    LLaVA-OneVision field (`image_grid_pinpoints`, `vision_aspect_ratio`, ...) keeps its meaning."""
+
+    model_type = "movekd_llava_onevision"
 
     def __init__(self, vision_config=None, text_config=None, **kwargs):
         kwargs = self._set_mole_settings(kwargs)

@@ -1,4 +1,4 @@
-"""MoVE-KD models: LLaVA (and LLaVA-NeXT) whose vision tower MLPs carry a Mixture of LoRA Experts.
+"""MoVE-KD models: LLaVA (and LLaVA-NeXT, LLaVA-OneVision) whose vision tower MLPs carry a Mixture of LoRA Experts.
 
 The language model, projector and CLIP/SigLIP tower are transformers' own; only each encoder layer's `mlp`
 is swapped for `MoLEMLP`, which keeps `fc1`/`fc2` weight names so stock checkpoints load with only the
@@ -24,9 +24,11 @@ from transformers import (
     LlavaModel,
     LlavaNextForConditionalGeneration,
     LlavaNextModel,
+    LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionModel,
 )
 
-from .configuration_movekd import MoVEKDConfig, MoVEKDNextConfig, MoVEKDVisionConfig
+from .configuration_movekd import MoVEKDConfig, MoVEKDNextConfig, MoVEKDOnevisionConfig, MoVEKDVisionConfig
 from .llava_conventions import patch_tokens, student_grid
 from .mole import MoLEMLP, init_mole_linear, mole_mlp_from
 
@@ -104,6 +106,8 @@ class MoVEKDOutputMixin:
     vision_hidden_states (`torch.FloatTensor` of shape `[num_images, patches, vision_hidden]`): the student's
         patch tokens at `vision_feature_layer`, before the projector: what LLaVA hands the projector, less CLS
         when the strategy kept it (`"full"` on a CLIP tower), so `patches` is the grid's h*w under every strategy.
+        On AnyRes bases (LLaVA-NeXT, LLaVA-OneVision) a row is a tile: `[total tiles, patches, vision_hidden]`,
+        every tile the tower saw, before the tiles are packed (see `MoVEKDOnevisionModel`).
     """
 
 
@@ -430,6 +434,39 @@ class MoVEKDNextForConditionalGeneration(_MoVEKDHeadMixin, LlavaNextForCondition
         self._build_head(config, MoVEKDNextModel)
 
 
+class MoVEKDOnevisionModel(_MoLEModelMixin, LlavaOnevisionModel):
+    """LLaVA-OneVision's base model with MoLE in its SigLIP tower's MLPs.
+
+    `vision_hidden_states` hold one row per tile the tower saw, `[total tiles, h*w, D]`: LLaVA-OneVision's
+    `get_image_features` runs the tower on every AnyRes tile of every image (the base view first, then the grid
+    tiles row-major, images in batch order; a padded 5-d `pixel_values` is cut to each image's real tiles first) and
+    projects them all in one projector call, before `pack_image_features` unpads, downsamples (`anyres_max_9`) and
+    adds the newline tokens. The projector input read here is thus each tile's full patch grid, untouched by the
+    packing. Images of multi-image samples (`batch_num_images` > 1) are one tile each. Video frames, when given, go
+    through the same projector and follow the image tiles as further rows.
+    """
+
+    config_class = MoVEKDOnevisionConfig
+
+    def __init__(self, config: MoVEKDOnevisionConfig):
+        super().__init__(config)
+        self._add_mole()
+        self.post_init()
+
+
+class MoVEKDOnevisionForConditionalGeneration(_MoVEKDHeadMixin, LlavaOnevisionForConditionalGeneration):
+    """LLaVA-OneVision (SigLIP tower on AnyRes tiles, Qwen2 LLM) with a MoLE student encoder."""
+
+    config_class = MoVEKDOnevisionConfig
+    _head_name = "MoVEKDOnevisionForConditionalGeneration"
+    if _LEGACY_TOWER:
+        _checkpoint_conversion_mapping = _V4_KEY_MAPPING
+
+    def __init__(self, config: MoVEKDOnevisionConfig):
+        super(LlavaOnevisionForConditionalGeneration, self).__init__(config)
+        self._build_head(config, MoVEKDOnevisionModel)
+
+
 class MoVEKDVisionModel(_MoLEInitMixin, CLIPVisionModel):
     """The distilled student encoder alone: CLIP's vision model with MoLE MLPs, for use as another VLM's
     vision tower. Outputs are CLIP's; `hidden_states[-2]` (CLS dropped) is what MoVE-KD distilled into."""
@@ -459,7 +496,12 @@ def _register_v5_key_mappings() -> None:
         )
     except ImportError:  # transformers 4.x: `_checkpoint_conversion_mapping` above does the job
         return
-    for ours, theirs in (("movekd_llava", "llava"), ("movekd_llava_next", "llava_next")):
+    pairs = (
+        ("movekd_llava", "llava"),
+        ("movekd_llava_next", "llava_next"),
+        ("movekd_llava_onevision", "llava_onevision"),
+    )
+    for ours, theirs in pairs:
         mapping = get_checkpoint_conversion_mapping(theirs)
         if mapping is not None:
             register_checkpoint_conversion_mapping(ours, mapping, overwrite=True)

@@ -1,6 +1,8 @@
-"""Processor for MoVE-KD checkpoints: LLaVA's processor with the Vicuna `v1` conversation as chat template.
+"""Processors for MoVE-KD checkpoints: LLaVA's processor with the Vicuna `v1` conversation as chat template, and
+LLaVA-OneVision's processor as it is (its own chat template and AnyRes image processor).
 
-`<image>` in the text expands to one image token per student patch (LlavaProcessor does the counting).
+`<image>` in the text expands to one image token per student patch (LlavaProcessor does the counting; for OneVision,
+LlavaOnevisionProcessor counts the packed AnyRes features).
 The conversation and the `<image>` token are LLaVA's conventions (llava_conventions.py). Shipped as remote code:
 imports only transformers and its sibling files.
 """
@@ -8,7 +10,7 @@ imports only transformers and its sibling files.
 import json
 import os
 
-from transformers import LlavaProcessor
+from transformers import LlavaOnevisionProcessor, LlavaProcessor
 
 from .llava_conventions import IMAGE_TOKEN, VICUNA_V1_CHAT_TEMPLATE
 
@@ -36,6 +38,44 @@ class MoVEKDProcessor(LlavaProcessor):
             chat_template=chat_template or VICUNA_V1_CHAT_TEMPLATE,
             image_token=image_token,
             num_additional_image_tokens=num_additional_image_tokens,
+            **kwargs,
+        )
+
+    def save_pretrained(self, save_directory, **kwargs):
+        result = super().save_pretrained(save_directory, **kwargs)
+        portable_tokenizer_config(os.path.join(save_directory, "tokenizer_config.json"))
+        return result
+
+
+class MoVEKDOnevisionProcessor(LlavaOnevisionProcessor):
+    """`LlavaOnevisionProcessor` unchanged (the checkpoint's own chat template, image and video processors, AnyRes
+    token counting), saved so that transformers 4.x reads the tokenizer a 5.x release wrote
+    (`portable_tokenizer_config`): the one reason it is a class of its own."""
+
+    # Arguments are spelled out: transformers saves a processor's settings by reading its signature.
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        video_processor=None,
+        num_image_tokens=None,
+        vision_feature_select_strategy=None,
+        chat_template=None,
+        image_token="<image>",
+        video_token="<video>",
+        vision_aspect_ratio="anyres_max_9",
+        **kwargs,
+    ):
+        super().__init__(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            video_processor=video_processor,
+            num_image_tokens=num_image_tokens,
+            vision_feature_select_strategy=vision_feature_select_strategy,
+            chat_template=chat_template,
+            image_token=image_token,
+            video_token=video_token,
+            vision_aspect_ratio=vision_aspect_ratio,
             **kwargs,
         )
 

@@ -43,7 +43,6 @@ from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 
 from ..errors import NonFiniteError, SettingsError, UnsafeFileError
-from ..modeling import MoVEKDForConditionalGeneration
 
 logger = logging.getLogger(__name__)
 
@@ -142,9 +141,11 @@ def load_training_folder(folder: str, module, allow_pickle: bool = False) -> Non
         pickles = sorted(Path(folder).glob("pytorch_model*.bin"))
         if pickles:
             raise _unsafe(pickles[0])
-    loaded = MoVEKDForConditionalGeneration.from_pretrained(
-        folder, dtype=torch.float32, use_safetensors=None if allow_pickle else True
-    ).state_dict()
+    loaded = (
+        type(module.base_vlm())
+        .from_pretrained(folder, dtype=torch.float32, use_safetensors=None if allow_pickle else True)
+        .state_dict()
+    )
     target = module.base_vlm()
     live = target.state_dict()
     state = {}

@@ -11,7 +11,7 @@ import os
 import shutil
 from pathlib import Path
 
-from ..modeling import MoVEKDForConditionalGeneration, MoVEKDProcessor
+from ..models import checkpoint_classes
 from .checkpoint import LLM_LORA_DIR
 
 CARRIED_FILES = ("README.md", "train_config.json")
@@ -27,10 +27,11 @@ def merge_lora_checkpoint(checkpoint: str | os.PathLike, output_dir: str | os.Pa
     if output_dir.resolve() == checkpoint.resolve():
         raise ValueError("merge into a new folder: OUT must differ from CKPT (the checkpoint stays resumable)")
     # The base VLM alone: loading would otherwise attach llm_lora/ already (modeling_movekd.attach_llm_lora).
-    base = MoVEKDForConditionalGeneration.from_pretrained(checkpoint, load_llm_lora=False)
+    model_class, processor_class = checkpoint_classes(str(checkpoint))
+    base = model_class.from_pretrained(checkpoint, load_llm_lora=False)
     merged = PeftModel.from_pretrained(base, lora).merge_and_unload()
     merged.save_pretrained(output_dir)
-    MoVEKDProcessor.from_pretrained(checkpoint).save_pretrained(output_dir)
+    processor_class.from_pretrained(checkpoint).save_pretrained(output_dir)
     for name in CARRIED_FILES:
         if (checkpoint / name).is_file():
             shutil.copyfile(checkpoint / name, output_dir / name)
