@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from ..distill.teacher_views import ViewSettings, make_views
 from ..errors import InputError
 from ..modeling.llava_conventions import IMAGE_ASPECTS, images_to_unit_tensor, mean_colour, square_view
 from .data import BadSampleError, BadSampleReport, check_on_bad_sample, open_image, sample_name
@@ -44,7 +45,10 @@ class MoVEKDDataCollator:
 
     Returns `input_ids`, `attention_mask`, `labels` [B, L]; `pixel_values` [N_img, 3, H, W] (None if N_img = 0);
     `images_per_sample` [B]; `sample_ids` (list[str]); and, when asked, `teacher_images` [N_img, 3, S, S] in
-    [0, 1] (teachers resize and normalise on device).
+    [0, 1] (teachers resize and normalise on device) and/or, given `teacher_views` ({slug: ViewSettings}, e.g.
+    `OnlineTeachers.view_settings()`), each teacher's own view at its size: `teacher_views` {slug: uint8
+    [N_img, 3, S_t, S_t]} and `teacher_view_sizes` {slug: int64 [N_img, 2]} for `pad` views with padding
+    (`distill.teacher_views.make_views`; teachers only cast and normalise on device).
     Teachers see the same square view as the student: padded (`pad`) or centre-cropped (`resize`, as CLIP's
     resize-and-crop does). Keys other than the model's own must be popped by the trainer before `model(**batch)`.
 
@@ -66,6 +70,7 @@ class MoVEKDDataCollator:
         padding_side: str = "right",
         image_token_id: int | None = None,
         num_image_tokens: int | None = None,
+        teacher_views: Mapping[str, ViewSettings] | None = None,
     ):
         if image_aspect not in IMAGE_ASPECTS:
             raise ValueError(f"image_aspect must be one of {IMAGE_ASPECTS}, got {image_aspect!r}")
@@ -78,6 +83,7 @@ class MoVEKDDataCollator:
         self.pad_token_id = pad_token_id
         self.image_aspect = image_aspect
         self.teacher_image_size = teacher_image_size
+        self.teacher_views = dict(teacher_views) if teacher_views else None
         self.on_bad_sample = on_bad_sample
         self.report = report if report is not None else BadSampleReport()
         self.padding_side = padding_side
@@ -143,16 +149,29 @@ class MoVEKDDataCollator:
             "sample_ids": [str(f.get("id", f.get("row", ""))) for f in kept],
         }
         flat = [image for sample in images for image in sample]
-        # Teachers always get a square view: the padded image (`pad`) or the student processor's centre crop
-        # (`resize`); `teacher_images` is llava_conventions.teacher_images, with the squares made once because the
-        # student gets the padded image too (LLaVA's expand2square), or the raw one (`resize`).
-        squares = [square_view(image, self.image_aspect, self.background) for image in flat]
-        batch["pixel_values"] = self._student_pixels(squares if self.image_aspect == "pad" else flat)
+        counts = [len(sample) for sample in images]
+        # One square per row the vision tower sees, and the VLM's image inputs: a subclass changes both together
+        # (training/anyres.py: LLaVA-OneVision's AnyRes tiles, its `images_per_sample` then counting tiles).
+        squares = self._teacher_squares(flat, counts)
+        batch.update(self._student_pixels(flat, squares, counts))
         if self.teacher_image_size is not None:  # None when no image, like pixel_values (module docstring)
             batch["teacher_images"] = images_to_unit_tensor(squares, self.teacher_image_size) if flat else None
+        if self.teacher_views is not None:  # each teacher's own uint8 view, made here in the loader workers
+            views, sizes = make_views(squares, self.teacher_views) if flat else (None, None)
+            batch["teacher_views"], batch["teacher_view_sizes"] = views, sizes
         return batch
 
-    def _student_pixels(self, images: list[Image.Image]) -> torch.Tensor | None:
+    def _teacher_squares(self, flat: list[Image.Image], counts: Sequence[int]) -> list[Image.Image]:
+        """The teachers' square views, one per image (`counts`: images per sample, unused here): the padded image
+        (`pad`) or the student processor's centre crop (`resize`), what llava_conventions.teacher_images makes."""
+        return [square_view(image, self.image_aspect, self.background) for image in flat]
+
+    def _student_pixels(
+        self, flat: list[Image.Image], squares: list[Image.Image], counts: Sequence[int]
+    ) -> dict[str, Any]:
+        """The VLM's image inputs: `pixel_values` [N_img, 3, H, W] (None without images), from the padded squares
+        (`pad`: the student gets LLaVA's expand2square too, so they are made once) or the raw images (`resize`)."""
+        images = squares if self.image_aspect == "pad" else flat
         if not images:
-            return None
-        return self.image_processor(images=images, return_tensors="pt")["pixel_values"]  # [N_img, 3, H, W]
+            return {"pixel_values": None}
+        return {"pixel_values": self.image_processor(images=images, return_tensors="pt")["pixel_values"]}

@@ -27,7 +27,7 @@ import io
 import json
 import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -452,13 +452,35 @@ def open_image(reference: Mapping[str, Any], sample: str) -> Image.Image:
         raise BadSampleError(f"{error.reason}_image", sample, str(error)) from error
 
 
+def image_header_size(reference: Mapping[str, Any], sample: str) -> tuple[int, int]:
+    """(height, width) of an image reference `{"path", "bytes"}` read from its header only (no pixel decoding), the
+    size `open_image` gives; an unreadable image raises `BadSampleError` as `open_image` does."""
+    data, path = reference.get("bytes"), reference.get("path")
+    if data is None and (path is None or not os.path.isfile(path)):
+        raise BadSampleError("missing_image", sample, f"image file not found: {path}")
+    try:
+        with Image.open(io.BytesIO(data) if data is not None else path) as image:
+            return image.height, image.width
+    except Image.DecompressionBombError as error:
+        raise BadSampleError("too_large_image", sample, f"refusing image {path or 'bytes'}: {error}") from error
+    except (OSError, SyntaxError, ValueError) as error:
+        raise BadSampleError(
+            "corrupt_image", sample, f"cannot read the size of image {path or 'bytes'}: {error}"
+        ) from error
+
+
 def count_placeholders(conversations: Iterable[Mapping[str, str]]) -> int:
     return sum(turn["value"].count(IMAGE_TOKEN) for turn in conversations)
 
 
 @dataclass(frozen=True)
 class TokenizeSettings:
-    """What the tokenising map needs; `num_image_tokens` and `image_token_id` must match the processor."""
+    """What the tokenising map needs; `num_image_tokens` and `image_token_id` must match the processor.
+
+    `image_tokens`: for a processor whose image-token count depends on the image (LLaVA-OneVision's AnyRes), a
+    callable `(sizes) -> counts` from the (height, width) of a sample's images to the tokens the processor writes for
+    each (`training.anyres.AnyResImageTokens`); `num_image_tokens` is then unused. None: `num_image_tokens` each.
+    """
 
     template: str
     max_length: int
@@ -466,6 +488,7 @@ class TokenizeSettings:
     image_token_id: int
     add_bos: bool = False
     verify_images: bool = True
+    image_tokens: Callable[[list[tuple[int, int]]], list[int]] | None = None
 
 
 def process_record(
@@ -481,9 +504,13 @@ def process_record(
         located = {key: problem[key] for key in ("file", "line", "field", "expected")}
         raise BadSampleError(problem["reason"], name, problem["detail"], **located)
     images, turns = record["images"], record["conversations"]
+    sizes = []  # (height, width) per image, from the decoded image or, without verifying, its header
     if settings.verify_images:
         for reference in images:
-            open_image(reference, name)
+            decoded = open_image(reference, name)
+            sizes.append((decoded.height, decoded.width))
+    elif settings.image_tokens is not None:
+        sizes = [image_header_size(reference, name) for reference in images]
     placeholders = count_placeholders(turns)
     if placeholders != len(images):
         raise BadSampleError(
@@ -495,9 +522,10 @@ def process_record(
         )
     except ConversationError as error:
         raise BadSampleError("malformed_conversation", name, str(error)) from error
-    tokens = tokenize_segments(
-        segments, tokenizer, settings.image_token_id, settings.num_image_tokens, add_bos=settings.add_bos
+    counts = (
+        settings.image_tokens(sizes) if settings.image_tokens is not None and images else settings.num_image_tokens
     )
+    tokens = tokenize_segments(segments, tokenizer, settings.image_token_id, counts, add_bos=settings.add_bos)
     length = len(tokens["input_ids"])
     if length > settings.max_length:
         raise BadSampleError("too_long", name, f"{length} tokens (images expanded) > max_length {settings.max_length}")

@@ -15,6 +15,7 @@ import datasets
 
 from ..errors import SettingsError
 from ..modeling.llava_conventions import IMAGE_ASPECTS, IMAGE_TOKEN
+from .anyres import collator_for, image_token_counter
 from .collator import MoVEKDDataCollator
 from .data import (
     ON_BAD_SAMPLE_CHOICES,
@@ -146,7 +147,9 @@ def image_token_id(processor: Any) -> int:
     return int(token_id)
 
 
-def build_train_data(data_args: MoVEKDDataArguments, processor: Any, seed: int = 0) -> MoVEKDTrainData:
+def build_train_data(
+    data_args: MoVEKDDataArguments, processor: Any, seed: int = 0, teacher_views: Mapping | None = None
+) -> MoVEKDTrainData:
     """Source -> normalised Arrow (saved if `processed_dir`) -> tokenised dataset, collator and lengths, plus the
     held-out set: `eval_data_path` tokenised the same way, or `validation_split_percentage` of the tokenised
     samples (chosen with `seed`; the training set keeps the rest).
@@ -171,6 +174,7 @@ def build_train_data(data_args: MoVEKDDataArguments, processor: Any, seed: int =
         image_token_id=image_token_id(processor),
         add_bos=tokenizer_adds_bos(tokenizer),
         verify_images=data_args.verify_images,
+        image_tokens=image_token_counter(processor),  # LLaVA-OneVision: counts depend on the image (anyres.py)
     )
     dataset, report = _tokenise(normalised, data_args.data_path, data_args, processor, settings)
     eval_dataset = None
@@ -182,11 +186,12 @@ def build_train_data(data_args: MoVEKDDataArguments, processor: Any, seed: int =
         dataset, eval_dataset = _split(dataset, data_args.validation_split_percentage, seed)
     if tokenizer.pad_token_id is None:
         raise ValueError("the tokenizer has no pad token; set `tokenizer.pad_token` before building the data")
-    collator = MoVEKDDataCollator(
-        processor.image_processor,
+    collator = collator_for(
+        processor,
         pad_token_id=tokenizer.pad_token_id,
         image_aspect=data_args.image_aspect,
         teacher_image_size=data_args.teacher_image_size,
+        teacher_views=teacher_views,
         on_bad_sample=data_args.on_bad_sample,
         report=report,
         image_token_id=settings.image_token_id,

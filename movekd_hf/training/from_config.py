@@ -20,18 +20,17 @@ import torch
 from transformers import set_seed
 
 from ..distill.cache import CachedTeachers
+from ..distill.teacher_views import view_settings
 from ..errors import SettingsError
-from ..modeling import MoVEKDForConditionalGeneration, MoVEKDProcessor
-from ..models import from_preset
+from ..models import checkpoint_classes, from_preset
 from .arguments import MoVEKDModelArguments, MoVEKDTrainingArguments, parse_args
 from .checkpoint import DISTILLER_FILE
 from .data_args import MoVEKDDataArguments, build_train_data
 from .teacher_source import (
-    clip_teacher_spec,
+    anchor_teacher_spec,
     outside_zero3,
     run_teacher_specs,
     teacher_cache_settings,
-    teacher_view_size,
 )
 from .toy_data import make_toy_llava_dataset
 from .trainer import MoVEKDTrainer, build_distiller, llm_lora_config, recorded_teachers
@@ -48,8 +47,9 @@ def load_model(model_args: MoVEKDModelArguments):
         kwargs = {}
         if model_args.qlora:
             kwargs["quantization_config"] = qlora_config()
-        vlm = MoVEKDForConditionalGeneration.from_pretrained(model_args.model_name_or_path, **kwargs)
-        processor = MoVEKDProcessor.from_pretrained(model_args.model_name_or_path)
+        model_class, processor_class = checkpoint_classes(model_args.model_name_or_path)
+        vlm = model_class.from_pretrained(model_args.model_name_or_path, **kwargs)
+        processor = processor_class.from_pretrained(model_args.model_name_or_path)
     return vlm.train(), processor
 
 
@@ -94,15 +94,18 @@ def resolve_toy_data(data_args: MoVEKDDataArguments, args: MoVEKDTrainingArgumen
 
 
 def resolve_teachers(vlm, processor, model_args, data_args, args) -> dict[str, Any]:
-    """The `teachers` (and, for a feature cache, `distiller`) arguments of `MoVEKDTrainer` for this run; sets the
-    collator's teacher view (`teacher_image_size`) when online teachers need it."""
+    """The `teachers` (and, for a feature cache, `distiller`) arguments of `MoVEKDTrainer` for this run, and for
+    online teachers `teacher_views` (what `build_train_data` gives the collator: each teacher's own uint8 view)
+    unless `teacher_image_size` asks for the one float view of before."""
     if args.kd_preset == "none":
         return {}
     specs = run_teacher_specs(model_args.teacher_set, model_args.teacher_pretrained, model_args.checkpoint_map())
     if model_args.teacher_source == "online":
-        if data_args.teacher_image_size is None:  # one raw view, large enough for the largest teacher input
-            data_args.teacher_image_size = teacher_view_size(vlm.config, specs)
-        return {"teachers": specs}
+        if data_args.teacher_image_size is not None:  # the one float view of before, as asked
+            return {"teachers": specs}
+        image_processor = processor.image_processor
+        anchor = anchor_teacher_spec(vlm.config, image_processor.image_mean, image_processor.image_std)
+        return {"teachers": specs, "teacher_views": view_settings([anchor, *specs])}
     # Teacher outputs read from `movekd-hf cache-teachers` output: the cache must have been written for this
     # student, teacher set and data view (checked through its key), and suit the adapters (checked against them).
 
@@ -113,7 +116,7 @@ def resolve_teachers(vlm, processor, model_args, data_args, args) -> dict[str, A
             expected="a folder written by `movekd-hf cache-teachers`",
         )
     image_processor = processor.image_processor
-    all_specs = [clip_teacher_spec(vlm.config, image_processor.image_mean, image_processor.image_std), *specs]
+    all_specs = [anchor_teacher_spec(vlm.config, image_processor.image_mean, image_processor.image_std), *specs]
     settings = teacher_cache_settings(
         vlm.config,
         image_processor,
@@ -177,7 +180,8 @@ def build_trainer(argv: list[str], **trainer_kwargs) -> MoVEKDTrainer:
     resolve_toy_data(data_args, args)
     with args.main_process_first(desc="tokenising"):
         # The held-out split follows the data seed, as the sampler's order does.
-        data = build_train_data(data_args, processor, seed=args.data_seed if args.data_seed is not None else args.seed)
+        seed = args.data_seed if args.data_seed is not None else args.seed
+        data = build_train_data(data_args, processor, seed=seed, teacher_views=distillation.pop("teacher_views", None))
     model_name = model_args.model_name_or_path
     peft_config = None
     if model_args.lora_llm:

@@ -184,7 +184,7 @@ def tokenize_segments(
     segments: Sequence[Segment],
     tokenizer: Any,
     image_token_id: int,
-    num_image_tokens: int,
+    num_image_tokens: int | Sequence[int],
     add_special_tokens: bool = True,
     *,
     add_bos: bool | None = None,
@@ -193,17 +193,25 @@ def tokenize_segments(
     the processor's inference ids; tokens outside trained segments, and image tokens, get `IGNORE_INDEX`.
 
     Returns `input_ids` and `labels` (same length). Each `<image>` is written as `num_image_tokens` copies of the
-    image token's text, and an `eos=True` segment ends with the tokenizer's EOS text. A token is trained when its
-    characters overlap a trained segment (a fast tokenizer's offsets); a tokenizer without offsets counts the
-    tokens of the text before each segment boundary instead (the longest common prefix with the whole ids).
+    image token's text (a sequence: one count per `<image>` in text order, for processors whose count depends on
+    the image, as LLaVA-OneVision's AnyRes), and an `eos=True` segment ends with the tokenizer's EOS text. A token
+    is trained when its characters overlap a trained segment (a fast tokenizer's offsets); a tokenizer without
+    offsets counts the tokens of the text before each segment boundary instead (the longest common prefix with the
+    whole ids).
     `add_special_tokens`: as at inference (BOS for LLaMA tokenizers); `add_bos` is its former name, kept for callers
     that pass `tokenizer_adds_bos(tokenizer)` (the same ids for every tokenizer that adds BOS or nothing).
-    Raises `ValueError` when an `eos=True` segment meets a tokenizer without an EOS token.
+    Raises `ValueError` when an `eos=True` segment meets a tokenizer without an EOS token, or when a sequence of
+    counts does not have one count per `<image>`.
     """
     if add_bos is not None:
         add_special_tokens = add_bos
-    image_text = tokenizer.convert_ids_to_tokens(image_token_id) * num_image_tokens
-    text, spans = _join_segments(segments, image_text, tokenizer.eos_token)
+    placeholders = sum(segment.text.count(IMAGE_TOKEN) for segment in segments)
+    counts = [num_image_tokens] * placeholders if isinstance(num_image_tokens, int) else list(num_image_tokens)
+    if len(counts) != placeholders:
+        raise ValueError(f"{len(counts)} image-token counts for {placeholders} '{IMAGE_TOKEN}' placeholders")
+    text, spans = _join_segments(
+        segments, tokenizer.convert_ids_to_tokens(image_token_id), counts, tokenizer.eos_token
+    )
     if getattr(tokenizer, "is_fast", False):
         encoded = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
         input_ids = list(encoded["input_ids"])
@@ -215,12 +223,15 @@ def tokenize_segments(
 
 
 def _join_segments(
-    segments: Sequence[Segment], image_text: str, eos_text: str | None
+    segments: Sequence[Segment], image_token: str, counts: Sequence[int], eos_text: str | None
 ) -> tuple[str, list[tuple[int, int]]]:
-    """The conversation text and the character spans `[start, end)` of its trained segments."""
+    """The conversation text, the i-th `<image>` written as `counts[i]` image tokens, and the character spans
+    `[start, end)` of its trained segments."""
     text, spans = "", []
+    remaining = iter(counts)
     for segment in segments:
-        piece = segment.text.replace(IMAGE_TOKEN, image_text)
+        first, *rest = segment.text.split(IMAGE_TOKEN)
+        piece = first + "".join(image_token * next(remaining) + after for after in rest)
         if segment.eos:
             if eos_text is None:
                 raise ValueError("the template ends answers with EOS but the tokenizer has no `eos_token`")
