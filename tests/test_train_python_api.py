@@ -38,7 +38,9 @@ def python_trainer(tmp_path, **overrides) -> MoVEKDTrainer:
 
 def test_python_objects_train_as_the_command_line_does(tmp_path):
     trainer = python_trainer(tmp_path / "python")
-    assert trainer.data_collator.teacher_image_size == 64  # built by the trainer, with the teachers' view
+    # built by the trainer: each teacher's own uint8 view (issue 18.3), no float `teacher_images`
+    assert set(trainer.data_collator.teacher_views) == {"clip", "convnext", "sam"}
+    assert trainer.data_collator.teacher_image_size is None
     before = {name: p.detach().clone() for name, p in trainer.model.distiller.named_parameters()}
     trainer.train()
     assert trainer.state.global_step == 2

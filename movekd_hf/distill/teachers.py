@@ -2,8 +2,9 @@
 
 A `TeacherSpec` says what to build (backend, model id or config, input size, normalisation, which output to
 take); `build_teacher` hands it to the loader of its backend; the resulting `Teacher` turns one batch of images in
-[0, 1] into that teacher's `TeacherOutput` (patch tokens, their grid, the CLS token, and for the `clip` teacher the
-CLS-to-patch attention row). Backend differences live in the small loader/extractor pairs of `BACKENDS`.
+[0, 1] into that teacher's `TeacherOutput` (patch tokens, their grid, the CLS token, and for the anchor teacher the
+CLS-to-patch attention row of a CLIP tower, or the pooled output and probe attention row of a SigLIP tower's
+attention-pooling head). Backend differences live in the small loader/extractor pairs of `BACKENDS`.
 `teacher_by_id.teacher_from_pretrained` writes the spec of any supported transformers or timm vision model from
 its own config.json and preprocessor_config.json.
 """
@@ -62,6 +63,10 @@ class TeacherSpec:
         (SAM2/SAM3 checkpoints hold the whole promptable model; their vision class alone would not find its keys).
     grid, channels: the output's token grid and width at `image_size` as the model's config predicts them
         (`teacher_from_pretrained` and the modern presets fill them; None: not stated).
+    pool_attention: also return the model's attention-pooling head (SigLIP's MAP head, `vision_use_head=True`) as
+        `TeacherOutput.pooled` and its probe's attention over the final patch tokens as `pool_attention`: the
+        anchor of a student without CLS (METHOD.md section 4 takes the CLS row; this is its stand-in). A
+        transformers teacher without prefix tokens (the head attends over every token).
     """
 
     slug: str
@@ -90,6 +95,7 @@ class TeacherSpec:
     weights_prefix: str | None = None
     grid: tuple[int, int] | None = None
     channels: int | None = None
+    pool_attention: bool = False
 
     def __post_init__(self) -> None:
         if not self.slug or self.slug != self.slug.lower():
@@ -117,6 +123,15 @@ class TeacherSpec:
         ):
             raise ValueError(
                 f"TeacherSpec {self.slug!r}: cls_attention needs a transformers hidden_state teacher with a CLS token"
+            )
+        if self.pool_attention and not (
+            self.backend == "transformers"
+            and self.output in ("hidden_state", "last_hidden_state")
+            and self.num_prefix_tokens == 0
+        ):
+            raise ValueError(
+                f"TeacherSpec {self.slug!r}: pool_attention needs a transformers hidden_state / last_hidden_state "
+                "teacher without prefix tokens (the pooling head attends over every token)"
             )
         if self.sam_layout == "faithful" and self.output not in ("feature_map", "neck"):
             raise ValueError(
@@ -183,6 +198,30 @@ def prepare_images(images: torch.Tensor, spec: TeacherSpec) -> torch.Tensor:
     if spec.resize_mode == "pad":
         # SAM pads the normalised image with zeros at the bottom and right.
         x = F.pad(x, (0, size - x.shape[-1], 0, size - x.shape[-2]))
+    return x
+
+
+def prepare_view(view: torch.Tensor, spec: TeacherSpec, valid_size: torch.Tensor | None = None) -> torch.Tensor:
+    """A teacher's uint8 view (`teacher_views.make_views`) [B, 3, S, S] -> its normalised float32 input
+    [B, 3, S, S], on the view's device: `(x - 255 mean) / (255 std)`, the fused rescale-and-normalise of
+    transformers' torchvision image processors; for a `pad` teacher, zeros outside the image's (h, w)
+    (`valid_size` [B, 2]; None: the whole view is image), as SAM pads after normalising. Raises `ValueError` for
+    a view that is not uint8 at the spec's `image_size`."""
+    size = spec.image_size
+    if view.dtype != torch.uint8 or view.dim() != 4 or tuple(view.shape[1:]) != (3, size, size):
+        raise ValueError(
+            f"teacher {spec.slug!r} expects a uint8 view [B, 3, {size}, {size}], got {view.dtype} {tuple(view.shape)}"
+        )
+    mean = torch.tensor(spec.mean, dtype=torch.float32, device=view.device).view(1, 3, 1, 1) * 255.0
+    std = torch.tensor(spec.std, dtype=torch.float32, device=view.device).view(1, 3, 1, 1) * 255.0
+    # In place on the fresh float copy: at 1024 px every extra temporary costs more than the arithmetic (CPU).
+    x = view.float().sub_(mean).div_(std)  # [B, 3, S, S]
+    if spec.resize_mode == "pad" and valid_size is not None:
+        valid_size = valid_size.to(view.device)
+        positions = torch.arange(size, device=view.device)
+        rows = positions[None, :] < valid_size[:, :1]  # [B, S]
+        cols = positions[None, :] < valid_size[:, 1:]  # [B, S]
+        x.mul_((rows[:, :, None] & cols[:, None, :])[:, None])
     return x
 
 
@@ -264,6 +303,63 @@ def cls_attention_row(normed: torch.Tensor, attention: nn.Module) -> torch.Tenso
     return probs[:, :, 0, 1:].mean(dim=1).to(normed.dtype)
 
 
+# ------------------------------------------------------------------------------ attention-pooling head row
+
+
+def _pooling_head(model: nn.Module) -> nn.Module:
+    """The attention-pooling head of a SigLIP-style vision model: `head` with a `probe` query and an
+    `nn.MultiheadAttention` (on transformers 4.x under `.vision_model`)."""
+    head = getattr(getattr(model, "vision_model", model), "head", None)
+    if (
+        head is None
+        or not hasattr(head, "probe")
+        or not isinstance(getattr(head, "attention", None), nn.MultiheadAttention)
+    ):
+        raise TypeError(
+            f"{type(model).__name__} has no attention-pooling head (`head.probe`, `head.attention`); pool_attention "
+            "supports SigLIP-style towers built with vision_use_head=True"
+        )
+    return head
+
+
+def pool_attention_row(tokens: torch.Tensor, probe: torch.Tensor, attention: nn.MultiheadAttention) -> torch.Tensor:
+    """The probe query's attention over the tokens of an attention-pooling head (SigLIP's MAP head), recomputed
+    from the head's `nn.MultiheadAttention` projections, so it works under any attention backend.
+
+    tokens: [B, N, D], the head's input (SigLIP: the tower's final, post-layernormed tokens); probe: [1, 1, D].
+    Softmax over the N keys with scale head_dim^-0.5, in at least float32, then the mean over heads (what
+    `attention(probe, tokens, tokens, need_weights=True)` returns as weights). Returns [B, N] in `tokens`' dtype,
+    rows sum to 1. Raises `ValueError` for an attention with extra keys (`bias_k`, `add_zero_attn`).
+    """
+    if attention.bias_k is not None or attention.add_zero_attn:
+        raise ValueError("pool_attention_row: an attention with bias_k / add_zero_attn attends beyond the tokens")
+    dim, heads = attention.embed_dim, attention.num_heads
+    if attention.in_proj_weight is not None:  # q, k, v packed
+        w_q, w_k = attention.in_proj_weight[:dim], attention.in_proj_weight[dim : 2 * dim]
+    else:
+        w_q, w_k = attention.q_proj_weight, attention.k_proj_weight
+    bias = attention.in_proj_bias
+    b_q, b_k = (None, None) if bias is None else (upcast(bias[:dim]), upcast(bias[dim : 2 * dim]))
+    b, n, _ = tokens.shape
+    q = F.linear(upcast(probe.reshape(1, -1)), upcast(w_q), b_q).view(heads, dim // heads)  # [H, d]
+    k = F.linear(upcast(tokens), upcast(w_k), b_k).view(b, n, heads, dim // heads)  # [B, N, H, d]
+    scores = torch.einsum("hd,bnhd->bhn", q, k) * (dim // heads) ** -0.5  # [B, H, N]
+    return scores.softmax(dim=-1).mean(dim=1).to(tokens.dtype)
+
+
+def _hook_pooling_head(model: nn.Module, captured: dict[str, torch.Tensor]):
+    """Record the pooling head's output (`pooled`) and its probe row (`pool_attention`) in `captured` on the
+    next forward; returns the hook handle."""
+    head = _pooling_head(model)
+
+    def hook(module, args, kwargs, output):
+        tokens = args[0] if args else next(iter(kwargs.values()))
+        captured["pool_attention"] = pool_attention_row(tokens, module.probe, module.attention)
+        captured["pooled"] = output
+
+    return head.register_forward_hook(hook, with_kwargs=True)
+
+
 # -------------------------------------------------------------------------------------------------- backends
 
 
@@ -282,7 +378,13 @@ def load_transformers_teacher(spec: TeacherSpec) -> nn.Module:
     cls = _resolve_transformers_class(spec.model_class)
     if spec.pretrained:
         mapping = {spec.weights_prefix: ""} if spec.weights_prefix else None
-        return cls.from_pretrained(spec.checkpoint or spec.model_id, key_mapping=mapping)
+        # A full SAM2/SAM3 checkpoint's config.json is the whole model's (SAM3 video: the tower's sits two levels
+        # down), so the tower's own config comes from the spec.
+        tower = None
+        if spec.weights_prefix and "model_type" in spec.config:
+            sizes = dict(spec.config)
+            tower = AutoConfig.for_model(sizes.pop("model_type"), **sizes)
+        return cls.from_pretrained(spec.checkpoint or spec.model_id, key_mapping=mapping, config=tower)
     config = dict(spec.config)
     if "model_type" not in config:
         raise ValueError(f"teacher {spec.slug!r}: building without weights needs config['model_type']")
@@ -313,7 +415,7 @@ def transformers_depth(model: nn.Module) -> int | None:
 def extract_transformers(model: nn.Module, pixel_values: torch.Tensor, spec: TeacherSpec) -> TeacherOutput:
     if spec.output == "feature_map":
         return _from_map(model(pixel_values=pixel_values).last_hidden_state, spec)
-    if spec.output == "last_hidden_state":
+    if spec.output == "last_hidden_state" and not spec.pool_attention:
         return _split_prefix(model(pixel_values=pixel_values).last_hidden_state, spec)
     if spec.output == "neck":
         outputs = model(pixel_values=pixel_values)
@@ -321,6 +423,7 @@ def extract_transformers(model: nn.Module, pixel_values: torch.Tensor, spec: Tea
         return _from_map(outputs.last_hidden_state if levels is None else levels[spec.neck_index], spec)
     captured: dict[str, torch.Tensor] = {}
     handle = None
+    pool_handle = _hook_pooling_head(model, captured) if spec.pool_attention else None
     if spec.cls_attention:
         layers = _encoder_layers(model)
         # hidden_states[k] is the output of layer k - 1, so the layer producing index `feature_layer` is:
@@ -338,10 +441,13 @@ def extract_transformers(model: nn.Module, pixel_values: torch.Tensor, spec: Tea
     try:
         outputs = model(pixel_values=pixel_values, output_hidden_states=True)
     finally:
-        if handle is not None:
-            handle.remove()
-    out = _split_prefix(outputs.hidden_states[spec.feature_layer], spec)
+        for hook in (handle, pool_handle):
+            if hook is not None:
+                hook.remove()
+    last = spec.output == "last_hidden_state"  # only with pool_attention here
+    out = _split_prefix(outputs.last_hidden_state if last else outputs.hidden_states[spec.feature_layer], spec)
     out.cls_attention = captured.get("row")
+    out.pooled, out.pool_attention = captured.get("pooled"), captured.get("pool_attention")
     return out
 
 
@@ -452,8 +558,9 @@ def check_feature_layer(spec: TeacherSpec, model: nn.Module) -> None:
 
 
 class Teacher(nn.Module):
-    """A frozen teacher: images [B, 3, H, W] in [0, 1] -> TeacherOutput. Its model never trains: parameters
-    have requires_grad=False, forward runs under no_grad, and `.train()` leaves the model in eval mode."""
+    """A frozen teacher: images [B, 3, H, W] in [0, 1], or its own uint8 view, -> TeacherOutput. Its model never
+    trains: parameters have requires_grad=False, forward runs under no_grad, and `.train()` leaves the model in eval
+    mode."""
 
     def __init__(self, spec: TeacherSpec, model: nn.Module):
         super().__init__()
@@ -472,9 +579,23 @@ class Teacher(nn.Module):
         self.model.eval()  # dropout/batch-norm statistics of a teacher must never change
         return self
 
-    def forward(self, images: torch.Tensor) -> TeacherOutput:
+    def forward(
+        self,
+        images: torch.Tensor | None = None,
+        view: torch.Tensor | None = None,
+        valid_size: torch.Tensor | None = None,
+    ) -> TeacherOutput:
+        """images: [B, 3, H, W] in [0, 1] (resized and normalised here, `prepare_images`), or view: this teacher's
+        uint8 view [B, 3, S, S] with `valid_size` [B, 2] for a `pad` teacher (cast and normalised here,
+        `prepare_view`), moved to the teacher's device first (a uint8 view moves a quarter of the bytes)."""
+        if (images is None) == (view is None):
+            raise ValueError(f"teacher {self.slug!r} takes either `images` or `view`, not both or neither")
         reference = next(self.model.parameters())
-        pixel_values = prepare_images(images.to(device=reference.device), self.spec).to(reference.dtype)
+        if view is not None:
+            pixel_values = prepare_view(view.to(device=reference.device), self.spec, valid_size)
+        else:
+            pixel_values = prepare_images(images.to(device=reference.device), self.spec)
+        pixel_values = pixel_values.to(reference.dtype)
         with torch.no_grad():
             return BACKENDS[self.spec.backend].extract(self.model, pixel_values, self.spec)
 

@@ -4,6 +4,14 @@ A `TeacherSource` turns a collated batch into `{slug: TeacherOutput}`. `OnlineTe
 the batch's `teacher_images` (the paper's way); a feature cache (distill/cache.py) answers the same call from
 `sample_ids`. Teachers are never part of the module the Trainer, DDP or DeepSpeed wrap: they are not saved, not
 optimised, not partitioned, and stay in eval mode in the training dtype.
+
+The anchor teacher (METHOD.md section 4) is a frozen copy of the student's own tower as training begins, read at the
+student's `vision_feature_layer`. Every teacher set lists it first, as `clip` (`ANCHOR`, the paper's name); in a run
+it is named after the student's tower (`anchor_slug`): `clip` for a CLIP tower, `siglip` for a SigLIP one
+(SigLIP 2 fixed-resolution checkpoints included: their model_type is "siglip"). A CLIP anchor gives the CLS token
+and CLS attention row of the paper's loss; a SigLIP tower has no CLS, so its anchor gives its attention-pooling
+head's output and probe attention instead (`pooled`, `pool_attention`; none for a tower without the head), and
+`student_kd_defaults` says which loss options replace the CLS-based ones.
 """
 
 from __future__ import annotations
@@ -18,12 +26,26 @@ from torch import nn
 
 from ..distill.cache import CacheSettings
 from ..distill.distiller import TeacherShape
+from ..distill.losses import KDLossConfig
 from ..distill.plan import meta_teacher_shape
-from ..distill.presets import clip_teacher, teacher_specs
+from ..distill.presets import HALF, clip_teacher, teacher_specs
+from ..distill.teacher_views import ViewSettings, view_settings
 from ..distill.teachers import Teacher, TeacherOutput, TeacherSpec, build_teacher
+from ..errors import SettingsError
 from ..modeling.llava_conventions import mean_colour, student_grid
 
+# The teacher sets' entry that stands for the anchor (the student's own initial tower), whatever the tower is.
 ANCHOR = "clip"
+# Student tower `model_type` -> (the anchor's slug in a run, the stock transformers class its weights load into).
+ANCHOR_TOWERS = {
+    "clip_vision_model": ("clip", "CLIPVisionModel"),
+    "siglip_vision_model": ("siglip", "SiglipVisionModel"),
+}
+# SigLIP 2's variable-resolution class: LLaVA cannot run it as its tower (see `anchor_slug`).
+NAFLEX_TOWER = "siglip2_vision_model"
+SIGLIP2_FIXED_RESOLUTION_ID = "google/siglip2-so400m-patch14-384"
+# The anchor's `model_id`: it has no weights of its own, they are the student's.
+STUDENT_TOWER_ID = "student-initial-vision-tower"
 
 
 class TeacherSource(Protocol):
@@ -33,7 +55,9 @@ class TeacherSource(Protocol):
 
 
 class OnlineTeachers:
-    """Runs frozen teachers on `inputs["teacher_images"]` ([N_img, 3, S, S] in [0, 1]) every step."""
+    """Runs frozen teachers every step on `inputs["teacher_views"]` ({slug: uint8 [N_img, 3, S_t, S_t]}, each
+    teacher's own view, with `teacher_view_sizes` for `pad` views holding padding; what a collator built with
+    `view_settings()` gives) or, without views, on `inputs["teacher_images"]` ([N_img, 3, S, S] in [0, 1])."""
 
     def __init__(self, teachers: Mapping[str, Teacher]):
         self.teachers = dict(teachers)
@@ -43,11 +67,23 @@ class OnlineTeachers:
             teacher.to(device=device, dtype=dtype).eval()
         return self
 
+    def view_settings(self) -> dict[str, ViewSettings]:
+        """{slug: ViewSettings}: what `MoVEKDDataCollator(teacher_views=...)` needs to give these teachers views."""
+        return view_settings(teacher.spec for teacher in self.teachers.values())
+
     def __call__(self, inputs: Mapping[str, Any]) -> dict[str, TeacherOutput]:
-        images = inputs.get("teacher_images")
-        if images is None:
-            return {}
-        return {slug: teacher(images) for slug, teacher in self.teachers.items()}
+        views = inputs.get("teacher_views")
+        if views is None:
+            images = inputs.get("teacher_images")
+            return {} if images is None else {slug: teacher(images) for slug, teacher in self.teachers.items()}
+        missing = sorted(set(self.teachers) - set(views))
+        if missing:
+            raise ValueError(
+                f"the batch's teacher_views have no view for {missing}: build the collator with "
+                "teacher_views=OnlineTeachers.view_settings()"
+            )
+        sizes = inputs.get("teacher_view_sizes") or {}
+        return {slug: teacher(view=views[slug], valid_size=sizes.get(slug)) for slug, teacher in self.teachers.items()}
 
 
 @contextlib.contextmanager
@@ -79,36 +115,174 @@ def _gathered_state(module: nn.Module) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
-def clip_teacher_from_student(vlm: nn.Module, image_mean=None, image_std=None) -> Teacher:
-    """The paper's `clip` teacher: a frozen stock CLIP vision model holding the student tower's weights minus MoLE
-    (LoRA experts and routers), read at the student's `vision_feature_layer` with its CLS attention row."""
-    from transformers import CLIPVisionModel
+def _tower_type(vision_config: Any) -> str | None:
+    if isinstance(vision_config, Mapping):
+        return vision_config.get("model_type")
+    return getattr(vision_config, "model_type", None)
+
+
+def anchor_slug(vision_config: Any, field: str = "vision_config.model_type") -> str:
+    """The anchor teacher's slug for a student tower (a vision config or its dict): "clip" for a CLIP tower,
+    "siglip" for a SigLIP tower (SigLIP 2 fixed-resolution checkpoints have model_type "siglip" too).
+
+    Raises `SettingsError` (on `field`, e.g. "--vision" for `init`) for any other tower, naming it; for SigLIP 2's
+    NaFlex class (`siglip2_vision_model`), which LLaVA cannot run as a tower (its forward needs
+    `pixel_attention_mask` and `spatial_shapes`, LlavaProcessor cannot make them, and its patch count varies per
+    image), the message names the fixed-resolution alternative.
+    """
+    model_type = _tower_type(vision_config)
+    if model_type == NAFLEX_TOWER:
+        raise SettingsError(
+            f"{model_type!r} is SigLIP 2's variable-resolution (NaFlex) tower, which LLaVA cannot run as its vision "
+            "tower (it needs pixel_attention_mask and spatial_shapes per image and has no fixed patch grid)",
+            field=field,
+            expected=f"a fixed-resolution SigLIP 2 checkpoint (model_type 'siglip'), e.g. {SIGLIP2_FIXED_RESOLUTION_ID}",
+        )
+    if model_type not in ANCHOR_TOWERS:
+        raise SettingsError(
+            f"{model_type!r} is not a student tower MoVE-KD can copy as its anchor teacher",
+            field=field,
+            expected=f"one of {sorted(ANCHOR_TOWERS)}",
+        )
+    return ANCHOR_TOWERS[model_type][0]
+
+
+def _has_pooling_head(vision_config: Any) -> bool:
+    """A SigLIP tower's `vision_use_head` (True by default, as `SiglipVisionConfig` has it)."""
+    if isinstance(vision_config, Mapping):
+        return bool(vision_config.get("vision_use_head", True))
+    return bool(getattr(vision_config, "vision_use_head", True))
+
+
+def student_kd_defaults(vision_config: Any) -> dict[str, Any]:
+    """The `KDLossConfig` overrides a student tower needs, because METHOD.md section 4 reads the anchor's CLS token.
+
+    CLIP: {} (the paper's loss as it is). SigLIP with its attention-pooling head: token weights from the head's
+    probe attention (`token_weighting="pool_attention"`) and the head's output as the anchor summary of the teacher
+    weights ("pooled"). SigLIP without the head (`vision_use_head=False`, LLaVA-OneVision's towers): uniform token
+    weights and the mean anchor token ("mean_token"). Both set `anchor_teacher` to `anchor_slug`. Raises
+    `SettingsError` as `anchor_slug` does.
+    """
+    slug = anchor_slug(vision_config)
+    if slug == "clip":
+        return {}
+    if _has_pooling_head(vision_config):
+        return {"anchor_teacher": slug, "token_weighting": "pool_attention", "anchor_summary": "pooled"}
+    return {"anchor_teacher": slug, "token_weighting": "uniform", "anchor_summary": "mean_token"}
+
+
+# The loss option values that read something of the anchor's beyond its tokens (a `TeacherOutput` field).
+_OPTION_READS = {
+    ("token_weighting", "cls_attention"): "cls_attention",
+    ("token_weighting", "pool_attention"): "pool_attention",
+    ("anchor_summary", "cls"): "cls",
+    ("anchor_summary", "pooled"): "pooled",
+}
+
+
+def anchor_outputs(vision_config: Any) -> set[str]:
+    """The `TeacherOutput` fields beyond `tokens` the anchor of this student tower fills: CLIP {"cls",
+    "cls_attention"}; SigLIP {"pooled", "pool_attention"} with its pooling head, none without it."""
+    if anchor_slug(vision_config) == "clip":
+        return {"cls", "cls_attention"}
+    return {"pooled", "pool_attention"} if _has_pooling_head(vision_config) else set()
+
+
+def _reads(config: KDLossConfig, name: str) -> str | None:
+    """The anchor's `TeacherOutput` field that option `name` of `config` reads (None: none)."""
+    if name == "anchor_summary" and config.teacher_weighting != "cls_similarity":
+        return None  # the summary only scores teachers for the CLS-similarity weights
+    return _OPTION_READS.get((name, getattr(config, name)))
+
+
+def student_kd_config(
+    vision_config: Any, kd_preset: str, explicit: Mapping[str, Any] | None = None
+) -> tuple[KDLossConfig, dict[str, tuple[Any, Any]]]:
+    """The KD loss of `kd_preset` for a student tower, with the user's `explicit` options (`kd_options`).
+
+    Of `student_kd_defaults`, an option the user did not set replaces the preset's value where that value reads
+    what this anchor does not give (`anchor_outputs`: a SigLIP anchor has no CLS token), and the anchor's slug
+    replaces `anchor_teacher`; options that read nothing (`token_weighting="none"`, the MSE baseline) stay. CLIP
+    students get the preset as it is (the faithful loss unchanged). Returns (config, {field: (preset value, new
+    value)} for every switched field). Raises `SettingsError` when an option still reads what the anchor does not
+    give (e.g. `token_weighting="cls_attention"` set for a SigLIP student).
+    """
+    explicit = dict(explicit or {})
+    config = KDLossConfig.from_preset(kd_preset, **explicit)
+    gives = anchor_outputs(vision_config)
+    switched = {}
+    for name, value in student_kd_defaults(vision_config).items():
+        current = getattr(config, name)
+        if name in explicit or current == value:
+            continue
+        if name == "anchor_teacher" or _reads(config, name) not in gives | {None}:
+            switched[name] = (current, value)
+    config = KDLossConfig.from_preset(kd_preset, **explicit, **{name: new for name, (_old, new) in switched.items()})
+    for name in ("token_weighting", "anchor_summary"):
+        need = _reads(config, name)
+        if need is not None and need not in gives:
+            raise SettingsError(
+                f"is {getattr(config, name)!r}, which reads the anchor's {need}; the anchor of this "
+                f"{_tower_type(vision_config)} student gives {sorted(gives) or 'no CLS, pooled output or attention'}",
+                field=f"kd_options.{name}",
+                expected=f"{[v for (n, v), f in _OPTION_READS.items() if n == name and f in gives]} or a value that "
+                "reads no anchor field (token_weighting 'uniform' / 'none', anchor summary 'mean_token')",
+            )
+    return config, switched
+
+
+def anchor_teacher_from_student(vlm: nn.Module, image_mean=None, image_std=None) -> Teacher:
+    """The anchor teacher: a frozen stock vision model (`CLIPVisionModel` / `SiglipVisionModel`) holding the student
+    tower's weights as they are now, minus MoLE (LoRA experts and routers), read at the student's
+    `vision_feature_layer`; a CLIP copy with its CLS attention row, a SigLIP copy with its pooling head's output and
+    probe row where the tower has the head (`anchor_teacher_spec`). Raises `SettingsError` for a tower
+    `anchor_slug` refuses, `ValueError` when the tower's weights do not fit the stock class."""
+    import transformers
 
     vision = vlm.config.vision_config
-    if getattr(vision, "model_type", "") != "clip_vision_model":
-        raise ValueError(f"the `clip` teacher copies a CLIP student tower; this student is {vision.model_type!r}")
+    anchor_slug(vision)  # an unknown tower is named here, before any copy
+    class_name = ANCHOR_TOWERS[vision.model_type][1]
     state = {k: v for k, v in _gathered_state(vlm.model.vision_tower).items() if not _is_mole_key(k)}
-    model = CLIPVisionModel(vision)
+    model = getattr(transformers, class_name)(vision)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(
-            f"student tower does not fit a stock CLIP: missing {missing[:3]}, unexpected {unexpected[:3]}"
+            f"student tower does not fit a stock {class_name}: missing {missing[:3]}, unexpected {unexpected[:3]}"
         )
-    spec = clip_teacher_spec(vlm.config, image_mean, image_std)
-    return Teacher(spec, model)
+    return Teacher(anchor_teacher_spec(vlm.config, image_mean, image_std), model)
 
 
-def clip_teacher_spec(config, image_mean=None, image_std=None) -> TeacherSpec:
-    """The spec of the `clip` teacher copied from a student with this VLM config (no weights involved)."""
-    # No architecture config (`config={}`): the weights and their shapes come from the student's tower.
-    return clip_teacher(
-        slug=ANCHOR,
-        model_id="student-initial-vision-tower",
-        image_size=config.vision_config.image_size,
+def anchor_teacher_spec(config, image_mean=None, image_std=None) -> TeacherSpec:
+    """The spec of the anchor copied from a student with this VLM config (no weights involved; `config={}`: the
+    weights and their shapes come from the student's tower). `image_mean` / `image_std`: the student processor's
+    normalisation (default CLIP's for CLIP, [-1, 1] for SigLIP). CLIP: the paper's `clip` teacher. SigLIP: the
+    tower at `vision_feature_layer`, squashed and bicubic as `SiglipImageProcessor` resizes, with
+    `pool_attention` where the tower has its head."""
+    vision = config.vision_config
+    slug = anchor_slug(vision)
+    norm = {"mean": tuple(image_mean), "std": tuple(image_std)} if image_mean is not None else {}
+    if slug == "clip":
+        return clip_teacher(
+            slug=ANCHOR,
+            model_id=STUDENT_TOWER_ID,
+            image_size=vision.image_size,
+            feature_layer=config.vision_feature_layer,
+            pretrained=False,
+            config={},
+            **norm,
+        )
+    return TeacherSpec(
+        **{"mean": HALF, "std": HALF, **norm},
+        slug=slug,
+        backend="transformers",
+        model_id=STUDENT_TOWER_ID,
+        model_class=ANCHOR_TOWERS[vision.model_type][1],
+        image_size=vision.image_size,
+        resize_mode="squash",
+        interpolation="bicubic",
         feature_layer=config.vision_feature_layer,
         pretrained=False,
-        config={},
-        **({"mean": tuple(image_mean), "std": tuple(image_std)} if image_mean is not None else {}),
+        pool_attention=_has_pooling_head(vision),
     )
 
 
@@ -123,8 +297,8 @@ def teacher_cache_settings(
     """The `CacheSettings` a training run with this student, processor and data view reads its cache with;
     `movekd-hf cache-teachers --model` writes with the same, so the cache keys agree. `compression`: the
     `CacheSettings` compression fields (`compress`, `compression`, `compression_seed`, `calibration_images`,
-    `token_dtype`) the cache was written with."""
-
+    `token_dtype`) the cache was written with. Every anchor caches: a CLIP anchor's CLS and CLS row, a SigLIP
+    anchor's pooled output and probe row (`pooled`, `pool_attention` columns, distill/cache.py)."""
     return CacheSettings(
         student_grid=student_grid(config.vision_config),
         grid=grid,
@@ -136,8 +310,8 @@ def teacher_cache_settings(
 
 
 def run_teacher_specs(teacher_set: str, pretrained: bool, checkpoints: Mapping[str, str]) -> list[TeacherSpec]:
-    """Specs of the non-anchor teachers of a set (the anchor is the student's own tower), with local checkpoints
-    swapped in."""
+    """Specs of the non-anchor teachers of a set (its `clip` entry is the anchor, the student's own tower: left
+    out here, built by `build_teachers`), with local checkpoints swapped in."""
     specs = [spec for spec in teacher_specs(teacher_set, pretrained=pretrained) if spec.slug != ANCHOR]
     unknown = sorted(set(checkpoints) - {spec.slug for spec in specs})
     if unknown:
@@ -146,9 +320,13 @@ def run_teacher_specs(teacher_set: str, pretrained: bool, checkpoints: Mapping[s
 
 
 def build_teachers(vlm: nn.Module, specs: list[TeacherSpec], image_mean=None, image_std=None) -> dict[str, Teacher]:
-    """The clip teacher (copied from `vlm`, which must still hold its initial tower) plus one per spec."""
+    """The anchor teacher (`anchor_slug` of the student's tower, copied from `vlm`, which must still hold its
+    initial tower) plus one per spec. Raises `ValueError` when a spec takes the anchor's slug."""
+    slug = anchor_slug(vlm.config.vision_config)
+    if any(spec.slug in (ANCHOR, slug) for spec in specs):
+        raise ValueError(f"no teacher may be named {slug!r} or {ANCHOR!r}: those name the student's own tower")
     with outside_zero3():
-        teachers = {ANCHOR: clip_teacher_from_student(vlm, image_mean, image_std)}
+        teachers = {slug: anchor_teacher_from_student(vlm, image_mean, image_std)}
         for spec in specs:
             teachers[spec.slug] = build_teacher(spec)
     return teachers
@@ -158,7 +336,11 @@ def teacher_shapes(vlm: nn.Module, specs: list[TeacherSpec]) -> dict[str, Teache
     """Token width and count of every teacher at its input size (non-anchor ones measured on the meta device)."""
     vision = vlm.config.vision_config
     height, width = student_grid(vision)
-    shapes = {ANCHOR: TeacherShape(dim=vision.hidden_size, num_tokens=height * width)}
+    # The anchor has a summary vector (CLS, or a SigLIP head's pooled output) unless its tower has neither.
+    summary = bool(anchor_outputs(vision) & {"cls", "pooled"})
+    shapes = {
+        anchor_slug(vision): TeacherShape(dim=vision.hidden_size, num_tokens=height * width, has_summary=summary)
+    }
     for spec in specs:
         with outside_zero3():
             _, (num_tokens, dim, _) = meta_teacher_shape(spec)

@@ -6,14 +6,14 @@ these objects:
     trainer = MoVEKDTrainer(model=vlm, args=MoVEKDTrainingArguments(output_dir="run", stage="stage1"),
                             teachers="tiny", train_dataset=dataset, processing_class=processor)
 
-`model` is the VLM (`MoVEKDForConditionalGeneration`, or a peft `PeftModel` around it; `peft_config` wraps it
-here). Construction copies the `clip` teacher from the student's tower as it is now, builds the other teachers
-and the distiller (teacher adapters and standardisers) for `args.kd_preset`, freezes what `args.stage` does not
-train, and wraps VLM and distiller in `MoVEKDTrainingModule`. Both train, so both must sit inside the wrapped
-module: that is what gets their gradients all-reduced under DDP, partitioned and optimised under DeepSpeed, and
-moved and cast with the model. Saving undoes the pairing: a checkpoint folder is the plain VLM
-(`save_pretrained`, loadable through remote code) plus `distill_adapters.safetensors` (checkpoint.py). Teachers
-stay outside, in a `TeacherSource`.
+`model` is the VLM (`MoVEKDForConditionalGeneration`, or a peft `PeftModel` around it; `peft_config` wraps it here).
+Construction copies the anchor teacher (`clip` or `siglip`: teacher_source.anchor_slug) from the student's tower as it
+is now, builds the other teachers and the distiller (teacher adapters and standardisers) for `args.kd_preset`, freezes
+what `args.stage` does not train, and wraps VLM and distiller in `MoVEKDTrainingModule`. Both train, so both must sit
+inside the wrapped module: that is what gets their gradients all-reduced under DDP, partitioned and optimised under
+DeepSpeed, and moved and cast with the model. Saving undoes the pairing: a checkpoint folder is the plain VLM
+(`save_pretrained`, loadable through remote code) plus `distill_adapters.safetensors` (checkpoint.py). Teachers stay
+outside, in a `TeacherSource`.
 
 Gradient accumulation: the Trainer counts the label tokens of the whole accumulated batch (`num_items_in_batch`,
 over all ranks) and the VLM returns sum / count, so the LM term needs no division. The KD and balance terms are
@@ -41,6 +41,8 @@ Console: one rounded line per log, written above the progress bar (console.py).
 from __future__ import annotations
 
 import contextlib
+import functools
+import itertools
 import logging
 import math
 import os
@@ -53,16 +55,17 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import PrinterCallback, ProgressCallback, Trainer
+from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy, rotate_checkpoints
 from transformers.training_args import ParallelMode
 
 from ..distill.distiller import MoVEKDDistiller
-from ..distill.losses import KDLossConfig, mole_balance_loss
+from ..distill.losses import mole_balance_loss
 from ..distill.teachers import TeacherSpec
 from ..errors import NonFiniteError, SettingsError
 from ..modeling.llava_conventions import student_grid, tower_cls_tokens
 from ..modeling.mole import upcast
+from .anyres import collator_for
 from .arguments import MoVEKDTrainingArguments
 from .checkpoint import (
     DISTILLER_FILE,
@@ -90,8 +93,10 @@ from .teacher_source import (
     ANCHOR,
     OnlineTeachers,
     TeacherSource,
+    anchor_slug,
     build_teachers,
     run_teacher_specs,
+    student_kd_config,
     teacher_shapes,
     teacher_view_size,
 )
@@ -99,10 +104,10 @@ from .teacher_source import (
 logger = logging.getLogger(__name__)
 
 # Collator keys that are not VLM inputs: they feed the teachers (or a feature cache) and the loss scaling.
-NON_MODEL_KEYS = ("images_per_sample", "teacher_images", "sample_ids")
+NON_MODEL_KEYS = ("images_per_sample", "teacher_images", "teacher_views", "teacher_view_sizes", "sample_ids")
 
-# What `teachers=` takes: a teacher set name ("tiny", "v1.0", "v1.1"), the specs of the teachers besides `clip`
-# (always the student's own initial tower), or a ready source such as `CachedTeachers` (then with `distiller=`).
+# What `teachers=` takes: a teacher set name ("tiny", "v1.0", "v1.1"), the specs of the teachers besides the anchor
+# (`clip` / `siglip`: always the student's own initial tower), or a ready source such as `CachedTeachers` (then with `distiller=`).
 Teachers = str | Sequence[TeacherSpec] | TeacherSource
 # Writes the model card into a saved folder; called with (trainer, folder) after every save.
 CardWriter = Callable[["MoVEKDTrainer", str], None]
@@ -215,17 +220,31 @@ def load_adapters(distiller: MoVEKDDistiller, folder: str) -> None:
 
 
 def build_distiller(vlm: nn.Module, specs: Sequence[TeacherSpec], args: MoVEKDTrainingArguments) -> MoVEKDDistiller:
-    """Adapters for the `clip` anchor plus `specs`, with the loss of `args.kd_preset`. Seeded with `args.seed`, so
-    they start the same whether the teachers run online or are read from a cache."""
+    """Adapters for the anchor (the student's own tower, `anchor_slug`: `clip` or `siglip`) plus `specs`, with the
+    loss of `args.kd_preset` for this student (`student_kd_config`: a tower without CLS switches the CLS-based
+    options, logged as a warning and recorded in train_config.json's `kd_loss`). Seeded with `args.seed`, so they
+    start the same whether the teachers run online or are read from a cache."""
     shapes = teacher_shapes(vlm, list(specs))
     vision = vlm.config.vision_config
     height, width = student_grid(vision)
+    config, switched = student_kd_config(vision, args.kd_preset, args.kd_option_overrides())  # kd_options win
+    if switched:
+        logger.warning(
+            "the %s student tower has no CLS token for the anchor %r: KD loss options switched from kd_preset %r: %s "
+            "(set kd_options to choose others)",
+            vision.model_type,
+            config.anchor_teacher,
+            args.kd_preset,
+            ", ".join(f"{name} {old!r} -> {new!r}" for name, (old, new) in switched.items()),
+        )
     torch.manual_seed(args.seed)
-    return MoVEKDDistiller(shapes, vision.hidden_size, height * width, KDLossConfig.from_preset(args.kd_preset))
+    return MoVEKDDistiller(shapes, vision.hidden_size, height * width, config)
 
 
-def _teacher_specs(teachers: Teachers) -> list[TeacherSpec] | None:
-    """The non-anchor specs `teachers` stands for; None for a ready teacher source."""
+def _teacher_specs(teachers: Teachers, vision_config) -> list[TeacherSpec] | None:
+    """The non-anchor specs `teachers` stands for; None for a ready teacher source. A teacher set's first entry,
+    `clip`, stands for the anchor (the student's own tower, `anchor_slug`) whatever the tower; explicit specs may
+    take neither that name nor the anchor's slug."""
     if isinstance(teachers, str):
         return run_teacher_specs(teachers, pretrained=True, checkpoints={})
     if callable(teachers):
@@ -234,15 +253,22 @@ def _teacher_specs(teachers: Teachers) -> list[TeacherSpec] | None:
     wrong = [type(spec).__name__ for spec in specs if not isinstance(spec, TeacherSpec)]
     if wrong:
         raise TypeError(f"`teachers` must be a teacher set name, TeacherSpecs or a teacher source; got {wrong}")
-    if any(spec.slug == ANCHOR for spec in specs):
-        raise ValueError(f"leave {ANCHOR!r} out of `teachers`: that teacher is always the student's own tower")
+    anchor = anchor_slug(vision_config)
+    taken = sorted({spec.slug for spec in specs} & {ANCHOR, anchor})
+    if taken:
+        raise ValueError(
+            f"leave {taken} out of `teachers`: {ANCHOR!r} and {anchor!r} name the anchor, always the student's own tower"
+        )
     return specs
 
 
 def _check_distilled_tokens(config) -> None:
-    """Refuse, before any step, a student whose image features are not its patch tokens: a tower without a CLS
-    token (SigLIP) under LLaVA's "default" strategy drops a real patch (a checkpoint made before the strategy was
-    chosen from the tower), and the distiller would fail at step 1 with mismatched token counts."""
+    """Refuse, before any step, a student whose tower has no anchor teacher (`anchor_slug`: an unknown tower, or
+    SigLIP 2's NaFlex class, named with its fixed-resolution alternative), and one whose image features are not
+    its patch tokens: a tower without a CLS token (SigLIP) under LLaVA's "default" strategy drops a real patch (a
+    checkpoint made before the strategy was chosen from the tower), and the distiller would fail at step 1 with
+    mismatched token counts."""
+    anchor_slug(config.vision_config)
     strategy = getattr(config, "vision_feature_select_strategy", "default")
     try:
         cls_tokens = tower_cls_tokens(config.vision_config)
@@ -271,14 +297,14 @@ def _distillation(vlm, args, teachers, distiller, processing_class):
             f"kd_preset={args.kd_preset!r} distils, but no `teachers` were given: pass a teacher set name ('tiny', "
             "'v1.1'), TeacherSpecs or a teacher source, or set kd_preset='none' for the LLaVA baseline"
         )
-    specs = _teacher_specs(teachers)
+    specs = _teacher_specs(teachers, vlm.config.vision_config)
     source = teachers
     if specs is None and distiller is None:
         raise ValueError("a ready teacher source needs `distiller=` too: the trainer cannot see its teachers' shapes")
     if specs is not None:
         image_processor = getattr(processing_class, "image_processor", None)
         if image_processor is None:
-            raise ValueError("building teachers needs `processing_class`: `clip` reads images as the student does")
+            raise ValueError("building teachers needs `processing_class`: the anchor reads images as the student does")
         torch.manual_seed(args.seed)  # random (tiny) teacher weights follow the seed, the same on every rank
         built = build_teachers(vlm, specs, image_processor.image_mean, image_processor.image_std)
         source = OnlineTeachers(built).to(args.device, training_dtype(args))
@@ -330,28 +356,44 @@ def trainable_parameters(module: MoVEKDTrainingModule) -> dict[str, int]:
     return counts
 
 
-def _default_collator(processing_class, teacher_image_size: int | None) -> MoVEKDDataCollator:
-    """The collator of `processing_class`, with the per-sample image-token checks `build_train_data`'s has."""
-    return MoVEKDDataCollator(
-        processing_class.image_processor,
+def _default_collator(processing_class, source: TeacherSource | None) -> MoVEKDDataCollator:
+    """The collator of `processing_class`, with the per-sample image-token checks `build_train_data`'s has; for
+    online teachers it makes each teacher's own uint8 view in the loader workers (issue 18.3), not the float
+    `teacher_images` every teacher resizes again on the device."""
+    views = source.view_settings() if isinstance(source, OnlineTeachers) else None
+    return collator_for(
+        processing_class,
         processing_class.tokenizer.pad_token_id,
-        teacher_image_size=teacher_image_size,
+        teacher_views=views,
         image_token_id=image_token_id(processing_class),
         num_image_tokens=num_image_tokens(processing_class),
     )
 
 
 def _check_collator(collator, view_size: int | None) -> None:
-    if view_size is not None and getattr(collator, "teacher_image_size", 0) is None:
+    gives_views = bool(getattr(collator, "teacher_views", None))
+    if view_size is not None and getattr(collator, "teacher_image_size", 0) is None and not gives_views:
         raise ValueError(
-            f"the data collator gives the teachers no images (teacher_image_size=None): build it with "
-            f"teacher_image_size={view_size}, or pass no data_collator and the trainer builds one"
+            f"the data collator gives the teachers no images (teacher_image_size=None, no teacher_views): build it "
+            f"with teacher_views=<the OnlineTeachers>.view_settings() or teacher_image_size={view_size}, or pass no "
+            "data_collator and the trainer builds one"
         )
+
+
+class _CalibrateStandardizers(TrainerCallback):
+    """Runs `MoVEKDTrainer.calibrate_standardizers` when training begins: after a resumed checkpoint is loaded (its
+    statistics make the pass unnecessary) and before the first step."""
+
+    def __init__(self, trainer: MoVEKDTrainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer.calibrate_standardizers()
 
 
 def recorded_teachers(distiller: MoVEKDDistiller | None, specs: Sequence[TeacherSpec] | None) -> list:
     """train_config.json's `teachers`: `{"name", "model_id", "pretrained"}` per teacher the run distils, from
-    the specs it built them from (hub_cards.card.resolve_teachers reads this shape). The `clip` anchor is the
+    the specs it built them from (hub_cards.card.resolve_teachers reads this shape). The anchor (`clip`/`siglip`) is the
     student's own tower as training began: no id of its own (`model_id` None), so the card credits it through
     the run's teacher set. Without specs (a ready teacher source), the slugs alone."""
     if distiller is None:
@@ -372,7 +414,7 @@ class MoVEKDTrainer(Trainer):
 
     model: a `MoVEKDForConditionalGeneration`, possibly a peft `PeftModel` around it (stage 2 with LoRA on the
         LLM); `peft_config` (e.g. `llm_lora_config()`) wraps it here instead.
-    teachers: a teacher set name ("tiny", "v1.0", "v1.1"), specs of the teachers besides `clip` (always a frozen
+    teachers: a teacher set name ("tiny", "v1.0", "v1.1"), specs of the teachers besides the anchor (a frozen
         copy of the student's tower as given), or a ready `TeacherSource` such as `CachedTeachers` (then pass
         `distiller`). None with `kd_preset="none"` (the LLaVA baseline).
     distiller: the adapters and loss; by default built for the teachers with `args.kd_preset`'s loss, and loaded
@@ -415,11 +457,11 @@ class MoVEKDTrainer(Trainer):
                 "so the model trains in float32 and only the teachers run in float16; use `bf16: true` for mixed "
                 "precision"
             )
-        # Teachers first: `clip` copies the tower before anything (peft, the stage) touches the model.
+        # Teachers first: the anchor copies the tower before anything (peft, the stage) touches the model.
         source, distiller, specs = _distillation(base, args, teachers, distiller, processing_class)
         view_size = teacher_view_size(base.config, specs) if specs is not None else None
         if data_collator is None and processing_class is not None:
-            data_collator = _default_collator(processing_class, view_size)
+            data_collator = _default_collator(processing_class, source)
         _check_collator(data_collator, view_size)
         module = MoVEKDTrainingModule(prepare_model(model, args, peft_config), distiller)
         counts = trainable_parameters(module)
@@ -452,6 +494,7 @@ class MoVEKDTrainer(Trainer):
             )
         self.stop_on_signal = StopOnSignalCallback()
         self.add_callback(self.stop_on_signal)
+        self.add_callback(_CalibrateStandardizers(self))  # PHI-S statistics before step 1
         self.last_checkpoint: str | None = None  # the folder of the newest checkpoint saved
         self._nonfinite: tuple[str, float] | None = None  # skip_step: what spoiled the accumulation window
         self._skipped_steps = 0
@@ -479,6 +522,42 @@ class MoVEKDTrainer(Trainer):
         return self._train_sampler if self._train_sampler is not None else super()._get_train_sampler(train_dataset)
 
     # ------------------------------------------------------------------------------------------------ loss
+
+    @torch.no_grad()
+    def calibrate_standardizers(self) -> int:
+        """Estimate the distiller's PHI-S statistics (`KDLossConfig.feature_standardization="phi_s"`) from the
+        teacher outputs (online teachers or a feature cache: `self.teacher_source`) of the first
+        `phi_s_calibration_batches` batches of a seeded shuffle of the training set, before step 1.
+
+        Each process reads its own share (`process_index::world_size` of the shuffle) and the float64 sums are
+        all-reduced, so every rank ends with the same statistics (and DDP broadcasts buffers from rank 0 anyway).
+        The shuffle uses its own generator (`args.seed`): the training order is the same with or without it.
+        Skipped when nothing needs statistics (another standardisation, or statistics loaded from `adapters_from`
+        or a resumed checkpoint). Returns the batches this process read.
+        """
+        distiller = self.accelerator.unwrap_model(self.model).distiller
+        if distiller is None or self.teacher_source is None or not distiller.needs_calibration():
+            return 0
+        reduce = None
+        if self.args.world_size > 1:
+            reduce = functools.partial(self.accelerator.reduce, reduction="sum")
+        used = distiller.calibrate(self._calibration_outputs(distiller.config.phi_s_calibration_batches), reduce)
+        logger.info("PHI-S statistics estimated on %d batch(es) of this process", used)
+        return used
+
+    def _calibration_outputs(self, num_batches: int):
+        """{slug: TeacherOutput} of up to `num_batches` training batches (batches without images skipped)."""
+        dataset, size = self.train_dataset, self.args.per_device_train_batch_size
+        world, rank = self.args.world_size, self.args.process_index
+        if hasattr(dataset, "__len__"):
+            order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(self.args.seed))
+            samples = [dataset[i] for i in order[: num_batches * size * world][rank::world].tolist()]
+        else:  # an iterable dataset: its first batches, the same on every rank
+            samples = list(itertools.islice(iter(dataset), num_batches * size))
+        for start in range(0, len(samples), size):
+            inputs = self._prepare_inputs(self.data_collator(samples[start : start + size]))
+            if inputs.get("pixel_values") is not None:
+                yield self.teacher_source(inputs)
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
