@@ -30,6 +30,8 @@ def test_teacher_sets_and_real_ids():
         "tiny": ("clip", "convnext", "sam"),
         "modern": ("clip", "siglip2", "dinov3", "sam2"),
         "tiny-modern": ("clip", "siglip2", "dinov3", "sam2"),
+        "modern-2": ("clip", "aimv2", "dinov3_convnext", "sam3", "radio"),
+        "tiny-modern-2": ("clip", "eva", "aimv2", "dinov3_convnext", "sam3", "radio"),
     }
     assert PAPER_TEACHERS["clip"].model_id == "openai/clip-vit-large-patch14-336"
     assert (PAPER_TEACHERS["eva"].model_id, PAPER_TEACHERS["eva"].filename) == (

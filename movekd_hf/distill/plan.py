@@ -1,17 +1,20 @@
 """Parameter plan of a teacher set and its adapters, built on the meta device (no memory, no download).
 
-`teacher_plan_rows` and `teacher_profiles` feed `movekd-hf plan --teachers NAME`.
+`teacher_plan_rows` and `teacher_profiles` feed `movekd-hf plan --teachers NAME`. A set's anchor (`clip`, listed
+first) is the student's own initial tower in training; `student_anchor_spec` sizes it from the student's vision
+config (a SigLIP tower, e.g. LLaVA-OneVision's, instead of the CLIP-L/336 preset).
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 import torch
 
 from .adapters import build_adapter
 from .memory import forward_flops, forward_peak_bytes
-from .presets import teacher_specs
+from .presets import clip_teacher, siglip2_teacher, teacher_specs
 from .teachers import TeacherSpec, build_teacher
 
 
@@ -31,16 +34,50 @@ def meta_teacher_shape(spec: TeacherSpec) -> tuple[int, tuple[int, int, int]]:
     return _count(teacher), (out.tokens.shape[1], out.tokens.shape[2], int(out.cls is not None))
 
 
+# Config fields of a tower that are not architecture (dropped when a tower's config becomes a spec's).
+_NOT_SIZES = ("architectures", "transformers_version", "dtype", "torch_dtype", "_name_or_path")
+
+
+def student_anchor_spec(vision_config: Any) -> TeacherSpec:
+    """The anchor teacher sized as the student's own tower (a transformers CLIP or SigLIP vision config): slug
+    "clip" / "siglip" (as training/teacher_source.py `anchor_slug` names it), its config's architecture and input
+    size, random weights (for meta-device plans; in training the anchor copies the student's weights).
+
+    Raises ValueError for another tower type.
+    """
+    sizes = {k: v for k, v in vision_config.to_dict().items() if k not in _NOT_SIZES}
+    model_type = sizes.get("model_type")
+    common = dict(model_id="student-initial-vision-tower", pretrained=False)
+    if model_type == "clip_vision_model":
+        return clip_teacher(sizes, **common)
+    if model_type == "siglip_vision_model":
+        return siglip2_teacher(sizes, slug="siglip", **common)
+    raise ValueError(f"no anchor teacher for a {model_type!r} student tower; expected a CLIP or SigLIP vision config")
+
+
+def _plan_specs(teacher_set: str, anchor: str, anchor_spec: TeacherSpec | None) -> list[TeacherSpec]:
+    """The set's specs without weights, its `anchor` entry replaced by `anchor_spec` when one is given."""
+    specs = teacher_specs(teacher_set, pretrained=False)
+    return specs if anchor_spec is None else [anchor_spec if s.slug == anchor else s for s in specs]
+
+
 def teacher_plan_rows(
-    teacher_set: str, num_student_tokens: int, student_dim: int, adapter: str = "token_mix", anchor: str = "clip"
+    teacher_set: str,
+    num_student_tokens: int,
+    student_dim: int,
+    adapter: str = "token_mix",
+    anchor: str = "clip",
+    anchor_spec: TeacherSpec | None = None,
 ) -> list[tuple[str, int, bool]]:
     """Rows (component, parameter count, trainable) for the teachers (frozen) and adapters (trainable) of a
-    teacher set, given the student's token count and width. The anchor teacher has no adapter."""
+    teacher set, given the student's token count and width. The anchor teacher has no adapter; `anchor_spec`
+    (e.g. `student_anchor_spec(vision_config)`) stands for it instead of the set's preset."""
     rows: list[tuple[str, int, bool]] = []
-    for spec in teacher_specs(teacher_set, pretrained=False):
+    anchor_slug = anchor if anchor_spec is None else anchor_spec.slug
+    for spec in _plan_specs(teacher_set, anchor, anchor_spec):
         params, (num_tokens, dim, _) = meta_teacher_shape(spec)
         rows.append((f"teacher/{spec.slug} ({spec.model_id}, {spec.image_size}px, {num_tokens}x{dim})", params, False))
-        if spec.slug == anchor:
+        if spec.slug == anchor_slug:
             continue
         with torch.device("meta"):
             module = build_adapter(adapter, dim, student_dim, num_tokens, num_student_tokens)
@@ -77,6 +114,9 @@ def teacher_profile(spec: TeacherSpec) -> dict[str, int]:
     }
 
 
-def teacher_profiles(teacher_set: str) -> dict[str, dict[str, int]]:
-    """`teacher_profile` of every teacher of a set (a key of `TEACHER_SETS`), by slug, in the set's order."""
-    return {spec.slug: teacher_profile(spec) for spec in teacher_specs(teacher_set, pretrained=False)}
+def teacher_profiles(
+    teacher_set: str, anchor: str = "clip", anchor_spec: TeacherSpec | None = None
+) -> dict[str, dict[str, int]]:
+    """`teacher_profile` of every teacher of a set (a key of `TEACHER_SETS`), by slug, in the set's order;
+    `anchor_spec` stands for the set's `anchor` entry when given (as in `teacher_plan_rows`)."""
+    return {spec.slug: teacher_profile(spec) for spec in _plan_specs(teacher_set, anchor, anchor_spec)}

@@ -1,5 +1,6 @@
 """Teacher specs from one place: one factory per teacher kind, the paper's teachers and teacher sets (METHOD.md
-section 1, real ids, input sizes and normalisation), and the `tiny` and `tiny-modern` sets for CPU runs.
+section 1, real ids, input sizes and normalisation), the modern ones (issue 17), and the `tiny`, `tiny-modern` and
+`tiny-modern-2` sets for CPU runs.
 
 A factory fixes what makes its kind (backend, model class, normalisation, resize mode, which output is read) and
 takes the architecture's size as `sizes` (the paper's teacher by default) plus any other `TeacherSpec` field
@@ -475,8 +476,72 @@ TINY_MODERN_TEACHERS: dict[str, TeacherSpec] = {
     "sam2": sam2_teacher(TINY_SAM2, model_id="tiny-sam2", pretrained=False, grid=(8, 8), channels=24),
 }
 
-# Teacher set name -> its teachers' slugs. v1.0 / v1.1 are the paper's; `tiny` and `tiny-modern` always have
-# random weights; `modern` is issue 17's.
+# The `tiny-modern-2` set: the other modern presets' classes (Aimv2VisionModel, DINOv3ConvNextModel,
+# Sam3VisionModel, RadioModel) and the paper's EVA-02 ViTDet, read as their presets read them, at CPU-test sizes with
+# random weights. Every width and token count differs from the student's (32 x 16) and from each other's: eva 6x6 x 40,
+# aimv2 5x5 x 36, dinov3_convnext 3x3 x 28 (+ its pooled token as CLS), sam3 8x8 x 56 (the neck's stride-7 level
+# of a 56 px input), radio 7x7 x 52 (+ 3 CLS, 7 registers).
+TINY_EVA = dict(
+    image_size=48,
+    patch_size=8,
+    hidden_size=40,
+    num_hidden_layers=2,
+    num_attention_heads=2,  # head width 20: 2D rotary embeddings want a multiple of 4
+    window_size=3,
+    global_attn_indexes=(1,),
+    pretrain_image_size=32,
+    rope_reference_grid=4,
+)
+TINY_AIMV2 = dict(
+    hidden_size=36,
+    intermediate_size=44,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    image_size=35,
+    patch_size=7,
+)
+TINY_DINOV3_CONVNEXT = dict(depths=[1, 1, 1, 1], hidden_sizes=[8, 12, 16, 28], image_size=96)  # stride 32
+TINY_SAM3 = dict(
+    backbone_config=dict(
+        model_type="sam3_vit_model",
+        hidden_size=24,
+        intermediate_size=40,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=56,
+        patch_size=7,
+        window_size=4,
+        global_attn_indexes=[1],
+        pretrain_image_size=28,
+    ),
+    fpn_hidden_size=56,  # a multiple of 8: SAM3's detector heads group-normalise it in groups of 8
+    backbone_feature_sizes=[[32, 32], [16, 16], [8, 8]],  # strides 1.75, 3.5, 7 at 56 px
+)
+TINY_RADIO = dict(
+    hidden_size=52,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    patch_size=8,
+    image_size=56,
+    max_img_size=64,
+    num_cls_tokens=3,
+    num_registers=7,
+)
+TINY_MODERN_2_TEACHERS: dict[str, TeacherSpec] = {
+    "clip": TINY_TEACHERS["clip"],
+    "eva": eva_teacher(TINY_EVA, model_id="tiny-eva", pretrained=False, grid=(6, 6), channels=40),
+    "aimv2": aimv2_teacher(TINY_AIMV2, model_id="tiny-aimv2", pretrained=False, grid=(5, 5), channels=36),
+    "dinov3_convnext": dinov3_convnext_teacher(
+        TINY_DINOV3_CONVNEXT, model_id="tiny-dinov3-convnext", pretrained=False, grid=(3, 3), channels=28
+    ),
+    "sam3": sam3_teacher(TINY_SAM3, model_id="tiny-sam3", pretrained=False, grid=(8, 8), channels=56),
+    "radio": radio_teacher(TINY_RADIO, model_id="tiny-radio", pretrained=False, grid=(7, 7), channels=52),
+}
+
+# Teacher set name -> its teachers' slugs. Each lists the anchor first as `clip`: in a run it is the student's own
+# initial tower, whatever the tower is (training/teacher_source.py `anchor_slug` names it), and has no adapter.
+# v1.0 / v1.1 are the paper's; `modern` and `modern-2` issue 17's; `tiny`, `tiny-modern` and `tiny-modern-2` always
+# have random weights.
 TEACHER_SETS: dict[str, tuple[str, ...]] = {
     "v1.0": ("clip", "eva", "convnext"),
     "v1.1": ("clip", "eva", "convnext", "sam"),
@@ -484,16 +549,23 @@ TEACHER_SETS: dict[str, tuple[str, ...]] = {
     # The student's own CLIP (the anchor, as in the paper's sets) with SigLIP 2, DINOv3 and SAM2.
     "modern": ("clip", "siglip2", "dinov3", "sam2"),
     "tiny-modern": ("clip", "siglip2", "dinov3", "sam2"),
+    # The other modern teachers into a CLIP student: AIMv2, DINOv3 ConvNeXt, SAM3 and the agglomerated C-RADIO.
+    "modern-2": ("clip", "aimv2", "dinov3_convnext", "sam3", "radio"),
+    "tiny-modern-2": ("clip", "eva", "aimv2", "dinov3_convnext", "sam3", "radio"),
 }
 PRESET_TEACHERS: dict[str, TeacherSpec] = {**PAPER_TEACHERS, **MODERN_TEACHERS}
 # Sets of test-sized teachers: their own specs, never pretrained weights.
-TINY_SETS: dict[str, dict[str, TeacherSpec]] = {"tiny": TINY_TEACHERS, "tiny-modern": TINY_MODERN_TEACHERS}
+TINY_SETS: dict[str, dict[str, TeacherSpec]] = {
+    "tiny": TINY_TEACHERS,
+    "tiny-modern": TINY_MODERN_TEACHERS,
+    "tiny-modern-2": TINY_MODERN_2_TEACHERS,
+}
 
 
 def teacher_specs(teacher_set: str, pretrained: bool = True, sam_layout: str = "grid") -> list[TeacherSpec]:
     """The specs of a teacher set (a key of `TEACHER_SETS`), in the set's order.
 
-    pretrained: load real weights (paper and modern sets; `tiny` and `tiny-modern` never have any). sam_layout
+    pretrained: load real weights (paper and modern sets; the `TINY_SETS` never have any). sam_layout
     "faithful" reproduces the authors' SAM reshape (METHOD.md section 6) for adapters trained by them; "grid"
     (default) keeps the true grid.
     """

@@ -98,11 +98,19 @@ MODERN_TEACHER_INFO: dict[str, TeacherInfo] = {
     "siglip2": TeacherInfo("siglip2", "google/siglip2-so400m-patch16-384", "Apache-2.0"),
     "dinov3": TeacherInfo("dinov3", "facebook/dinov3-vitl16-pretrain-lvd1689m", "DINOv3 License (gated on the Hub)"),
     "sam2": TeacherInfo("sam2", "facebook/sam2.1-hiera-large", "Apache-2.0"),
+    # The `modern-2` set's: licences as each model page states them; check the page before publishing.
+    "dinov3_convnext": TeacherInfo(
+        "dinov3_convnext", "facebook/dinov3-convnext-large-pretrain-lvd1689m", "DINOv3 License (gated on the Hub)"
+    ),
+    "aimv2": TeacherInfo("aimv2", "apple/aimv2-large-patch14-224", "see the model page (Apple AMLR)"),
+    "sam3": TeacherInfo("sam3", "facebook/sam3", "see the model page (SAM License, gated on the Hub)"),
+    "radio": TeacherInfo("radio", "nvidia/C-RADIOv4-H", "see the model page (NVIDIA license)"),
 }
 # Teacher sets whose models are toys: a card of such a run says so at the top.
 TOY_TEACHER_SETS = {
     "tiny": "Its teachers are the `tiny` set: real architectures at test sizes with random weights",
     "tiny-modern": "Its teachers are the `tiny-modern` set: real architectures at test sizes with random weights",
+    "tiny-modern-2": "Its teachers are the `tiny-modern-2` set: real architectures at test sizes with random weights",
     "demo": "It is the output of `movekd-hf demo`: small teachers and a small LLM trained on synthetic images",
 }
 # A Hub licence identifier (https://huggingface.co/docs/hub/repositories-licenses): lowercase, e.g. apache-2.0.
