@@ -299,10 +299,19 @@ def from_vision_and_llm(vision_path: str, llm_path: str, **mole_settings):
     tokenizer as llava-hf does. Projector and MoLE weights are new. The feature strategy follows the tower
     (`feature_select_strategy`: "default" for CLIP, "full" for SigLIP), so `<image>` becomes one token per patch.
     The image processor is the vision folder's own, or `build_image_processor` for the tower when it has none.
-    Raises `ValueError` when `vision_path` holds no CLIP/SigLIP vision encoder.
+    Raises `ValueError` when `vision_path` holds no CLIP/SigLIP vision encoder, or SigLIP 2's NaFlex tower (LLaVA
+    cannot run it; the fixed-resolution SigLIP 2 checkpoints are model_type "siglip" and work).
     """
-    from transformers import AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
+    tower_type = getattr(AutoConfig.from_pretrained(vision_path), "vision_config", None)
+    tower_type = getattr(tower_type, "model_type", None) or AutoConfig.from_pretrained(vision_path).model_type
+    if tower_type == "siglip2_vision_model":
+        raise ValueError(
+            f"`--vision {vision_path}` is SigLIP 2's variable-resolution (NaFlex) tower, which LLaVA cannot run (its "
+            "forward needs pixel_attention_mask and spatial_shapes); use a fixed-resolution SigLIP 2 checkpoint "
+            "(model_type 'siglip'), e.g. google/siglip2-so400m-patch14-384"
+        )
     vision = AutoModel.from_pretrained(vision_path)
     vision = getattr(vision, "vision_model", vision) if not hasattr(vision, "encoder") else vision
     if not hasattr(vision.config, "patch_size"):

@@ -408,3 +408,26 @@ def test_trainer_calibrates_phi_s_and_trains_with_every_option(tmp_path):
             )
     assert "summary_adapters.clip.weight" in saved
     assert trainer.calibrate_standardizers() == 0  # calibrated: a resumed run skips the pass
+
+
+def test_kd_options_through_the_command_line_build_summary_adapters_only_where_a_summary_exists(tmp_path):
+    """`movekd-hf train ... --kd_options` reaches the distiller: the `tiny` set's clip anchor has a CLS token, its
+    ConvNeXt and SAM maps have none, so only clip gets a summary adapter (teacher_source.teacher_shapes reads it
+    from the meta pass), and every trainable parameter gets a gradient (what DDP needs)."""
+    from _train_fixtures import TINY_STAGE1, build
+
+    options = {"summary_loss_weight": 0.5, "token_loss": "cosine_smooth_l1", "teacher_dropout": 0.3,
+               "teacher_dropout_mode": "lowest_loss"}  # fmt: skip
+    trainer = build(TINY_STAGE1, tmp_path / "run", "--kd_options", json.dumps(options), "--max_steps", "1",
+                    "--save_strategy", "no", "--logging_steps", "1", "--per_device_train_batch_size", "4")  # fmt: skip
+    distiller = trainer.model.distiller
+    assert set(distiller.summary_adapters) == {"clip"}
+    assert (distiller.config.token_loss, distiller.config.teacher_dropout_mode) == ("cosine_smooth_l1", "lowest_loss")
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    trainer.compute_loss(trainer.model, batch).backward()
+    without_grad = [n for n, p in trainer.model.distiller.named_parameters() if p.requires_grad and p.grad is None]
+    assert not without_grad
+    trainer.model.zero_grad(set_to_none=True)
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "kd_loss" in entry]
+    assert logs and math.isfinite(logs[0]["kd_loss"]) and math.isfinite(logs[0]["kd/summary_loss"])

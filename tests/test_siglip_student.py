@@ -21,6 +21,7 @@ from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
     Siglip2VisionConfig,
+    Siglip2VisionModel,
     SiglipVisionConfig,
     SiglipVisionModel,
 )
@@ -33,7 +34,7 @@ from movekd_hf.distill.teachers import Teacher, TeacherSpec, prepare_images
 from movekd_hf.errors import SettingsError
 from movekd_hf.hub_cards.card import resolve_teachers, student_tower_id
 from movekd_hf.hub_cards.run_dir import RunDir
-from movekd_hf.models import build_byte_tokenizer, build_processor
+from movekd_hf.models import build_byte_tokenizer, build_processor, from_vision_and_llm
 from movekd_hf.training.arguments import MoVEKDTrainingArguments
 from movekd_hf.training.teacher_source import (
     anchor_slug,
@@ -146,6 +147,21 @@ def test_siglip2_naflex_is_refused_with_the_fixed_resolution_alternative():
     with pytest.raises(SettingsError, match=r"NaFlex.*google/siglip2-so400m-patch14-384"):
         anchor_slug(Siglip2VisionConfig(hidden_size=32, num_attention_heads=4))
     assert anchor_slug({"model_type": "siglip_vision_model"}) == "siglip"  # SigLIP 2 fixed-resolution checkpoints
+
+
+def test_init_refuses_a_naflex_tower_in_one_line(tmp_path, capsys):
+    """`init --vision` with SigLIP 2's NaFlex tower (LLaVA cannot run it) names the option and the alternative."""
+    Siglip2VisionModel(Siglip2VisionConfig(hidden_size=32, intermediate_size=40, num_hidden_layers=1,
+                                           num_attention_heads=4, num_patches=16)).save_pretrained(tmp_path / "naflex")  # fmt: skip
+    _save_parts(tmp_path, use_head=True)
+    argv = ["init", "--vision", str(tmp_path / "naflex"), "--llm", str(tmp_path / "llm"), "--out", str(tmp_path / "o")]
+    capsys.readouterr()  # the fixtures' own save messages
+    assert main(argv) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert "field '--vision'" in line and "NaFlex" in line and "google/siglip2-so400m-patch14-384" in line
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(ValueError, match="NaFlex"):  # the Python builder refuses it too
+        from_vision_and_llm(str(tmp_path / "naflex"), str(tmp_path / "llm"))
 
 
 def test_a_feature_cache_is_refused_for_a_siglip_student_with_its_head():

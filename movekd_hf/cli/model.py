@@ -232,6 +232,7 @@ def run_init(args: argparse.Namespace) -> int:
             with loading(option, source):  # the config first, so a missing source is named before any weights load
                 config = AutoConfig.from_pretrained(source)
                 if option == "--vision":  # a tower the package cannot use is named as --vision, not --llm
+                    _check_vision_tower(source, getattr(config, "vision_config", config))
                     tower_cls_tokens(getattr(config, "vision_config", config))
         with loading("--llm", args.llm):  # both configs loaded: what fails now is most likely the LLM's weights
             model, processor = models.from_vision_and_llm(args.vision, args.llm, **settings)
@@ -242,6 +243,20 @@ def run_init(args: argparse.Namespace) -> int:
     total = sum(p.numel() for p in model.parameters())
     print(f"wrote {args.out}: {type(model).__name__}, {total:,} parameters")
     return 0
+
+
+def _check_vision_tower(source: str, vision_config) -> None:
+    """SigLIP 2's NaFlex tower is refused by name: LLaVA cannot run it (its forward needs pixel_attention_mask and
+    spatial_shapes), while the fixed-resolution SigLIP 2 checkpoints are model_type "siglip" and work."""
+    from movekd_hf.errors import SettingsError
+
+    if getattr(vision_config, "model_type", None) == "siglip2_vision_model":
+        raise SettingsError(
+            "is SigLIP 2's variable-resolution (NaFlex) tower, which LLaVA cannot run",
+            file=source,
+            field="--vision",
+            expected="a fixed-resolution SigLIP 2 checkpoint (model_type 'siglip'), e.g. google/siglip2-so400m-patch14-384",
+        )
 
 
 def plan_rows(

@@ -25,13 +25,14 @@ def _count(module: torch.nn.Module) -> int:
 def meta_teacher_shape(spec: TeacherSpec) -> tuple[int, tuple[int, int, int]]:
     """Build `spec` without weights on the meta device and run one meta image through it.
 
-    Returns (parameter count, (N_t, C_t, has_cls)) where N_t, C_t are its token count and width.
+    Returns (parameter count, (N_t, C_t, has_summary)) where N_t, C_t are its token count and width and
+    has_summary is 1 when its output carries a summary vector (a CLS token or an attention-pooled output).
     """
     with torch.device("meta"):
         teacher = build_teacher(replace(spec, pretrained=False))
         images = torch.empty(1, 3, spec.image_size, spec.image_size)
         out = teacher(images)
-    return _count(teacher), (out.tokens.shape[1], out.tokens.shape[2], int(out.cls is not None))
+    return _count(teacher), (out.tokens.shape[1], out.tokens.shape[2], int(out.cls is not None or out.pooled is not None))
 
 
 # Config fields of a tower that are not architecture (dropped when a tower's config becomes a spec's).

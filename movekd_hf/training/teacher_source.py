@@ -343,6 +343,6 @@ def teacher_shapes(vlm: nn.Module, specs: list[TeacherSpec]) -> dict[str, Teache
     }
     for spec in specs:
         with outside_zero3():
-            _, (num_tokens, dim, _) = meta_teacher_shape(spec)
-        shapes[spec.slug] = TeacherShape(dim=dim, num_tokens=num_tokens)
+            _, (num_tokens, dim, has_summary) = meta_teacher_shape(spec)
+        shapes[spec.slug] = TeacherShape(dim=dim, num_tokens=num_tokens, has_summary=bool(has_summary))
     return shapes

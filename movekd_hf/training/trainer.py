@@ -662,6 +662,8 @@ class MoVEKDTrainer(Trainer):
                 self._metrics[f"kd/{name}_loss"].append(per_teacher[index].item())
                 if weights is not None:
                     self._metrics[f"kd/{name}_weight"].append(upcast(weights[:, index]).mean().item())
+            if "summary_loss" in kd:  # KDLossConfig.summary_loss_weight > 0: the summary term's own size
+                self._metrics["kd/summary_loss"].append(kd["summary_loss"].item())
         balance = out["balance"]
         if balance is not None:
             self._metrics["balance_loss"].append(balance["loss"].item())
