@@ -11,7 +11,7 @@ from _distill_fixtures import NUM_STUDENT_TOKENS, STUDENT_DIM, STUDENT_GRID, tin
 
 from movekd_hf.distill import KDLossConfig, MoVEKDDistiller, TeacherShape, build_teacher
 from movekd_hf.distill.cache import CachedTeachers, CacheSettings, cache_key, find_cache_dir, random_orthogonal
-from movekd_hf.distill.cache_writer import cache_teacher_features, dataset_items, teacher_view
+from movekd_hf.distill.cache_writer import TeacherInputs, cache_teacher_features, dataset_items, teacher_view
 from movekd_hf.training.data import load_source
 from movekd_hf.training.toy_data import make_toy_llava_dataset
 
@@ -58,7 +58,7 @@ def test_write_resume_and_same_loss_as_online(tmp_path, toy, teachers, grid, ada
     assert {r["computed"] for r in third.values()} == {0} and {r["cached"] for r in third.values()} == {len(toy)}
 
     chosen = [toy[5], toy[0], toy[2]]  # out of storage order, across shards
-    online = {t.slug: t(teacher_view(chosen, cache_settings)) for t in teachers}
+    online = {t.slug: TeacherInputs(chosen, [t], cache_settings).run(t) for t in teachers}
     kd = distiller(online, adapter)
     source = CachedTeachers(tmp_path, [t.spec for t in teachers], cache_settings, distiller=kd)
     cached = source({"sample_ids": [item.sample_id for item in chosen], "images_per_sample": torch.tensor([1, 1, 1])})
@@ -105,7 +105,7 @@ def test_a_changed_teacher_setting_is_refused_by_name(tmp_path, toy, teachers):
 def test_student_grid_cache_is_refused_for_adapters_that_need_teacher_tokens(tmp_path, toy, teachers):
     cache_settings = settings(grid="student")
     cache_teacher_features(tmp_path, teachers, cache_settings, toy[:2], progress=False)
-    online = {t.slug: t(teacher_view(toy[:1], cache_settings)) for t in teachers}
+    online = {t.slug: TeacherInputs(toy[:1], [t], cache_settings).run(t) for t in teachers}
     with pytest.raises(ValueError, match=r"teacher 'sam'.*'token_mix' adapter needs the teacher's own 64 tokens"):
         CachedTeachers(tmp_path, [t.spec for t in teachers], cache_settings, distiller=distiller(online, "token_mix"))
 
@@ -129,7 +129,7 @@ def test_compressed_cache_reads_back_the_projected_features(tmp_path, toy, teach
     projection = random_orthogonal(20, 8, seed=0)
     torch.testing.assert_close(projection.t() @ projection, torch.eye(8), atol=1e-6, rtol=0)
     cached = CachedTeachers(tmp_path, [sam.spec], cache_settings)({"sample_ids": [toy[1].sample_id]})["sam"]
-    tokens = sam(teacher_view(toy[1:2], cache_settings)).tokens
+    tokens = TeacherInputs(toy[1:2], [sam], cache_settings).run(sam).tokens
     assert cached.tokens.shape == tokens.shape  # decompressed back to the teacher's 20 channels
     torch.testing.assert_close(cached.tokens, tokens @ projection @ projection.t(), rtol=2e-3, atol=2e-3)
 

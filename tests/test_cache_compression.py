@@ -24,7 +24,7 @@ from movekd_hf.distill.cache import (
     random_orthogonal,
     stream_cached_teachers,
 )
-from movekd_hf.distill.cache_writer import cache_teacher_features, dataset_items, export_cache_repo, teacher_view
+from movekd_hf.distill.cache_writer import TeacherInputs, cache_teacher_features, dataset_items, export_cache_repo
 from movekd_hf.training.data import load_source
 from movekd_hf.training.toy_data import make_toy_llava_dataset
 
@@ -122,7 +122,7 @@ def test_pca_int8_cache_reads_back_the_reconstruction_and_keys_its_basis(tmp_pat
     chosen = [toy[4], toy[1]]
     source = CachedTeachers(tmp_path, [t.spec for t in teachers], cache_settings)
     cached = source({"sample_ids": [item.sample_id for item in chosen]})
-    online = sam(teacher_view(chosen, cache_settings)).tokens  # [2, 64, 20]
+    online = TeacherInputs(chosen, [sam], cache_settings).run(sam).tokens  # [2, 64, 20]
     # Independent re-computation from the stored basis: mu + V V^T (t - mu), up to int8 rounding.
     from safetensors.torch import load_file
 
@@ -131,7 +131,7 @@ def test_pca_int8_cache_reads_back_the_reconstruction_and_keys_its_basis(tmp_pat
     expected = mean + (online - mean) @ v @ v.t()
     assert cached["sam"].tokens.shape == online.shape
     assert relative_mse(cached["sam"].tokens, expected) < 1e-3
-    assert relative_mse(cached["clip"].tokens, clip(teacher_view(chosen, cache_settings)).tokens) < 1e-4
+    assert relative_mse(cached["clip"].tokens, TeacherInputs(chosen, [clip], cache_settings).run(clip).tokens) < 1e-4
 
     # Resuming reuses the basis (no second calibration, same hash); a replaced basis never reads the old rows.
     again = cache_teacher_features(tmp_path, teachers, cache_settings, toy, progress=False)

@@ -34,7 +34,7 @@ from movekd_hf.distill.teachers import Teacher, TeacherSpec, prepare_images
 from movekd_hf.errors import SettingsError
 from movekd_hf.hub_cards.card import resolve_teachers, student_tower_id
 from movekd_hf.hub_cards.run_dir import RunDir
-from movekd_hf.models import build_byte_tokenizer, build_processor, from_vision_and_llm
+from movekd_hf.models import build_byte_tokenizer, from_vision_and_llm
 from movekd_hf.training.arguments import MoVEKDTrainingArguments
 from movekd_hf.training.teacher_source import (
     anchor_slug,
@@ -42,7 +42,6 @@ from movekd_hf.training.teacher_source import (
     anchor_teacher_spec,
     student_kd_config,
     student_kd_defaults,
-    teacher_cache_settings,
     teacher_shapes,
 )
 from movekd_hf.training.trainer import build_distiller
@@ -162,12 +161,6 @@ def test_init_refuses_a_naflex_tower_in_one_line(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
     with pytest.raises(ValueError, match="NaFlex"):  # the Python builder refuses it too
         from_vision_and_llm(str(tmp_path / "naflex"), str(tmp_path / "llm"))
-
-
-def test_a_feature_cache_is_refused_for_a_siglip_student_with_its_head():
-    vlm = _student()
-    with pytest.raises(SettingsError, match=r"field 'teacher_source'.*pooled output and probe attention"):
-        teacher_cache_settings(vlm.config, build_processor(vlm.config).image_processor, [], "native", "pad")
 
 
 def test_the_clip_student_keeps_the_faithful_loss_and_the_clip_anchor(tmp_path):

@@ -1,12 +1,19 @@
 """Training reads teacher features that `movekd-hf cache-teachers --model` wrote, with the loss online teachers
-give (up to float16 storage), and refuses a cache written for another data view."""
+give (up to float16 storage), and refuses a cache written for another data view. A SigLIP student's anchor caches
+its pooling head's outputs (token weights and teacher weights come from them), and the summary loss reads the
+cached CLS / pooled vectors."""
+
+import json
 
 import pytest
 import torch
 import yaml
+from _model_fixtures import TINY_TEXT
 from _train_fixtures import TINY_STAGE1, build
+from transformers import LlamaConfig, LlamaForCausalLM, SiglipVisionConfig, SiglipVisionModel
 
 from movekd_hf.cli import main
+from movekd_hf.models import build_byte_tokenizer
 from movekd_hf.training.toy_data import make_toy_llava_dataset
 
 
@@ -33,7 +40,17 @@ def first_batch_loss(trainer) -> dict:
     with torch.no_grad():
         loss, out = trainer.compute_loss(trainer.model, batch, return_outputs=True)
     kd = out["kd"]
-    return {"loss": loss, "kd": kd["loss"], "per_teacher": kd["per_teacher_loss"], "weights": kd["teacher_weights"]}
+    got = {"loss": loss, "kd": kd["loss"], "per_teacher": kd["per_teacher_loss"], "weights": kd["teacher_weights"]}
+    return got | {name: kd[name] for name in ("token_weights", "summary_loss", "summary_teachers") if name in kd}
+
+
+def assert_same_loss(got: dict, expected: dict, names=None) -> None:
+    """Float16-stored tokens against the online teachers' float32 ones: rtol 2e-3, atol 1e-4. The anchor's own loss
+    is 0 online (its tokens are the student's at step 1) and ~1e-5 from its float16-rounded cached tokens, beside
+    ~5 for the other teachers; everything else also agrees within rtol 2e-3. `names`: the entries compared (all)."""
+    assert got.keys() == expected.keys() and got.get("summary_teachers") == expected.get("summary_teachers")
+    for name in sorted(names or got.keys() - {"summary_teachers"}):
+        torch.testing.assert_close(got[name], expected[name], rtol=2e-3, atol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
 
 
 def test_cached_teachers_give_the_online_loss(cached_run):
@@ -88,3 +105,66 @@ def test_training_reads_a_compressed_cache(cached_run):
     assert not torch.equal(got["per_teacher"], expected["per_teacher"])  # the features really were compressed
     with pytest.raises(ValueError):  # the same folder read as an uncompressed cache: another key
         build(common[0], root / "wrong_key", *common[1:], *reading)
+
+
+def test_the_summary_loss_reads_the_cached_cls(cached_run):
+    """kd_options summary_loss_weight 0.5: the CLIP anchor's CLS comes from the cache (the tiny set's convnext and
+    sam have none), and the summary loss and the total are the online ones (the per-teacher token losses are
+    `test_cached_teachers_give_the_online_loss`'s)."""
+    root, common = cached_run
+    options = ["--kd_options", json.dumps({"summary_loss_weight": 0.5})]
+    online = build(common[0], root / "online_summary", *common[1:], *options)
+    reading = ["--teacher_source", "cached", "--teacher_cache_dir", str(root / "cache")]
+    cached = build(common[0], root / "cached_summary", *common[1:], *options, *reading)
+    expected, got = first_batch_loss(online), first_batch_loss(cached)
+    assert expected["summary_teachers"] == ["clip"] and expected["summary_loss"] > 0
+    assert_same_loss(got, expected, names=("summary_loss", "loss", "kd", "weights", "token_weights"))
+
+
+# A tiny SigLIP tower with its attention-pooling head: 32 px in 8 px patches (4 x 4), 36 wide, 3 heads.
+TINY_SIGLIP = dict(hidden_size=36, intermediate_size=52, num_hidden_layers=3, num_attention_heads=3, image_size=32,
+                   patch_size=8, layer_norm_eps=1e-6)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def siglip_cached_run(tmp_path_factory):
+    """`init --vision` on a tiny SigLIP folder, then `cache-teachers --model` on it (anchor `siglip` + the tiny set)."""
+    root = tmp_path_factory.mktemp("siglip_cached")
+    torch.manual_seed(0)
+    SiglipVisionModel(SiglipVisionConfig(**TINY_SIGLIP)).save_pretrained(root / "tower")
+    text = {k: v for k, v in TINY_TEXT.items() if k not in ("vocab_size", "pad_token_id")}
+    LlamaForCausalLM(LlamaConfig(vocab_size=256 + 3, **text)).save_pretrained(root / "llm")
+    build_byte_tokenizer(special_tokens=("<unk>", "<s>", "</s>")).save_pretrained(root / "llm")
+    init = ["init", "--vision", str(root / "tower"), "--llm", str(root / "llm"), "--out", str(root / "init")]
+    assert main(init) == 0
+    toy = make_toy_llava_dataset(root / "toy", num_samples=12, seed=0)
+    command = ["cache-teachers", "--model", str(root / "init"), "--teacher-set", "tiny", "--random-weights",
+               "--data-path", str(toy.pretrain_json), "--image-folder", str(toy.image_folder),
+               "--cache-dir", str(root / "cache"), "--grid", "native", "--seed", "42", "--no-progress"]  # fmt: skip
+    assert main(command) == 0
+    data = ["--data_path", str(toy.pretrain_json), "--image_folder", str(toy.image_folder)]
+    common = [TINY_STAGE1, "--model_name_or_path", str(root / "init"), *data, "--seed", "42", "--teacher_set", "tiny"]
+    return root, common
+
+
+def test_a_siglip_student_with_its_head_trains_from_the_cache_with_the_online_loss(siglip_cached_run):
+    """The anchor's pooled output and probe row come from the cache: token weights (pool_attention), teacher
+    weights (anchor_summary 'pooled') and, with summary_loss_weight, the summary loss match the online teachers'."""
+    root, common = siglip_cached_run
+    reading = ["--teacher_source", "cached", "--teacher_cache_dir", str(root / "cache")]
+    for name, options in (("plain", []), ("summary", ["--kd_options", json.dumps({"summary_loss_weight": 0.5})])):
+        online = build(common[0], root / f"online_{name}", *common[1:], *options)
+        cached = build(common[0], root / f"cached_{name}", *common[1:], *options, *reading)
+        config = cached.model.distiller.config
+        assert (config.anchor_teacher, config.token_weighting, config.anchor_summary) == (
+            "siglip", "pool_attention", "pooled"
+        )  # fmt: skip
+        assert type(cached.teacher_source).__name__ == "CachedTeachers"
+        batch = next(iter(cached.get_train_dataloader()))
+        anchor = cached.teacher_source(batch)["siglip"]  # [4 images]: the head's 36-wide output, 4 x 4 probe row
+        assert anchor.pooled.shape == (4, 36) and anchor.pool_attention.shape == (4, 16) and anchor.cls is None
+        expected, got = first_batch_loss(online), first_batch_loss(cached)
+        assert expected["kd"] > 0 and expected["per_teacher"].shape[1] == 3  # siglip, convnext, sam
+        assert expected["token_weights"] is not None
+        assert ("summary_loss" in expected) == (name == "summary")
+        assert_same_loss(got, expected)

@@ -90,7 +90,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--student-grid", default="24", type=_grid, help="HxW or H (default 24, CLIP-L/336's)")
     parser.add_argument(
-        "--teacher-image-size", type=positive_int, default=None, help="default: the largest teacher input"
+        "--teacher-image-size",
+        type=positive_int,
+        default=None,
+        help="teachers run on one float square of this size, as training with `teacher_image_size` set (default: "
+        "each teacher's own view, as training by default)",
     )
     parser.add_argument(
         "--image-aspect",
@@ -208,6 +212,8 @@ def _settings(args: argparse.Namespace, specs: list):
         student_grid=args.student_grid,
         grid=args.grid,
         teacher_image_size=args.teacher_image_size or max(s.image_size for s in specs),
+        # a view size asked for means the one float square of before; else each teacher's own view (as training)
+        teacher_inputs="square" if args.teacher_image_size else "views",
         image_aspect=args.image_aspect,
         # The default is what the collator pads with for a CLIP processor.
         background=args.background or CLIP_MEAN_COLOUR,
@@ -265,7 +271,8 @@ def _teachers_like_training(args: argparse.Namespace):
     # build_teachers with no specs builds the anchor alone; the others follow in the same order, as it would.
     teachers = build_teachers(vlm, [], image_processor.image_mean, image_processor.image_std)
     teachers.update({spec.slug: _build(spec) for spec in specs})
-    settings = teacher_cache_settings(vlm.config, image_processor, specs, args.grid, args.image_aspect)
+    inputs = "square" if args.teacher_image_size else "views"  # as training with / without `teacher_image_size`
+    settings = teacher_cache_settings(vlm.config, image_processor, specs, args.grid, args.image_aspect, inputs)
     settings = replace(settings, **_compression(args))
     return list(teachers.values()), settings
 

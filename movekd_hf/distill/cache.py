@@ -5,18 +5,21 @@ cache_writer.py runs the teachers and writes the shards; `movekd-hf cache-teache
 
 Layout: `CACHE_DIR/<slug>-<hash12>/` per teacher, holding `cache.json` (the key and the stored shapes), Arrow
 shards `shard-00000.arrow`, ... written by `datasets`' `ArrowWriter` (columns `sample_id`, `image_index`, `tokens`
-float16 flattened, and for the anchor teacher `cls` and `cls_attention`), and `projection.safetensors` when the
-channels are compressed. The hash is the sha256 of the key: every field that changes the stored values (teacher
-id, revision, input size, normalisation, resize, output layer, SAM layout, the teacher view of the image, the
-stored grid, dtype, compression). Training opens the directory of the key it computes; if only a directory with
+float16 flattened, and float32 per image where the teacher gives them: `cls` [C] for a teacher with a CLS token,
+`cls_attention` [N_t] for a CLIP anchor, `pooled` [C] and `pool_attention` [N_t] for a SigLIP anchor's
+attention-pooling head), and `projection.safetensors` when the channels are compressed. The hash is the sha256 of
+the key: every field that changes the stored values (teacher id, revision, input size, normalisation, resize,
+output layer, SAM layout, the pooling head's outputs, the teacher view of the image, the stored grid, dtype,
+compression). Training opens the directory of the key it computes; if only a directory with
 another key exists, the error names the teacher and the fields that differ.
 
 A finished cache exports (`cache_writer.export_cache_repo`) as a `datasets` repository, ready for
 `huggingface_hub.upload_folder(..., repo_type="dataset")`: `data/train-*.parquet` with one row per image
 (`sample_id`, `image_index`, and every teacher's columns as `<slug>__tokens`, ...), each teacher's cache.json and
 basis under `teachers/<slug>/`, and a README whose `configs` names the parquet files. `CachedTeachers.from_repo`
-reads it map-style (`datasets.load_dataset`), `stream_cached_teachers` streams it (`streaming=True`); both decode
-through the same `TeacherCache.decode` and check the same keys.
+reads it map-style (`datasets.load_dataset` on its parquet files, named one by one: `repo_data_files`),
+`stream_cached_teachers` streams it (`streaming=True`); both decode through the same `TeacherCache.decode` and
+check the same keys.
 
 Grids: `grid="student"` stores non-anchor tokens already resampled to the student grid (what the resolution-free
 `resample` adapter does first; 5-7x smaller at paper scale); `grid="native"` keeps the teacher's own grid, which
@@ -37,7 +40,10 @@ checked on every read, and a writer never refits a basis for shards already writ
 Number format (`token_dtype`, every teacher): float16 (default); int8 with one float32 scale per token (absmax /
 127, `token_scales` column); float8_e4m3fn (stored as its uint8 bits, absmax / 448 per token). The anchor teacher's
 tokens are compared with the student's directly, so compress it (`compress`) only knowingly; quantising it changes
-them by its int8/fp8 rounding only (see benchmarks/README.md for the measured fidelity).
+them by its int8/fp8 rounding only (see benchmarks/README.md for the measured fidelity). Compression and number
+format apply to the tokens alone: the per-image vectors (`cls`, `cls_attention`, `pooled`, `pool_attention`; one C-
+or N_t-vector each, small beside N x C tokens) are always stored as float32, so the anchor's summary and the
+attention row its token weights come from are read back exactly.
 """
 
 from __future__ import annotations
@@ -71,6 +77,11 @@ FITTED_KEY_FIELDS = ("basis_sha256",)
 ROW_OVERHEAD_BYTES = 32
 REPO_TEACHERS = "teachers"  # a cache repository's folder of per-teacher cache.json + basis
 REPO_SEPARATOR = "__"  # a cache repository's column names: <slug>__<column>
+REPO_DATA_FILES = "data/train-*.parquet"  # a cache repository's rows, as its README's `configs` names them
+
+
+# What the teachers of a cache run on (CacheSettings.teacher_inputs).
+TEACHER_INPUTS = ("views", "square")
 
 
 @dataclass(frozen=True)
@@ -81,6 +92,10 @@ class CacheSettings:
     grid: "student" (tokens resampled to the student grid) or "native" (the teacher's own grid).
     teacher_image_size / image_aspect / background: the square view the collator gives the teachers
         (`MoVEKDDataCollator(teacher_image_size=..., image_aspect=...)`, padded with `background`).
+    teacher_inputs: what each teacher runs on, as online training gives it: "views" (each teacher's own uint8
+        view of that square, made at its input size: distill/teacher_views.py, what the collator gives online
+        teachers by default) or "square" (the one float square of `teacher_image_size`, resized by each teacher:
+        what caches were written from before views existed, and what training with `teacher_image_size` set uses).
     compress: teacher slug -> channels k kept by the projection (absent: uncompressed).
     compression: the projection's kind, "random" (seeded orthogonal) or "pca" (fitted on a calibration pass).
     compression_seed: seeds the random projection, or the pick of PCA calibration images.
@@ -100,6 +115,7 @@ class CacheSettings:
     calibration_images: int = 256
     token_dtype: str = TOKEN_DTYPE
     revisions: Mapping[str, str] = field(default_factory=dict)
+    teacher_inputs: str = "views"
 
     def __post_init__(self) -> None:
         if self.compression not in COMPRESSION_KINDS:
@@ -110,6 +126,10 @@ class CacheSettings:
             )
         if self.calibration_images < 1:
             raise ValueError(f"CacheSettings.calibration_images must be positive, got {self.calibration_images}")
+        if self.teacher_inputs not in TEACHER_INPUTS:
+            raise ValueError(
+                f"CacheSettings.teacher_inputs is {self.teacher_inputs!r}; expected one of {TEACHER_INPUTS}"
+            )
         if self.grid not in GRID_MODES:
             raise ValueError(f"CacheSettings.grid is {self.grid!r}; expected one of {GRID_MODES}")
         if self.teacher_image_size <= 0:
@@ -132,6 +152,10 @@ def cache_key(spec: TeacherSpec, settings: CacheSettings) -> dict:
     extra = {}
     if compressed and settings.compression != "random":
         extra = {"compression_kind": settings.compression, "calibration_images": settings.calibration_images}
+    if spec.pool_attention:  # the pooling head's `pooled` / `pool_attention` columns
+        extra["pool_attention"] = True
+    if settings.teacher_inputs != "square":  # caches from before views ran on the one square: their key stays
+        extra["teacher_inputs"] = settings.teacher_inputs
     return _jsonable(
         {
             "format_version": CACHE_FORMAT_VERSION,
@@ -282,6 +306,9 @@ class StoredShape:
     cls: int  # channels of the CLS token (0 if none)
     cls_attention: int  # length of the attention row (0 if none)
     token_dtype: str = TOKEN_DTYPE  # number format of the tokens (TOKEN_DTYPES)
+    # An attention-pooling head's output and probe row (0 if none; caches written before them have neither).
+    pooled: int = 0  # channels of the pooled output
+    pool_attention: int = 0  # length of the probe's attention row
 
     @property
     def token_scales(self) -> bool:
@@ -291,7 +318,8 @@ class StoredShape:
     @property
     def bytes_per_image(self) -> int:
         values = TOKEN_DTYPES[self.token_dtype][1] * self.tokens * self.channels
-        return values + 4 * (self.tokens * self.token_scales + self.cls + self.cls_attention) + ROW_OVERHEAD_BYTES
+        vectors = self.cls + self.cls_attention + self.pooled + self.pool_attention  # float32 each
+        return values + 4 * (self.tokens * self.token_scales + vectors) + ROW_OVERHEAD_BYTES
 
 
 def teacher_output_shape(spec: TeacherSpec) -> TeacherOutput:
@@ -308,15 +336,21 @@ def stored_shape(spec: TeacherSpec, settings: CacheSettings, output: TeacherOutp
     output = output if output is not None else teacher_output_shape(spec)
     n, c = output.tokens.shape[-2:]
     grid = stored_grid(output, settings)
+
+    def width(vector: torch.Tensor | None) -> int:
+        return 0 if vector is None else int(vector.shape[-1])
+
     return StoredShape(
         tokens=math.prod(grid),
         channels=int(settings.compress.get(spec.slug, c)),
         grid=tuple(grid),
         teacher_tokens=int(n),
         teacher_channels=int(c),
-        cls=0 if output.cls is None else int(output.cls.shape[-1]),
-        cls_attention=0 if output.cls_attention is None else int(output.cls_attention.shape[-1]),
+        cls=width(output.cls),
+        cls_attention=width(output.cls_attention),
         token_dtype=settings.token_dtype,
+        pooled=width(output.pooled),
+        pool_attention=width(output.pool_attention),
     )
 
 
@@ -339,9 +373,10 @@ def estimate_cache_size(specs: Sequence[TeacherSpec], settings: CacheSettings, n
 
 
 def stored_grid(output: TeacherOutput, settings: CacheSettings) -> tuple[int, int]:
-    """The grid a teacher's tokens are stored on. A teacher with a CLS attention row (the anchor) keeps its own
-    grid in every mode: the row weights its tokens position by position, so both must stay on one grid."""
-    if settings.grid == "student" and output.cls_attention is None:
+    """The grid a teacher's tokens are stored on. A teacher with an attention row over its tokens (the anchor's
+    CLS row or pooling-head probe row) keeps its own grid in every mode: the row weights its tokens position by
+    position, so both must stay on one grid."""
+    if settings.grid == "student" and output.cls_attention is None and output.pool_attention is None:
         return tuple(settings.student_grid)
     return tuple(output.grid)
 
@@ -361,6 +396,10 @@ def arrow_features(shape: StoredShape):
         columns["cls"] = datasets.List(datasets.Value("float32"), length=shape.cls)
     if shape.cls_attention:
         columns["cls_attention"] = datasets.List(datasets.Value("float32"), length=shape.cls_attention)
+    if shape.pooled:
+        columns["pooled"] = datasets.List(datasets.Value("float32"), length=shape.pooled)
+    if shape.pool_attention:
+        columns["pool_attention"] = datasets.List(datasets.Value("float32"), length=shape.pool_attention)
     return datasets.Features(columns)
 
 
@@ -479,8 +518,8 @@ class TeacherCache:
         return [self.index[k] for k in keys]
 
     def fetch(self, keys: Sequence[tuple[str, int]], device=None, dtype: torch.dtype = torch.float32) -> TeacherOutput:
-        """TeacherOutput for these images: tokens [B, N, C] (decoded to the teacher's C channels), cls [B, C] and
-        cls_attention [B, N] when stored, in `dtype` on `device`."""
+        """TeacherOutput for these images: tokens [B, N, C] (decoded to the teacher's C channels), cls [B, C],
+        cls_attention [B, N], pooled [B, C] and pool_attention [B, N] when stored, in `dtype` on `device`."""
         return self.decode(self.table[self.rows_for(keys)], device, dtype)
 
     def decode(self, table, device=None, dtype: torch.dtype = torch.float32) -> TeacherOutput:
@@ -503,6 +542,10 @@ class TeacherCache:
             out.cls = column("cls", shape.cls).to(dtype)
         if shape.cls_attention:
             out.cls_attention = column("cls_attention", shape.cls_attention).to(dtype)
+        if shape.pooled:
+            out.pooled = column("pooled", shape.pooled).to(dtype)
+        if shape.pool_attention:
+            out.pool_attention = column("pool_attention", shape.pool_attention).to(dtype)
         return out
 
 
@@ -554,11 +597,13 @@ class CachedTeachers:
         **load_kwargs,
     ) -> CachedTeachers:
         """The same source over a cache repository (`export_cache_repo`'s folder, or a local snapshot of one on the
-        Hub): its parquet shards through `datasets.load_dataset(folder, split="train", **load_kwargs)`."""
+        Hub): its parquet shards through `datasets.load_dataset("parquet", data_files=repo_data_files(folder),
+        split="train", **load_kwargs)`."""
         import datasets
 
         directories = repo_teacher_dirs(folder, specs, settings)
-        table = datasets.load_dataset(str(folder), split="train", **load_kwargs).with_format("arrow")
+        files = repo_data_files(folder)
+        table = datasets.load_dataset("parquet", data_files=files, split="train", **load_kwargs).with_format("arrow")
         source = cls.__new__(cls)
         source.settings, source.dtype = settings, dtype
         source.caches = {
@@ -578,6 +623,17 @@ class CachedTeachers:
         pixels = inputs.get("pixel_values")
         device = pixels.device if isinstance(pixels, torch.Tensor) else None
         return {slug: cache.fetch(keys, device, self.dtype) for slug, cache in self.caches.items()}
+
+
+def repo_data_files(folder: str | os.PathLike) -> dict[str, list[str]]:
+    """{"train": the repository's parquet shards, sorted}. Named file by file, `datasets` keys its cache (and a
+    stream's column types) on their paths and modification times; loaded as a folder, it keys them on the folder's
+    name and README alone (datasets 5.2), so two cache repositories in folders of one name would read each other's
+    rows. Raises ValueError when the folder has no shard."""
+    files = sorted(str(path) for path in Path(folder).glob(REPO_DATA_FILES))
+    if not files:
+        raise ValueError(f"the cache repository {folder} has no {REPO_DATA_FILES}")
+    return {"train": files}
 
 
 def repo_teacher_dirs(
@@ -605,14 +661,16 @@ def stream_cached_teachers(
 ) -> Iterator[tuple[list[tuple[str, int]], dict[str, TeacherOutput]]]:
     """Stream a cache repository in its row order without downloading it first: yields ((sample id, image index)
     per image, {slug: TeacherOutput}) per `batch_size` rows, decoded as `CachedTeachers` decodes them.
-    Uses `datasets.load_dataset(folder, split="train", streaming=True, **load_kwargs)`."""
+    Uses `datasets.load_dataset("parquet", data_files=repo_data_files(folder), split="train", streaming=True,
+    **load_kwargs)`."""
     import datasets
 
     readers = {
         slug: TeacherCache(directory, prefix=slug + REPO_SEPARATOR)  # no local shards: decoding only
         for slug, directory in repo_teacher_dirs(folder, specs, settings).items()
     }
-    stream = datasets.load_dataset(str(folder), split="train", streaming=True, **load_kwargs)
+    files = repo_data_files(folder)
+    stream = datasets.load_dataset("parquet", data_files=files, split="train", streaming=True, **load_kwargs)
     for batch in stream.with_format("arrow").iter(batch_size=batch_size):
         keys = list(zip(batch["sample_id"].to_pylist(), batch["image_index"].to_pylist()))
         yield keys, {slug: reader.decode(batch, dtype=dtype) for slug, reader in readers.items()}
@@ -622,7 +680,7 @@ def check_cache_fits_distiller(source: CachedTeachers, distiller) -> None:
     """Refuse caches whose stored grid the distiller cannot use with the loss it would compute online.
 
     token_mix adapters and student-to-teacher heads work on the teacher's own tokens, so they need `native`;
-    running feature standardisation is fitted on the teacher's own tokens too.
+    feature standardisation (running statistics or PHI-S) is fitted on the teacher's own tokens too.
     """
 
     for name in distiller.teacher_names:
@@ -641,6 +699,7 @@ def check_cache_fits_distiller(source: CachedTeachers, distiller) -> None:
             )
         if name in distiller.standardizers:
             raise ValueError(
-                f"teacher {name!r}: standardize_features fits statistics on the teacher's own tokens; the cache in "
+                f"teacher {name!r}: feature standardisation (feature_standardization="
+                f"{distiller.config.standardization!r}) fits its statistics on the teacher's own tokens; the cache in "
                 f"{cache.directory} stores them resampled to the student grid; rebuild it with `--grid native`"
             )

@@ -12,7 +12,14 @@ from pathlib import Path
 
 import torch
 
-from ..modeling.llava_conventions import ImageLoadError, load_image, resample_tokens, sample_name, teacher_images
+from ..modeling.llava_conventions import (
+    ImageLoadError,
+    load_image,
+    resample_tokens,
+    sample_name,
+    square_view,
+    teacher_images,
+)
 from ..modeling.mole import upcast
 from .cache import (
     META_FILE,
@@ -35,6 +42,7 @@ from .cache import (
     stored_shape,
     tensors_sha256,
 )
+from .teacher_views import make_views, view_settings
 from .teachers import Teacher, TeacherOutput, TeacherSpec
 
 
@@ -48,16 +56,17 @@ def stored_rows(output: TeacherOutput, settings: CacheSettings, codec: TokenCode
 
     tokens [B, N_t, C] -> on `stored_grid` (resampled to the student grid or kept), encoded by `codec` (a
     projection [C, k] alone means random compression to float16) -> "tokens" [B, N * k] and for quantised formats
-    "token_scales" [B, N]; cls [B, C] and cls_attention [B, N_t] in at least float32 (their Arrow columns).
+    "token_scales" [B, N]; cls [B, C], cls_attention [B, N_t], pooled [B, C] and pool_attention [B, N_t] where the
+    output has them, as they are (never compressed) in at least float32 (their Arrow columns).
     """
     if not isinstance(codec, TokenCodec):
         codec = TokenCodec(projection=codec)
     # Resampled and projected in at least float32 (float64 teachers stay float64); rounded once, on storing.
     rows = codec.encode(grid_tokens(output, settings))
-    if output.cls is not None:
-        rows["cls"] = upcast(output.cls).cpu().numpy()
-    if output.cls_attention is not None:
-        rows["cls_attention"] = upcast(output.cls_attention).cpu().numpy()
+    for name in ("cls", "cls_attention", "pooled", "pool_attention"):  # per-image vectors: small, kept exact
+        vector = getattr(output, name)
+        if vector is not None:
+            rows[name] = upcast(vector).cpu().numpy()
     return rows
 
 
@@ -234,16 +243,42 @@ def dataset_items(records: Iterable[Mapping]) -> list[CacheItem]:
     return list(items.values())
 
 
-def teacher_view(items: Sequence[CacheItem], settings: CacheSettings) -> torch.Tensor:
-    """The collator's `teacher_images` for these images (`llava_conventions.teacher_images` with the cache's
-    view settings): [N, 3, S, S] in [0, 1]."""
+def _load_images(items: Sequence[CacheItem]) -> list:
     images = []
     for item in items:
         try:
             images.append(load_image(item.image))
         except ImageLoadError as error:
             raise ValueError(f"cannot cache the teachers' features of sample {item.name}: {error}") from error
+    return images
+
+
+def teacher_view(items: Sequence[CacheItem], settings: CacheSettings) -> torch.Tensor:
+    """The collator's `teacher_images` for these images (`llava_conventions.teacher_images` with the cache's
+    view settings): [N, 3, S, S] in [0, 1]."""
+    images = _load_images(items)
     return teacher_images(images, settings.image_aspect, settings.background, settings.teacher_image_size)
+
+
+class TeacherInputs:
+    """One batch of images as the cache's teachers see them (`CacheSettings.teacher_inputs`): each teacher's own
+    uint8 view made from the square the collator makes ("views", what online training gives its teachers), or the
+    one float square of `teacher_image_size` ("square"). `run(teacher, rows)` is the teacher's output for those
+    rows of the batch."""
+
+    def __init__(self, items: Sequence[CacheItem], teachers: Sequence[Teacher], settings: CacheSettings):
+        if settings.teacher_inputs == "square":
+            self.pixels, self.views, self.sizes = teacher_view(items, settings), None, {}
+            return
+        squares = [square_view(image, settings.image_aspect, settings.background) for image in _load_images(items)]
+        self.pixels = None
+        self.views, self.sizes = make_views(squares, view_settings(teacher.spec for teacher in teachers))
+
+    def run(self, teacher: Teacher, rows: Sequence[int] | slice = slice(None)) -> TeacherOutput:
+        if self.views is None:
+            return teacher(self.pixels[rows])
+        sizes = self.sizes.get(teacher.slug)
+        return teacher(view=self.views[teacher.slug][rows], valid_size=None if sizes is None else sizes[rows])
 
 
 def calibration_items(items: Sequence[CacheItem], settings: CacheSettings) -> list[CacheItem]:
@@ -255,7 +290,7 @@ def calibration_items(items: Sequence[CacheItem], settings: CacheSettings) -> li
 
 def _calibration_outputs(teacher: Teacher, items: Sequence[CacheItem], settings: CacheSettings, batch_size: int):
     for start in range(0, len(items), batch_size):
-        yield teacher(teacher_view(items[start : start + batch_size], settings))
+        yield TeacherInputs(items[start : start + batch_size], [teacher], settings).run(teacher)
 
 
 def cache_teacher_features(
@@ -289,12 +324,12 @@ def cache_teacher_features(
     bar = tqdm(total=len(pending), desc="caching teacher features", unit="img", disable=not progress)
     for start in range(0, len(pending), batch_size):
         batch = pending[start : start + batch_size]
-        pixels = teacher_view(batch, settings)  # [B, 3, S, S]
+        inputs = TeacherInputs(batch, teachers, settings)  # decoded once, shared by every teacher
         for teacher in teachers:
             writer = writers[teacher.slug]
             need = [i for i, it in enumerate(batch) if (it.sample_id, it.image_index) not in writer.done]
             if need:
-                output = teacher(pixels[need])
+                output = inputs.run(teacher, need)
                 writer.add([(batch[i].sample_id, batch[i].image_index) for i in need], output)
                 computed[teacher.slug] += len(need)
         bar.update(len(batch))
@@ -325,7 +360,8 @@ configs:
 # MoVE-KD teacher-feature cache
 
 Written by `movekd-hf cache-teachers --export-repo`. One row per image: `sample_id`, `image_index`, and per
-teacher `<slug>__tokens` (and `<slug>__token_scales`, `<slug>__cls`, `<slug>__cls_attention` where stored).
+teacher `<slug>__tokens` (and `<slug>__token_scales`, `<slug>__cls`, `<slug>__cls_attention`, `<slug>__pooled`,
+`<slug>__pool_attention` where stored).
 `teachers/<slug>/cache.json` holds each teacher's key and stored shapes, `projection.safetensors` its basis.
 Read it with `movekd_hf.distill.cache.CachedTeachers.from_repo` or `stream_cached_teachers`.
 """

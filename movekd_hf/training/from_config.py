@@ -123,6 +123,8 @@ def resolve_teachers(vlm, processor, model_args, data_args, args) -> dict[str, A
         specs,
         model_args.teacher_cache_grid,
         data_args.image_aspect,
+        # as online teachers would see the images: their own views, or the one square `teacher_image_size` asks for
+        teacher_inputs="square" if data_args.teacher_image_size is not None else "views",
         **model_args.cache_compression(),
     )
     distiller = build_distiller(vlm, specs, args)

@@ -292,12 +292,20 @@ def teacher_view_size(config, specs: list[TeacherSpec]) -> int:
 
 
 def teacher_cache_settings(
-    config, image_processor, specs: list[TeacherSpec], grid: str, image_aspect: str, **compression
+    config,
+    image_processor,
+    specs: list[TeacherSpec],
+    grid: str,
+    image_aspect: str,
+    teacher_inputs: str = "views",
+    **compression,
 ):
     """The `CacheSettings` a training run with this student, processor and data view reads its cache with;
     `movekd-hf cache-teachers --model` writes with the same, so the cache keys agree. `compression`: the
     `CacheSettings` compression fields (`compress`, `compression`, `compression_seed`, `calibration_images`,
-    `token_dtype`) the cache was written with. Every anchor caches: a CLIP anchor's CLS and CLS row, a SigLIP
+    `token_dtype`) the cache was written with. `teacher_inputs`: "views" (each teacher's own view, what online
+    training gives its teachers by default) or "square" (the one float view of `teacher_image_size`, what caches
+    were written from before views existed). Every anchor caches: a CLIP anchor's CLS and CLS row, a SigLIP
     anchor's pooled output and probe row (`pooled`, `pool_attention` columns, distill/cache.py)."""
     return CacheSettings(
         student_grid=student_grid(config.vision_config),
@@ -305,6 +313,7 @@ def teacher_cache_settings(
         teacher_image_size=teacher_view_size(config, specs),
         image_aspect=image_aspect,
         background=mean_colour(image_processor),
+        teacher_inputs=teacher_inputs,
         **compression,
     )
 
