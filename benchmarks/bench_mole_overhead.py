@@ -4,7 +4,11 @@ Variants, all on the same CLIP encoder layers at ViT-L widths (hidden 1024, MLP 
 frozen, gradient flowing to the encoder input and to the LoRA experts and routers:
 
 - `plain CLIP`: the stock MLP (the baseline).
-- `MoLE sparse (ours)`: `movekd_hf.modeling.mole.MoLEMLP`, top-1 routing (3 experts, rank 32).
+- `MoLE sparse (ours)`: `movekd_hf.modeling.mole.MoLEMLP`, top-1 routing (3 experts, rank 32): in training on
+  CPU the whole MLP on tokens sorted by expert, each linear one autograd node of GEMMs writing in place.
+- `MoLE sparse, LoRA inputs sorted`: `MoLEMLP`'s previous training dispatch (still its inference/GPU path): only
+  the LoRA inputs sorted by expert (a gather per linear), each expert's output index-added back into the base
+  output in token order; dropout drawn by gaps as in ours.
 - `MoLE sparse, nn.Dropout`: our dispatch as it was before (the "before" of the dropout change): `nn.Dropout`
   (one Bernoulli draw per element, a float mask saved for backward) on the sorted copy `index_select` makes,
   and the B bias added in a pass of its own. Same values without dropout; with dropout both keep each element
@@ -96,6 +100,13 @@ class NNDropoutMoLEMLP(MoLEMLP):
         return with_lora(self.fc2, self.activation_fn(with_lora(self.fc1, x)))
 
 
+class LoRASortedMoLEMLP(MoLEMLP):
+    """`MoLEMLP`'s dispatch that sorts only the LoRA inputs (its inference/GPU path), run in training too."""
+
+    def _sparse_forward(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        return self._sorted_lora_forward(x, logits)
+
+
 class AllExpertsMoLEMLP(MoLEMLP):
     """Sparse MoLE computed for every expert and masked by a one-hot gate (the dense path's matmuls)."""
 
@@ -122,6 +133,7 @@ def build_encoders(sizes: dict, layers: int, experts: int, rank: int, dropout: f
     settings = dict(num_experts=experts, lora_rank=rank, lora_dropout=dropout, lora_b_init="kaiming")
     for name, routing, mlp_class in (
         ("MoLE sparse (ours)", "sparse", None),
+        ("MoLE sparse, LoRA inputs sorted", "sparse", LoRASortedMoLEMLP),
         ("MoLE sparse, nn.Dropout", "sparse", NNDropoutMoLEMLP),
         ("MoLE sparse, expert loop", "sparse", LoopDispatchMoLEMLP),
         ("MoLE sparse, all experts batched", "sparse", AllExpertsMoLEMLP),
@@ -164,10 +176,11 @@ def encoder_step(model: nn.Module, embeddings: torch.Tensor, probe: torch.Tensor
 
 
 def check_same_values(encoders: dict[str, nn.Module], embeddings: torch.Tensor) -> float:
-    """Every sparse dispatch must compute what `MoLEMLP` computes (dropout off): max abs difference."""
+    """Every sparse dispatch must compute what `MoLEMLP` computes in training (dropout off): max abs difference."""
     outs = {}
     names = (
         "MoLE sparse (ours)",
+        "MoLE sparse, LoRA inputs sorted",
         "MoLE sparse, nn.Dropout",
         "MoLE sparse, expert loop",
         "MoLE sparse, all experts batched",
@@ -175,11 +188,11 @@ def check_same_values(encoders: dict[str, nn.Module], embeddings: torch.Tensor) 
     for name in names:
         model = encoders[name].eval()
         hidden = embeddings
-        with torch.no_grad():
+        with torch.enable_grad():  # the training dispatch (without autograd `MoLEMLP` keeps token order)
             for layer in vision_encoder_layers(model):
                 out = layer(hidden, None)
                 hidden = out[0] if isinstance(out, tuple) else out
-        outs[name] = hidden
+        outs[name] = hidden.detach()
         model.train()
     return max(float((outs[names[0]] - outs[name]).abs().max()) for name in names[1:])
 
@@ -209,11 +222,16 @@ def main(argv: list[str] | None = None) -> int:
         # Ratio of the fastest rounds: on a loaded machine other jobs only ever add time, so the minima are the
         # steadiest estimate of each variant's own cost (the medians move by +-5 % with the load).
         summary[name]["best_ratio"] = min(values) / min(times["plain CLIP"])
-    ours, before = times["MoLE sparse (ours)"], times["MoLE sparse, nn.Dropout"]
-    dropout_change = {
-        "paired_ratio": statistics.median(a / b for a, b in zip(ours, before)),
-        "best_ratio": min(ours) / min(before),
-    }
+    ours = times["MoLE sparse (ours)"]
+
+    def over(other: str) -> dict:
+        before = times[other]
+        return {
+            "paired_ratio": statistics.median(a / b for a, b in zip(ours, before)),
+            "best_ratio": min(ours) / min(before),
+        }
+
+    dropout_change, dispatch_change = over("MoLE sparse, nn.Dropout"), over("MoLE sparse, LoRA inputs sorted")
     print(
         f"MoLE overhead, forward+backward: {args.layers} layers, batch {args.batch}, {tokens} tokens, "
         f"hidden {sizes['hidden_size']}, MLP {sizes['intermediate_size']}, LoRA dropout {args.lora_dropout}, "
@@ -222,9 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     rows = [{**row, "best ratio": summary[row["variant"]]["best_ratio"]} for row in timing_rows(summary)]
     print(format_table(rows, ["variant", "median ms", "IQR ms", "ratio", "paired ratio", "best ratio"]))
-    print(
-        f"ours / nn.Dropout dispatch: paired {dropout_change['paired_ratio']:.3f}, best {dropout_change['best_ratio']:.3f}"
-    )
+    for label, change in (("nn.Dropout", dropout_change), ("LoRA inputs sorted", dispatch_change)):
+        print(f"ours / {label} dispatch: paired {change['paired_ratio']:.3f}, best {change['best_ratio']:.3f}")
     print(f"other sparse dispatches vs ours, max |difference| of outputs: {difference:.2e}")
     name = "mole_overhead" if args.lora_dropout else "mole_overhead_no_dropout"
     path = write_result(
@@ -242,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
             },
             "summary": summary,
             "ours_over_nn_dropout": dropout_change,
+            "ours_over_lora_inputs_sorted": dispatch_change,
             "times_s": times,
             "max_abs_difference_vs_ours": difference,
         },

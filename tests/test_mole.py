@@ -138,14 +138,19 @@ def within_binomial(count: int, trials: int, prob: float, sigmas: float = 5.0) -
     return abs(count - trials * prob) <= sigmas * (trials * prob * (1 - prob)) ** 0.5
 
 
-@pytest.mark.parametrize("routing", ["sparse", "dense"])
+@pytest.mark.parametrize(
+    ("routing", "autograd"),
+    [("sparse", True), ("sparse", False), ("dense", True)],
+    ids=["sparse-training", "sparse-no-autograd", "dense"],
+)
 @pytest.mark.parametrize("p", [0.05, 0.3])
-def test_lora_dropout_keeps_each_element_independently_with_probability_1_minus_p(p, routing):
+def test_lora_dropout_keeps_each_element_independently_with_probability_1_minus_p(p, routing, autograd):
+    """Both sparse dispatches (training: the whole MLP sorted; without autograd: the LoRA inputs sorted)."""
     mlp = revealing_mlp(p, routing)
     x = torch.rand(1, 20000, WIDE, generator=torch.Generator().manual_seed(0)) + 1.0  # no zeros: drops show
     torch.manual_seed(1)
-    with torch.no_grad():
-        first, second = mlp(x) / x, mlp(x) / x  # per element: 0 (dropped) or 1 / (1 - p) (kept)
+    with torch.set_grad_enabled(autograd):
+        first, second = (mlp(x).detach() / x for _ in range(2))  # per element: 0 (dropped) or 1 / (1 - p) (kept)
     chosen = mlp.router_logits.argmax(-1)[0]
     kept = first != 0
     # Kept values are scaled by exactly 1 / (1 - p) (dense: through the gate, which sums to 1 up to rounding).
@@ -180,6 +185,53 @@ def test_dropped_positions_draw_more_gaps_when_a_batch_runs_short():
     assert within_binomial(sum(int(c[0] == 0) for c in counts), 200, 0.2)  # the first element too
     # each position is as likely as any other: the first and second halves get the same share
     assert within_binomial(int((drops < 500).sum()), drops.numel(), 0.5)
+
+
+def test_dropped_positions_gaps_are_geometric():
+    """The gaps between drops (and the first position + 1) follow P(k) = (1 - p)^(k - 1) p, k = 1, 2, ..."""
+    p = 0.05
+    torch.manual_seed(7)
+    positions = torch.cat([dropped_positions(200_000, p, torch.device("cpu")) for _ in range(5)])
+    gaps = positions.diff()
+    gaps = gaps[gaps > 0]  # drop the jumps back between calls
+    assert within_binomial(gaps.numel() + 5, 5 * 200_000, p)
+    for k in (1, 2, 3, 10, 40):
+        assert within_binomial(int((gaps == k).sum()), gaps.numel(), (1 - p) ** (k - 1) * p), k
+    assert within_binomial(int((gaps > 60).sum()), gaps.numel(), (1 - p) ** 60)  # the tail
+
+
+@pytest.mark.parametrize("lora_bias", [True, False])
+@pytest.mark.parametrize("scale", ["none", "probability", "straight_through"])
+def test_training_dispatch_matches_the_token_order_dispatch_with_the_same_dropout(scale, lora_bias):
+    """Training on CPU runs the whole MLP sorted by expert (`_sorted_mlp`); inference and other devices sort the
+    LoRA inputs only (`_sorted_lora_forward`). Same values and gradients, with dropout on (both draw the same
+    positions in expert order), an expert with one token and one with none."""
+    mlp = make_mlp(mole_routing="sparse", expert_output_scale=scale, lora_dropout=0.3, lora_bias=lora_bias).train()
+    with torch.no_grad():  # route by channel: one token to expert 0, none to expert 2
+        mlp.router.weight.zero_()
+        mlp.router.bias.copy_(torch.tensor([0.0, 1.0, -9.0]))
+        mlp.router.weight[0, 0] = 10.0
+    x = torch.randn(2, 6, HIDDEN, generator=torch.Generator().manual_seed(4)) * 0.01
+    x[1, 2, 0] = 1.0
+    assert torch.bincount(mlp.router(x.reshape(-1, HIDDEN)).argmax(-1), minlength=EXPERTS).tolist() == [1, 11, 0]
+    probe = torch.randn(12, HIDDEN)
+    results = []
+    for path in (mlp._sorted_mlp, mlp._sorted_lora_forward):
+        torch.manual_seed(3)
+        inputs = x.reshape(-1, HIDDEN).clone().requires_grad_(True)
+        out = path(inputs, mlp.router(inputs))
+        (out * probe).sum().backward()
+        grads = {name: param.grad.clone() for name, param in mlp.named_parameters() if param.grad is not None}
+        results.append((out.detach(), inputs.grad, grads))
+        mlp.zero_grad(set_to_none=True)
+    (out, grad_in, grads), (ref_out, ref_grad_in, ref_grads) = results
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_in, ref_grad_in, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == ref_grads.keys() and ("router.weight" in grads) is (scale != "none")
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+        if ".lora_" in name:  # the expert without tokens gets zero gradients
+            assert torch.equal(grads[name][2], torch.zeros_like(grads[name][2])), name
 
 
 @pytest.mark.parametrize("routing", ["sparse", "dense"])

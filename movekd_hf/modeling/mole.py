@@ -5,20 +5,26 @@ Per token x (the MLP input after the layer norm):
     p = softmax(router(x));  k = argmax(p)
     h = act(fc1(x) + s * B1_k A1_k drop(x));   y = fc2(h) + s * B2_k A2_k drop(h),   s = alpha / r
 
-Sparse (top-1) routing computes only the chosen expert per token: each LoRA input is sorted by expert (one
-gather in, one index-add back into the base output), so every expert works on a contiguous slice; the
-per-expert loop has `num_experts` steps of plain matmuls and no index scatter inside it. The base fc1/fc2 run
-on the tokens in their own order, so a zero LoRA leaves plain CLIP bit for bit. Dense routing needs every
-expert: all experts' A run as one matmul (E * r columns), the result is weighted by p per token and sent
-through all experts' B as one matmul. benchmarks/bench_mole_overhead.py measures both against plain CLIP and
-against other dispatches.
+Sparse (top-1) routing computes only the chosen expert per token. Training on CPU (autograd on, no autocast),
+the whole MLP runs on the tokens sorted by expert: one gather of x in and one of y out (`_Permute`, [T, D]
+each), and every expert reads a contiguous slice of fc1's and fc2's inputs, the one sort serving both. Each
+linear is one autograd node (`_SortedMoLELinearFunction`) whose every term is a GEMM writing into its output
+(biases, base, each expert's B product added in place; in the backward the base's input gradient added into
+the LoRA's), so no pass over the [T, 4096] activations goes to gathers, index-adds or gradient sums. Otherwise
+(inference, GPU, autocast) each LoRA input alone is sorted by expert (one gather in, one index-add back into
+the base output) and the base fc1/fc2 and the activation keep token order, so a zero LoRA gives plain CLIP bit
+for bit (an elementwise kernel rounds an element differently when a permutation moves it between vector lanes,
+scalar tails and threads' chunks). Dense routing needs every expert: all experts' A run as one matmul (E * r
+columns), the result is weighted by p per token and sent through all experts' B as one matmul.
+benchmarks/bench_mole_overhead.py measures both against plain CLIP and against other dispatches.
 
 LoRA dropout (`drop`) is inverted dropout as `nn.Dropout` draws it: each element kept independently with
-probability 1 - p and scaled by 1 / (1 - p). On CPU, where one Bernoulli draw per element cost more than the
+probability 1 - p and scaled by 1 / (1 - p). On CPU, where one Bernoulli draw per element costs more than the
 expert's matmuls, the dropped elements are drawn as the gaps between successive drops (`dropped_positions`,
-~p * numel random numbers) and zeroed in place in the sorted copy of the LoRA input, and the 1 / (1 - p)
-multiplies the A weights (r x in numbers) instead of the input. Other devices use `F.dropout`'s fused kernel.
-Dropout cannot move after the A projection: A (m * x) is not a function of A x for a random mask m.
+~p * numel random numbers) and zeroed in place in a copy of the LoRA input (the same positions zero its
+gradient), and the 1 / (1 - p) scales the A product (a GEMM's alpha) instead of the input. Other devices use
+`F.dropout`'s fused kernel. Dropout cannot move after the A projection: A (m * x) is not a function of A x for
+a random mask m.
 
 Remote code: imports only torch, runs on transformers 4.57 and 5.x.
 """
@@ -49,6 +55,26 @@ class MoLELinear(nn.Linear):
         else:
             self.register_parameter("lora_A_bias", None)
             self.register_parameter("lora_B_bias", None)
+
+    def forward(self, x: torch.Tensor, routing: "SortedRouting | None" = None) -> torch.Tensor:
+        """The base linear alone (`routing` None, `x` `[..., in]`), or the sparse MoLE linear on tokens sorted by
+        expert (METHOD.md section 2): called through the module, so hooks that gather weights (ZeRO-3) cover the
+        LoRA weights as well.
+
+        Args:
+            x: `[..., in]`; with `routing`, `[T, in]` with rows grouped by expert (`routing.counts`), the LoRA input
+                before dropout.
+            routing: the sparse MoLE's per-token gate and LoRA dropout (see `SortedRouting`).
+        Returns:
+            `[..., out]` x W^T + b; with `routing`, `[T, out]` x W^T + b + gate * (B_k (A_k drop(x) + bA_k) + bB_k)
+            per token, k its expert.
+        """
+        if routing is None:
+            return super().forward(x)
+        return _SortedMoLELinearFunction.apply(
+            x, self.weight, self.bias, self.lora_A, self.lora_B, self.lora_A_bias, self.lora_B_bias,
+            routing.gate, routing.counts, routing.dropped(x), routing.keep_scale,
+        )  # fmt: skip
 
     def lora_parameters(self) -> dict:
         names = ("lora_A", "lora_B", "lora_A_bias", "lora_B_bias")
@@ -119,9 +145,10 @@ def dropped_positions(numel: int, p: float, device: torch.device, draws: int = 0
 
     The gaps between successive drops in a sequence of independent Bernoulli(p) trials are independent
     Geometric(p) variables on 1, 2, ...; their running sum gives the drop positions with the same joint
-    distribution as one draw per element, from ~p * numel random numbers (`Tensor.geometric_`) instead of
-    `numel`. The default generator of `device` draws them, so `torch.manual_seed` and checkpointing's RNG-state
-    replay reproduce them.
+    distribution as one draw per element, from ~p * numel random numbers instead of `numel`. Each gap is drawn
+    by inversion, as `Tensor.geometric_` draws one but vectorised: for U uniform with 53 random bits,
+    floor(log U / log(1 - p)) + 1 = k with probability (1 - p)^(k - 1) p (to 2^-53). The default generator of
+    `device` draws them, so `torch.manual_seed` and checkpointing's RNG-state replay reproduce them.
 
     Args:
         draws: gaps drawn at a time (0: enough for all but ~1e-9 of calls; more are drawn when needed).
@@ -130,15 +157,18 @@ def dropped_positions(numel: int, p: float, device: torch.device, draws: int = 0
     """
     mean = numel * p
     draws = draws or int(mean + 6.0 * math.sqrt(mean * (1.0 - p))) + 16  # the mean + 6 standard deviations
-    chunks, start = [], 0.0
+    inverse_log_keep = 1.0 / math.log1p(-p)
+    chunks, start = [], 0
     while True:
-        # float64 keeps the sums exact; a gap is inf with probability 2^-53 (uniform 0), which ends the run.
-        ends = torch.empty(draws, dtype=torch.float64, device=device).geometric_(p).cumsum_(0).add_(start - 1.0)
-        inside = int(torch.searchsorted(ends, float(numel)))
+        # U on [2^-53, 1): never 0, so every gap is finite (at most ~37 / p).
+        uniform = torch.empty(draws, dtype=torch.float64, device=device).uniform_(2.0**-53, 1.0)
+        gaps = uniform.log_().mul_(inverse_log_keep).long().add_(1)  # `long` floors: the values are >= 0
+        ends = gaps.cumsum_(0).add_(start - 1)  # each drop one gap after the previous one
+        inside = int(torch.searchsorted(ends, numel))
         chunks.append(ends[:inside])
         if inside < draws:
-            return torch.cat(chunks).long()
-        start = float(ends[-1]) + 1.0
+            return torch.cat(chunks) if len(chunks) > 1 else chunks[0]
+        start = int(ends[-1]) + 1
 
 
 class _SortedDroppedRows(torch.autograd.Function):
@@ -164,6 +194,174 @@ class _SortedDroppedRows(torch.autograd.Function):
             width = grad.shape[1]  # the same positions, in x's row order
             grad_x.view(-1).index_fill_(0, order[dropped // width] * width + dropped % width, 0.0)
         return grad_x, None, None
+
+
+class SortedRouting:
+    """What a `MoLELinear` needs to run the sparse MoLE on tokens sorted by expert.
+
+    Attributes:
+        gate: `[T, 1]` each (sorted) token's output weight: the chosen expert's gate value times `alpha / r`.
+        counts: tokens per expert (Python ints summing to T), in expert order.
+        dropout: the LoRA dropout probability p when dropout is active (training), else 0.
+    """
+
+    def __init__(self, gate: torch.Tensor, counts: list, dropout: float):
+        self.gate, self.counts, self.dropout = gate, tuple(counts), dropout
+        self.keep_scale = 1.0 / (1.0 - dropout) if dropout else 1.0
+
+    def dropped(self, x: torch.Tensor):
+        """Flat positions of `x`'s elements that dropout zeroes (each independently with probability p), or None."""
+        return dropped_positions(x.numel(), self.dropout, x.device) if self.dropout else None
+
+
+def _expert_pieces(counts) -> list:
+    """(expert, row slice) of each expert with tokens, for rows sorted by expert."""
+    pieces, start = [], 0
+    for expert, rows in enumerate(counts):
+        if rows:
+            pieces.append((expert, slice(start, start + rows)))
+        start += rows
+    return pieces
+
+
+def _per_expert_buffer(like: torch.Tensor, shape: tuple, pieces: list) -> torch.Tensor:
+    """An `[E, ...]` buffer for per-expert results: uninitialised where an expert has rows, zero where not."""
+    buffer = like.new_empty(shape)
+    if len(pieces) < shape[0]:
+        buffer[[e for e in range(shape[0]) if e not in dict(pieces)]] = 0.0
+    return buffer
+
+
+def _rows_mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, alpha: float = 1.0, bias=None) -> torch.Tensor:
+    """`out = alpha * a @ b (+ bias)`, with a one-row `a` computed as two rows: a one-row matmul takes BLAS's
+    matrix-vector path, whose rounding depends on the weights' memory alignment (checkpoints loaded by mmap are
+    not 64-byte aligned); as a GEMM a loaded model computes bit for bit what the saved one did."""
+    if a.shape[0] == 1:
+        full = _rows_mm(a.expand(2, -1), b, a.new_empty(2, b.shape[1]), alpha, bias)
+        return out.copy_(full[:1])
+    if bias is None:
+        return torch.mm(a, b, out=out) if alpha == 1.0 else torch.addmm(out, a, b, beta=0.0, alpha=alpha, out=out)
+    return torch.addmm(bias, a, b, alpha=alpha, out=out)
+
+
+class _SortedMoLELinearFunction(torch.autograd.Function):
+    """Base linear plus each token's expert LoRA, tokens sorted by expert, with inverted LoRA dropout (CPU training).
+
+    For the rows of expert e: out = x W^T + b + g * (B_e (A_e drop(x) + bA_e) + bB_e), drop(x) zeroing the
+    elements at the flat positions `dropped` and scaling by `keep_scale` (as the GEMM's alpha on A_e x). Every
+    term is written into the output by a GEMM: the biases first (b + g bB_e per row, a rank-one GEMM that is the
+    bias broadcast the base addmm makes anyway), then the base x W^T and each expert's B product added in place
+    (beta = 1). The backward adds the base's input gradient into the LoRA's the same way. Beyond the matmuls
+    nothing passes over `[T, out]` or `[T, in]` except, with dropout, the masked copy of x (saved for the A
+    gradient) and the zeroing of the dropped positions in it and in the LoRA's input gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, lora_A_bias, lora_B_bias, gate, counts, dropped, keep_scale):
+        x = x.contiguous()
+        lora_input = x
+        if dropped is not None:
+            lora_input = x.clone()
+            lora_input.view(-1).index_fill_(0, dropped, 0.0)
+        pieces = _expert_pieces(counts)
+        num_rows, rank = x.shape[0], lora_A.shape[1]
+        low = x.new_empty(num_rows, rank)  # [T, r]: A_e drop(x) + bA_e, before the gate
+        for expert, piece in pieces:
+            if lora_A_bias is None:
+                _rows_mm(lora_input[piece], lora_A[expert].t(), out=low[piece], alpha=keep_scale)
+            else:
+                _rows_mm(lora_input[piece], lora_A[expert].t(), out=low[piece], alpha=keep_scale,
+                         bias=lora_A_bias[expert])  # fmt: skip
+        weighted = low * gate  # [T, r]
+        if lora_B_bias is None:
+            out = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()  # [T, out]
+        else:
+            out = x.new_empty(num_rows, weight.shape[0])
+            for expert, piece in pieces:  # b + g bB_e per row: the bias broadcast, as a rank-one GEMM
+                torch.addmm(
+                    bias if bias is not None else out.new_zeros(()), gate[piece], lora_B_bias[expert].unsqueeze(0),
+                    out=out[piece],
+                )  # fmt: skip
+            out.addmm_(x, weight.t())
+        for expert, piece in pieces:
+            if piece.stop - piece.start == 1:  # see `_rows_mm`
+                out[piece] += _rows_mm(weighted[piece], lora_B[expert].t(), out.new_empty(1, out.shape[1]))
+            else:
+                out[piece].addmm_(weighted[piece], lora_B[expert].t())
+        ctx.counts, ctx.keep_scale = counts, keep_scale
+        ctx.save_for_backward(
+            x if weight.requires_grad else None, weight, lora_input, lora_A, lora_B, lora_B_bias, low, weighted,
+            gate, dropped,
+        )  # fmt: skip
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, lora_input, lora_A, lora_B, lora_B_bias, low, weighted, gate, dropped = ctx.saved_tensors
+        grad = grad.contiguous()
+        needs = ctx.needs_input_grad
+        pieces = _expert_pieces(ctx.counts)
+        num_experts, rank, _ = lora_A.shape
+        with_b_bias = lora_B_bias is not None
+        grad_bt = grad_a = grad_a_bias = grad_gate = None
+        if needs[4] or needs[6]:  # B^T and bB of each expert: one [r (+1), out] product, rows the weighted input
+            grad_bt = _per_expert_buffer(grad, (num_experts, rank + with_b_bias, grad.shape[1]), pieces)
+            weighted_aug = torch.cat([weighted, gate], dim=1) if with_b_bias else weighted  # [T, r (+1)]
+            for expert, piece in pieces:
+                torch.mm(weighted_aug[piece].t(), grad[piece], out=grad_bt[expert])
+        grad_low = grad.new_empty(low.shape)  # [T, r]
+        for expert, piece in pieces:
+            _rows_mm(grad[piece], lora_B[expert], out=grad_low[piece])
+        if needs[7]:  # the gate multiplies B_e low + bB_e
+            grad_gate = (grad_low * low).sum(1, keepdim=True)
+            if with_b_bias:
+                for expert, piece in pieces:
+                    grad_gate[piece] += grad[piece] @ lora_B_bias[expert].unsqueeze(1)
+        grad_low = grad_low * gate
+        if needs[5]:
+            grad_a_bias = grad.new_zeros(num_experts, rank)
+            for expert, piece in pieces:
+                grad_a_bias[expert] = grad_low[piece].sum(0)
+        grad_low = grad_low * ctx.keep_scale if ctx.keep_scale != 1.0 else grad_low  # dropout's 1 / (1 - p)
+        if needs[3]:
+            grad_a = _per_expert_buffer(grad, lora_A.shape, pieces)
+            for expert, piece in pieces:
+                torch.mm(grad_low[piece].t(), lora_input[piece], out=grad_a[expert])
+        grad_x = None
+        if needs[0]:
+            grad_x = torch.empty_like(lora_input)
+            for expert, piece in pieces:
+                _rows_mm(grad_low[piece], lora_A[expert], out=grad_x[piece])
+            if dropped is not None:
+                grad_x.view(-1).index_fill_(0, dropped, 0.0)
+            grad_x.addmm_(grad, weight)  # the base's input gradient, added in place
+        return (
+            grad_x,
+            grad.t() @ x if needs[1] else None,
+            grad.sum(0) if needs[2] else None,
+            grad_a,
+            grad_bt[:, :rank].transpose(1, 2) if needs[4] else None,
+            grad_a_bias,
+            grad_bt[:, rank] if needs[6] else None,
+            grad_gate,
+            None,
+            None,
+            None,
+        )
+
+
+class _Permute(torch.autograd.Function):
+    """`x.index_select(0, order)` whose backward gathers with the inverse permutation (no scatter-add)."""
+
+    @staticmethod
+    def forward(ctx, x, order, inverse):
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, order)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
 
 
 def _uniform_like_linear(tensor: torch.Tensor, fan_in: int) -> None:
@@ -199,6 +397,14 @@ def init_mole_linear(module: MoLELinear, lora_b_init: str) -> None:
                 nn.init.zeros_(module.lora_B_bias)
             else:
                 _uniform_like_linear(module.lora_B_bias, module.rank)
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for `device_type` (torch < 2.4 has no `device_type` argument)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
 
 
 def upcast(tensor: torch.Tensor) -> torch.Tensor:
@@ -299,8 +505,29 @@ class MoLEMLP(nn.Module):
         return self.lora_dropout(_SortedDroppedRows.apply(x, order, order.new_empty(0)))
 
     def _sparse_forward(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Top-1 MoLE: [T, D] -> [T, D]: the whole MLP sorted by expert when training on CPU, else the LoRA inputs
+        only (see the module docstring)."""
+        if x.device.type == "cpu" and torch.is_grad_enabled() and not _autocast_enabled("cpu"):
+            return self._sorted_mlp(x, logits)
+        return self._sorted_lora_forward(x, logits)
+
+    def _sorted_mlp(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Top-1 MoLE with the whole MLP on the tokens sorted by expert: [T, D] -> [T, D] (see the module
+        docstring). The activation runs on sorted rows too; only x and y are gathered."""
+        chosen, weight = top1_route(logits, self.output_scale)
+        order = torch.argsort(chosen, stable=True)  # [T]
+        inverse = torch.empty_like(order).index_copy_(0, order, torch.arange(order.numel(), device=order.device))
+        counts = F.one_hot(chosen, self.num_experts).sum(dim=0).tolist()
+        gate = weight.index_select(0, order) * self.scaling  # [T, 1], sorted
+        dropout = self.lora_dropout.p if self.training else 0.0
+        routing = SortedRouting(gate, counts, dropout)
+        h = self.activation_fn(self.fc1(_Permute.apply(x, order, inverse), routing))
+        return _Permute.apply(self.fc2(h, routing), inverse, order)
+
+    def _sorted_lora_forward(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """Top-1 MoLE: [T, D] -> [T, D]. The LoRA inputs are sorted by expert so each expert reads a contiguous
-        slice; the base fc1/fc2 run on the tokens in their own order (see the module docstring)."""
+        slice; the base fc1/fc2 run on the tokens in their own order (inference, GPU, autocast; see the module
+        docstring)."""
         chosen, weight = top1_route(logits, self.output_scale)
         order = torch.argsort(chosen, stable=True)  # [T]
         # One host sync per MLP for the slice sizes (a one-hot sum, deterministic on every device).
