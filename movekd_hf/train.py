@@ -52,11 +52,25 @@ def run(trainer) -> int:
             f"at step {trainer.state.global_step}; continue with --resume_from_checkpoint true",
             flush=True,
         )
+        end_distributed()
         return 0
     trainer.save_model()
     if trainer.args.push_to_hub:
         trainer.push_to_hub()
+    end_distributed()
     return 0
+
+
+def end_distributed() -> None:
+    """Every rank done: destroy the process group before the interpreter exits. Left to exit, gloo's worker threads
+    can still hold work when Python tears down, and a rank then dies with SIGABRT ("terminate called without an
+    active exception") after a run that succeeded (seen on 2 CPU ranks under load; PyTorch documents calling
+    destroy_process_group at the end of a training script)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> int:
