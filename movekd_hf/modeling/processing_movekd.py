@@ -15,7 +15,17 @@ from transformers import LlavaOnevisionProcessor, LlavaProcessor
 from .llava_conventions import IMAGE_TOKEN, VICUNA_V1_CHAT_TEMPLATE
 
 
-class MoVEKDProcessor(LlavaProcessor):
+class _PortableSaveMixin:
+    """`save_pretrained`, then the tokenizer config rewritten so transformers 4.x reads what 5.x wrote
+    (`portable_tokenizer_config`)."""
+
+    def save_pretrained(self, save_directory, **kwargs):
+        result = super().save_pretrained(save_directory, **kwargs)
+        portable_tokenizer_config(os.path.join(save_directory, "tokenizer_config.json"))
+        return result
+
+
+class MoVEKDProcessor(_PortableSaveMixin, LlavaProcessor):
     """`LlavaProcessor` whose default chat template is LLaVA-1.5's Vicuna `v1` conversation."""
 
     # Arguments are spelled out: transformers saves a processor's settings by reading its signature.
@@ -41,48 +51,11 @@ class MoVEKDProcessor(LlavaProcessor):
             **kwargs,
         )
 
-    def save_pretrained(self, save_directory, **kwargs):
-        result = super().save_pretrained(save_directory, **kwargs)
-        portable_tokenizer_config(os.path.join(save_directory, "tokenizer_config.json"))
-        return result
 
-
-class MoVEKDOnevisionProcessor(LlavaOnevisionProcessor):
+class MoVEKDOnevisionProcessor(_PortableSaveMixin, LlavaOnevisionProcessor):
     """`LlavaOnevisionProcessor` unchanged (the checkpoint's own chat template, image and video processors, AnyRes
-    token counting), saved so that transformers 4.x reads the tokenizer a 5.x release wrote
-    (`portable_tokenizer_config`): the one reason it is a class of its own."""
-
-    # Arguments are spelled out: transformers saves a processor's settings by reading its signature.
-    def __init__(
-        self,
-        image_processor=None,
-        tokenizer=None,
-        video_processor=None,
-        num_image_tokens=None,
-        vision_feature_select_strategy=None,
-        chat_template=None,
-        image_token="<image>",
-        video_token="<video>",
-        vision_aspect_ratio="anyres_max_9",
-        **kwargs,
-    ):
-        super().__init__(
-            image_processor=image_processor,
-            tokenizer=tokenizer,
-            video_processor=video_processor,
-            num_image_tokens=num_image_tokens,
-            vision_feature_select_strategy=vision_feature_select_strategy,
-            chat_template=chat_template,
-            image_token=image_token,
-            video_token=video_token,
-            vision_aspect_ratio=vision_aspect_ratio,
-            **kwargs,
-        )
-
-    def save_pretrained(self, save_directory, **kwargs):
-        result = super().save_pretrained(save_directory, **kwargs)
-        portable_tokenizer_config(os.path.join(save_directory, "tokenizer_config.json"))
-        return result
+    token counting; its own signature, which transformers reads to save the settings), saved so that
+    transformers 4.x reads the tokenizer a 5.x release wrote: the one reason it is a class of its own."""
 
 
 def portable_tokenizer_config(path: str) -> None:
