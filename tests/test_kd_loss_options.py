@@ -30,7 +30,7 @@ from movekd_hf.distill.teachers import TeacherOutput
 from movekd_hf.errors import SettingsError
 from movekd_hf.training.arguments import MoVEKDTrainingArguments, parse_args
 from movekd_hf.training.checkpoint import DISTILLER_FILE
-from movekd_hf.training.trainer import load_adapters
+from movekd_hf.training.distillation import load_adapters
 
 SHAPES = {"clip": TeacherShape(4, 4, has_summary=True), "convnext": TeacherShape(4, 4, has_summary=False)}
 

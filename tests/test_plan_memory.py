@@ -17,7 +17,7 @@ from movekd_hf.distill.plan import teacher_profile
 from movekd_hf.distill.presets import teacher_specs
 from movekd_hf.distill.teachers import build_teacher
 from movekd_hf.models import build_config, from_preset
-from movekd_hf.training.trainer import llm_lora_config
+from movekd_hf.training.module import llm_lora_config
 
 
 def test_model_states_per_gpu_by_hand():

@@ -36,6 +36,7 @@ from movekd_hf.hub_cards.card import resolve_teachers, student_tower_id
 from movekd_hf.hub_cards.run_dir import RunDir
 from movekd_hf.models import build_byte_tokenizer, from_vision_and_llm
 from movekd_hf.training.arguments import MoVEKDTrainingArguments
+from movekd_hf.training.distillation import build_distiller
 from movekd_hf.training.teacher_source import (
     anchor_slug,
     anchor_teacher_from_student,
@@ -44,7 +45,6 @@ from movekd_hf.training.teacher_source import (
     student_kd_defaults,
     teacher_shapes,
 )
-from movekd_hf.training.trainer import build_distiller
 
 TINY_SIGLIP = dict(hidden_size=36, intermediate_size=52, num_hidden_layers=3, num_attention_heads=3)
 TINY_SIGLIP.update(image_size=32, patch_size=8, layer_norm_eps=1e-6)

@@ -11,8 +11,9 @@ from movekd_hf.models import from_preset
 from movekd_hf.training.arguments import MoVEKDTrainingArguments
 from movekd_hf.training.data import BadSampleError
 from movekd_hf.training.data_args import MoVEKDDataArguments, build_train_data, image_token_id, num_image_tokens
+from movekd_hf.training.module import llm_lora_config
 from movekd_hf.training.toy_data import make_toy_llava_dataset
-from movekd_hf.training.trainer import MoVEKDTrainer, llm_lora_config
+from movekd_hf.training.trainer import MoVEKDTrainer
 
 # The values of configs/train/tiny_stage1.yaml that the comparison with the command line needs.
 TINY_RECIPE = dict(

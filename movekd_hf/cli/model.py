@@ -326,7 +326,7 @@ def _llm_lora_parameters(model, rank: int) -> int:
 
     from torch import nn
 
-    from movekd_hf.training.trainer import LLM_LORA_TARGETS
+    from movekd_hf.training.module import LLM_LORA_TARGETS
 
     return sum(
         rank * (module.in_features + module.out_features)

@@ -118,7 +118,7 @@ class _BarOnly(ProgressCallback):
 
 def build_distiller(arm: Arm, shapes: Mapping[str, TeacherShape], vlm, seed: int) -> MoVEKDDistiller | None:
     """The arm's adapters and loss for teachers of `shapes` (slug -> TeacherShape, the anchor included), seeded
-    as the trainer seeds its own (`training.trainer.build_distiller`); None for the no-KD arm."""
+    as the trainer seeds its own (`training.distillation.build_distiller`); None for the no-KD arm."""
     config = arm.loss_config()
     if config is None:
         return None

@@ -32,7 +32,11 @@ def meta_teacher_shape(spec: TeacherSpec) -> tuple[int, tuple[int, int, int]]:
         teacher = build_teacher(replace(spec, pretrained=False))
         images = torch.empty(1, 3, spec.image_size, spec.image_size)
         out = teacher(images)
-    return _count(teacher), (out.tokens.shape[1], out.tokens.shape[2], int(out.cls is not None or out.pooled is not None))
+    return _count(teacher), (
+        out.tokens.shape[1],
+        out.tokens.shape[2],
+        int(out.cls is not None or out.pooled is not None),
+    )
 
 
 # Config fields of a tower that are not architecture (dropped when a tower's config becomes a spec's).

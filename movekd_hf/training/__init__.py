@@ -4,8 +4,9 @@
 from .arguments import MoVEKDModelArguments, MoVEKDTrainingArguments, parse_args
 from .collator import MoVEKDDataCollator
 from .data_args import MoVEKDDataArguments, MoVEKDTrainData, build_train_data
+from .module import MoVEKDTrainingModule, llm_lora_config
 from .stages import STAGES, apply_stage
-from .trainer import MoVEKDTrainer, MoVEKDTrainingModule, llm_lora_config
+from .trainer import MoVEKDTrainer
 
 __all__ = [
     "STAGES",

@@ -26,6 +26,8 @@ from ..models import checkpoint_classes, from_preset
 from .arguments import MoVEKDModelArguments, MoVEKDTrainingArguments, parse_args
 from .checkpoint import DISTILLER_FILE
 from .data_args import MoVEKDDataArguments, build_train_data
+from .distillation import build_distiller, recorded_teachers
+from .module import llm_lora_config
 from .teacher_source import (
     anchor_teacher_spec,
     outside_zero3,
@@ -33,7 +35,7 @@ from .teacher_source import (
     teacher_cache_settings,
 )
 from .toy_data import make_toy_llava_dataset
-from .trainer import MoVEKDTrainer, build_distiller, llm_lora_config, recorded_teachers
+from .trainer import MoVEKDTrainer
 
 logger = logging.getLogger("movekd_hf.train")
 

@@ -46,10 +46,9 @@ import itertools
 import logging
 import math
 import os
-import re
 import shutil
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -60,15 +59,11 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy, rotat
 from transformers.training_args import ParallelMode
 
 from ..distill.distiller import MoVEKDDistiller
-from ..distill.losses import mole_balance_loss
-from ..distill.teachers import TeacherSpec
 from ..errors import NonFiniteError, SettingsError
-from ..modeling.llava_conventions import student_grid, tower_cls_tokens
 from ..modeling.mole import upcast
 from .anyres import collator_for
 from .arguments import MoVEKDTrainingArguments
 from .checkpoint import (
-    DISTILLER_FILE,
     STAGING_DIR,
     TRAINING_ARGS_JSON,
     TRAINING_STATE_PATTERNS,
@@ -88,16 +83,15 @@ from .checkpoint import (
 from .collator import MoVEKDDataCollator
 from .console import ConsoleLogCallback, ConsolePrinterCallback, logging_above_bars
 from .data_args import image_token_id, num_image_tokens
-from .stages import COMPONENTS, STAGES, apply_stage, component_of
+from .distillation import (
+    Teachers,
+    distillation_setup,
+    recorded_teachers,
+)
+from .module import MoVEKDTrainingModule, is_peft, prepare_model, trainable_parameters
 from .teacher_source import (
-    ANCHOR,
     OnlineTeachers,
     TeacherSource,
-    anchor_slug,
-    build_teachers,
-    run_teacher_specs,
-    student_kd_config,
-    teacher_shapes,
     teacher_view_size,
 )
 
@@ -106,254 +100,8 @@ logger = logging.getLogger(__name__)
 # Collator keys that are not VLM inputs: they feed the teachers (or a feature cache) and the loss scaling.
 NON_MODEL_KEYS = ("images_per_sample", "teacher_images", "teacher_views", "teacher_view_sizes", "sample_ids")
 
-# What `teachers=` takes: a teacher set name ("tiny", "v1.0", "v1.1"), the specs of the teachers besides the anchor
-# (`clip` / `siglip`: always the student's own initial tower), or a ready source such as `CachedTeachers` (then with `distiller=`).
-Teachers = str | Sequence[TeacherSpec] | TeacherSource
 # Writes the model card into a saved folder; called with (trainer, folder) after every save.
 CardWriter = Callable[["MoVEKDTrainer", str], None]
-
-# peft targets: the LLM's linear layers only (MoLE, projector and adapters train in full).
-LLM_LORA_TARGETS = r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
-_PEFT_LORA_PARAM = re.compile(r"\.lora_(A|B)\.[^.]+\.weight$")
-_PEFT_PREFIX = "base_model.model."
-
-
-class MoVEKDTrainingModule(nn.Module):
-    """The trained module: `vlm` (a `MoVEKDForConditionalGeneration`, possibly inside a peft `PeftModel`) and
-    `distiller` (None for the no-KD baseline). `forward` returns the loss components, unweighted."""
-
-    # The Trainer reads this to pass `num_items_in_batch` (label tokens of the accumulated batch).
-    accepts_loss_kwargs = True
-    main_input_name = "input_ids"
-
-    def __init__(self, vlm: nn.Module, distiller: MoVEKDDistiller | None = None):
-        super().__init__()
-        self.vlm = vlm
-        self.distiller = distiller
-        self.student_grid = student_grid(self.config.vision_config)
-
-    @property
-    def is_peft(self) -> bool:
-        return hasattr(self.vlm, "peft_config")
-
-    def base_vlm(self) -> nn.Module:
-        """The `MoVEKDForConditionalGeneration` itself (peft's base model when LoRA wraps it)."""
-        return self.vlm.get_base_model() if self.is_peft else self.vlm
-
-    @property
-    def config(self):
-        return self.base_vlm().config
-
-    @property
-    def generation_config(self):
-        return self.base_vlm().generation_config
-
-    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, every_n_layers=1, offload=False):
-        vlm = self.base_vlm()
-        if hasattr(vlm, "activation_checkpointing_enable"):  # transformers >= 5.24
-            vlm.activation_checkpointing_enable(
-                activation_checkpointing_kwargs=activation_checkpointing_kwargs,
-                every_n_layers=every_n_layers,
-                offload=offload,
-            )
-        else:
-            vlm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=activation_checkpointing_kwargs)
-        if self.is_peft:  # frozen embeddings give checkpointed LoRA blocks no input that requires grad
-            vlm.enable_input_require_grads()
-
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
-        """What the Trainer of transformers < 5.24 calls; 5.24 renamed it `activation_checkpointing_enable`."""
-        self.activation_checkpointing_enable(activation_checkpointing_kwargs=gradient_checkpointing_kwargs)
-
-    def forward(self, teacher_outputs: dict | None = None, num_items_in_batch=None, **batch) -> dict[str, Any]:
-        """batch: the VLM's inputs (input_ids, attention_mask, labels, pixel_values). Returns {"lm_loss",
-        "kd" (distiller output or None), "balance" (mole_balance_loss output or None), "num_images"}."""
-        if num_items_in_batch is not None:
-            batch["num_items_in_batch"] = num_items_in_batch
-        outputs = self.vlm(**batch)
-        result = {"lm_loss": outputs.loss, "kd": None, "balance": None, "num_images": 0}
-        if outputs.router_logits is not None:
-            result["balance"] = mole_balance_loss(outputs.router_logits)
-            result["num_images"] = outputs.router_logits[0].shape[0]
-        if self.distiller is not None and teacher_outputs and outputs.vision_hidden_states is not None:
-            result["kd"] = self.distiller(outputs.vision_hidden_states, self.student_grid, teacher_outputs)
-        return result
-
-
-def training_dtype(args: MoVEKDTrainingArguments) -> torch.dtype:
-    return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
-
-
-def llm_lora_config(r: int = 128, lora_alpha: int = 256, lora_dropout: float = 0.05):
-    """peft LoRA on the LLM's linear layers, LLaVA-1.5's recipe by default (r=128, alpha=256), for stage 2."""
-    from peft import LoraConfig
-
-    return LoraConfig(
-        r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=LLM_LORA_TARGETS, bias="none"
-    )
-
-
-def _is_peft(model: nn.Module) -> bool:
-    return hasattr(model, "peft_config")
-
-
-def load_adapters(distiller: MoVEKDDistiller, folder: str) -> None:
-    """Start the adapters (and standardisers) from a checkpoint's `distill_adapters.safetensors`."""
-    from safetensors.torch import load_file
-
-    path = os.path.join(folder, DISTILLER_FILE)
-    if not os.path.isfile(path):
-        raise SettingsError(
-            f"no {DISTILLER_FILE} in {folder!r} (a run without distillation?)",
-            field="adapters_from",
-            expected="a checkpoint of a distillation run, or `none` for new adapters",
-        )
-    try:
-        distiller.load_state_dict(load_file(path))
-    except RuntimeError as error:  # another teacher set or KD preset than this run's
-        raise SettingsError(
-            f"its adapters do not fit this run's teachers {list(distiller.teacher_names)}: {str(error)[:300]}",
-            file=path,
-            field="adapters_from",
-            expected="adapters of the same teacher set and kd_preset, or `--adapters_from none` for new ones",
-        ) from error
-
-
-def build_distiller(vlm: nn.Module, specs: Sequence[TeacherSpec], args: MoVEKDTrainingArguments) -> MoVEKDDistiller:
-    """Adapters for the anchor (the student's own tower, `anchor_slug`: `clip` or `siglip`) plus `specs`, with the
-    loss of `args.kd_preset` for this student (`student_kd_config`: a tower without CLS switches the CLS-based
-    options, logged as a warning and recorded in train_config.json's `kd_loss`). Seeded with `args.seed`, so they
-    start the same whether the teachers run online or are read from a cache."""
-    shapes = teacher_shapes(vlm, list(specs))
-    vision = vlm.config.vision_config
-    height, width = student_grid(vision)
-    config, switched = student_kd_config(vision, args.kd_preset, args.kd_option_overrides())  # kd_options win
-    if switched:
-        logger.warning(
-            "the %s student tower has no CLS token for the anchor %r: KD loss options switched from kd_preset %r: %s "
-            "(set kd_options to choose others)",
-            vision.model_type,
-            config.anchor_teacher,
-            args.kd_preset,
-            ", ".join(f"{name} {old!r} -> {new!r}" for name, (old, new) in switched.items()),
-        )
-    torch.manual_seed(args.seed)
-    return MoVEKDDistiller(shapes, vision.hidden_size, height * width, config)
-
-
-def _teacher_specs(teachers: Teachers, vision_config) -> list[TeacherSpec] | None:
-    """The non-anchor specs `teachers` stands for; None for a ready teacher source. A teacher set's first entry,
-    `clip`, stands for the anchor (the student's own tower, `anchor_slug`) whatever the tower; explicit specs may
-    take neither that name nor the anchor's slug."""
-    if isinstance(teachers, str):
-        return run_teacher_specs(teachers, pretrained=True, checkpoints={})
-    if callable(teachers):
-        return None
-    specs = list(teachers)
-    wrong = [type(spec).__name__ for spec in specs if not isinstance(spec, TeacherSpec)]
-    if wrong:
-        raise TypeError(f"`teachers` must be a teacher set name, TeacherSpecs or a teacher source; got {wrong}")
-    anchor = anchor_slug(vision_config)
-    taken = sorted({spec.slug for spec in specs} & {ANCHOR, anchor})
-    if taken:
-        raise ValueError(
-            f"leave {taken} out of `teachers`: {ANCHOR!r} and {anchor!r} name the anchor, always the student's own tower"
-        )
-    return specs
-
-
-def _check_distilled_tokens(config) -> None:
-    """Refuse, before any step, a student whose tower has no anchor teacher (`anchor_slug`: an unknown tower, or
-    SigLIP 2's NaFlex class, named with its fixed-resolution alternative), and one whose image features are not
-    its patch tokens: a tower without a CLS token (SigLIP) under LLaVA's "default" strategy drops a real patch (a
-    checkpoint made before the strategy was chosen from the tower), and the distiller would fail at step 1 with
-    mismatched token counts."""
-    anchor_slug(config.vision_config)
-    strategy = getattr(config, "vision_feature_select_strategy", "default")
-    try:
-        cls_tokens = tower_cls_tokens(config.vision_config)
-    except ValueError:
-        return  # a tower the package does not know: the distiller reports its shapes
-    if strategy == "default" and cls_tokens == 0:
-        raise SettingsError(
-            f"is 'default', which drops the first token of a {config.vision_config.model_type} tower (it has no CLS "
-            "token): a real patch",
-            field="vision_feature_select_strategy",
-            expected="'full' for a tower without CLS (set it in config.json; `movekd-hf init` now chooses it)",
-        )
-
-
-def _distillation(vlm, args, teachers, distiller, processing_class):
-    """(teacher source, distiller, specs of the online teachers or None) for `args.kd_preset`."""
-    if args.kd_preset == "none":
-        if teachers is not None or distiller is not None:
-            raise ValueError("kd_preset='none' trains the LLaVA baseline: pass no `teachers` and no `distiller`")
-        if _adapters_from(args):
-            raise ValueError("adapters_from is set, but kd_preset='none' trains without adapters")
-        return None, None, None
-    _check_distilled_tokens(vlm.config)
-    if teachers is None:
-        raise ValueError(
-            f"kd_preset={args.kd_preset!r} distils, but no `teachers` were given: pass a teacher set name ('tiny', "
-            "'v1.1'), TeacherSpecs or a teacher source, or set kd_preset='none' for the LLaVA baseline"
-        )
-    specs = _teacher_specs(teachers, vlm.config.vision_config)
-    source = teachers
-    if specs is None and distiller is None:
-        raise ValueError("a ready teacher source needs `distiller=` too: the trainer cannot see its teachers' shapes")
-    if specs is not None:
-        image_processor = getattr(processing_class, "image_processor", None)
-        if image_processor is None:
-            raise ValueError("building teachers needs `processing_class`: the anchor reads images as the student does")
-        torch.manual_seed(args.seed)  # random (tiny) teacher weights follow the seed, the same on every rank
-        built = build_teachers(vlm, specs, image_processor.image_mean, image_processor.image_std)
-        source = OnlineTeachers(built).to(args.device, training_dtype(args))
-        distiller = distiller if distiller is not None else build_distiller(vlm, specs, args)
-        missing = sorted(set(distiller.teacher_names) - set(built))
-        if missing:
-            raise ValueError(f"the distiller distils {missing}, which are not among the teachers {sorted(built)}")
-    if _adapters_from(args):
-        load_adapters(distiller, args.adapters_from)
-    return source, distiller, specs
-
-
-def _adapters_from(args: MoVEKDTrainingArguments) -> str | None:
-    """`args.adapters_from`, with `none` (new adapters, the command line's way to say None) as None."""
-    return None if args.adapters_from in (None, "", "none") else args.adapters_from
-
-
-def prepare_model(model: nn.Module, args: MoVEKDTrainingArguments, peft_config=None) -> nn.Module:
-    """Freeze all but what `args.stage` trains (METHOD.md section 5). With LoRA on the LLM (a peft model, or
-    `peft_config` to wrap it in one) the LLM trains through its LoRA matrices only; MoLE and projector in full."""
-    if (peft_config is not None or _is_peft(model)) and args.stage != "stage2":
-        raise ValueError(f"LoRA on the LLM applies to stage2 (the LLM trains there), not {args.stage!r}")
-    if peft_config is not None:
-        if _is_peft(model):
-            raise ValueError("`model` is already a peft model: pass no `peft_config`")
-        from peft import get_peft_model, prepare_model_for_kbit_training
-
-        if getattr(model, "hf_quantizer", None) is not None:  # QLoRA: a quantized LLM under the LoRA
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
-        model = get_peft_model(model, peft_config)
-    if not _is_peft(model):
-        apply_stage(model, args.stage)
-        return model
-    in_full = set(STAGES[args.stage]) - {"llm"}  # peft froze everything but its LoRA: give these back
-    for name, param in model.named_parameters():
-        component = component_of(name.removeprefix(_PEFT_PREFIX))
-        param.requires_grad_(bool(_PEFT_LORA_PARAM.search(name)) or component in in_full)
-    return model
-
-
-def trainable_parameters(module: MoVEKDTrainingModule) -> dict[str, int]:
-    """Trainable parameters per component (`adapters`: the distiller's)."""
-    counts = dict.fromkeys(COMPONENTS, 0)
-    for name, param in module.vlm.named_parameters():
-        if param.requires_grad:
-            counts[component_of(name.removeprefix(_PEFT_PREFIX))] += param.numel()
-    if module.distiller is not None:
-        counts["adapters"] = sum(p.numel() for p in module.distiller.parameters())
-    return counts
 
 
 def _default_collator(processing_class, source: TeacherSource | None) -> MoVEKDDataCollator:
@@ -389,24 +137,6 @@ class _CalibrateStandardizers(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.trainer.calibrate_standardizers()
-
-
-def recorded_teachers(distiller: MoVEKDDistiller | None, specs: Sequence[TeacherSpec] | None) -> list:
-    """train_config.json's `teachers`: `{"name", "model_id", "pretrained"}` per teacher the run distils, from
-    the specs it built them from (hub_cards.card.resolve_teachers reads this shape). The anchor (`clip`/`siglip`) is the
-    student's own tower as training began: no id of its own (`model_id` None), so the card credits it through
-    the run's teacher set. Without specs (a ready teacher source), the slugs alone."""
-    if distiller is None:
-        return []
-    if specs is None:
-        return list(distiller.teacher_names)
-    by_slug = {spec.slug: spec for spec in specs}
-    return [
-        {"name": slug, "model_id": by_slug[slug].model_id, "pretrained": by_slug[slug].pretrained}
-        if slug in by_slug
-        else {"name": slug, "model_id": None, "pretrained": None}
-        for slug in distiller.teacher_names
-    ]
 
 
 class MoVEKDTrainer(Trainer):
@@ -448,7 +178,7 @@ class MoVEKDTrainer(Trainer):
         args = args if args is not None else MoVEKDTrainingArguments()
         if not isinstance(args, MoVEKDTrainingArguments):
             raise TypeError(f"MoVEKDTrainer needs MoVEKDTrainingArguments, got {type(args).__name__}")
-        base = model.get_base_model() if _is_peft(model) else model
+        base = model.get_base_model() if is_peft(model) else model
         if isinstance(model, MoVEKDTrainingModule) or not hasattr(getattr(base, "config", None), "vision_config"):
             raise TypeError(f"MoVEKDTrainer trains a MoVE-KD VLM (or a peft model of one), got {type(model).__name__}")
         if args.fp16 and args.device.type == "cpu":
@@ -458,7 +188,7 @@ class MoVEKDTrainer(Trainer):
                 "precision"
             )
         # Teachers first: the anchor copies the tower before anything (peft, the stage) touches the model.
-        source, distiller, specs = _distillation(base, args, teachers, distiller, processing_class)
+        source, distiller, specs = distillation_setup(base, args, teachers, distiller, processing_class)
         view_size = teacher_view_size(base.config, specs) if specs is not None else None
         if data_collator is None and processing_class is not None:
             data_collator = _default_collator(processing_class, source)
