@@ -390,14 +390,8 @@ def from_llava(llava_path: str, **mole_settings):
         raise ValueError(f"`--llava {llava_path}` has model_type {llava_config.model_type!r}; expected 'llava'.")
     settings = _llava_settings(llava_config)
     vision = llava_config.vision_config
-    if settings.get("vision_feature_select_strategy") == "default" and not tower_cls_tokens(vision):
-        logger.warning(
-            "%s: vision_feature_select_strategy 'default' drops the first token, a real patch of its %s tower "
-            "(it has no CLS); using 'full' so every patch is an image token",
-            llava_path,
-            vision.model_type,
-        )
-        settings.update(vision_feature_select_strategy="full", image_seq_length=image_token_count(vision, "full"))
+    if _every_patch_an_image_token(settings, vision, llava_path):
+        settings["image_seq_length"] = image_token_count(vision, "full")
     config = MoVEKDConfig(**{**settings, **mole_settings})
     model = MoVEKDForConditionalGeneration.from_pretrained(llava_path, config=config)
     source = AutoProcessor.from_pretrained(llava_path)
@@ -405,6 +399,21 @@ def from_llava(llava_path: str, **mole_settings):
         config, source.tokenizer, source.image_processor, chat_template=getattr(source, "chat_template", None)
     )
     return model.eval(), processor
+
+
+def _every_patch_an_image_token(settings: dict, vision, source: str) -> bool:
+    """Switch `settings` (a LLaVA config's) from "default" to "full" when its tower has no CLS token: "default" drops
+    the first token, a real patch of such a tower. Logged; True when switched."""
+    if settings.get("vision_feature_select_strategy") != "default" or tower_cls_tokens(vision):
+        return False
+    logger.warning(
+        "%s: vision_feature_select_strategy 'default' drops the first token, a real patch of its %s tower (it has "
+        "no CLS); using 'full' so every patch is an image token",
+        source,
+        vision.model_type,
+    )
+    settings["vision_feature_select_strategy"] = "full"
+    return True
 
 
 def from_onevision(path: str, **mole_settings):
@@ -428,14 +437,7 @@ def from_onevision(path: str, **mole_settings):
         )
     settings = _llava_settings(source_config)
     vision = source_config.vision_config
-    if settings.get("vision_feature_select_strategy") == "default" and not tower_cls_tokens(vision):
-        logger.warning(
-            "%s: vision_feature_select_strategy 'default' drops a real patch of its %s tower (it has no CLS); "
-            "using 'full' so every patch is an image token",
-            path,
-            vision.model_type,
-        )
-        settings.update(vision_feature_select_strategy="full")
+    _every_patch_an_image_token(settings, vision, path)
     config = MoVEKDOnevisionConfig(**{**settings, **mole_settings})
     source = AutoProcessor.from_pretrained(path)
     if not isinstance(source, LlavaOnevisionProcessor):
