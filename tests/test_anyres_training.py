@@ -390,3 +390,20 @@ def test_movekd_hf_train_trains_an_init_onevision_folder_with_the_tiny_teachers(
         assert math.isfinite(entry["balance_loss"]) and math.isfinite(entry["loss"])
     saved = json.loads((tmp_path / "run" / "config.json").read_text(encoding="utf-8"))
     assert saved["model_type"] == "movekd_llava_onevision"
+
+
+def test_a_feature_cache_is_refused_for_a_onevision_student_in_one_line(folders, tmp_path, capsys):
+    """The cache keys one entry per image; a OneVision student distils tiles: `teacher_source: cached` and
+    `cache-teachers --model` say so, naming the field, instead of failing on shapes later."""
+    from movekd_hf.cli import main
+
+    _, init, data = folders
+    argv = ["cache-teachers", "--model", str(init), "--teacher-set", "tiny", "--random-weights", "--data-path",
+            str(data / "data.json"), "--image-folder", str(data), "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+    capsys.readouterr()
+    assert main(argv) == 2
+    # (loading the model prints its progress bar first; the error itself is one line)
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("movekd-hf ")]
+    assert line.startswith("movekd-hf cache-teachers: error: ")
+    assert "field 'teacher_source'" in line and "AnyRes tiles" in line and "`online`" in line
+    assert not (tmp_path / "cache").exists()

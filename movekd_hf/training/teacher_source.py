@@ -307,6 +307,13 @@ def teacher_cache_settings(
     training gives its teachers by default) or "square" (the one float view of `teacher_image_size`, what caches
     were written from before views existed). Every anchor caches: a CLIP anchor's CLS and CLS row, a SigLIP
     anchor's pooled output and probe row (`pooled`, `pool_attention` columns, distill/cache.py)."""
+    if getattr(config, "image_grid_pinpoints", None) is not None:  # LLaVA-OneVision: tiles per image, not images
+        raise SettingsError(
+            f"is `cached`, but this {config.model_type} student distils AnyRes tiles, which the feature cache does not "
+            "key (it stores one entry per image)",
+            field="teacher_source",
+            expected="`online` teachers for a LLaVA-OneVision student",
+        )
     return CacheSettings(
         student_grid=student_grid(config.vision_config),
         grid=grid,
