@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from transformers import CLIPVisionConfig, LlamaConfig, Qwen2Config, SiglipVisionConfig
 
+from .distill.anchor import check_student_tower
 from .distill.presets import CLIP_L_336, TINY_CLIP
 from .modeling import (
     MoVEKDConfig,
@@ -304,14 +305,8 @@ def from_vision_and_llm(vision_path: str, llm_path: str, **mole_settings):
     """
     from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-    tower_type = getattr(AutoConfig.from_pretrained(vision_path), "vision_config", None)
-    tower_type = getattr(tower_type, "model_type", None) or AutoConfig.from_pretrained(vision_path).model_type
-    if tower_type == "siglip2_vision_model":
-        raise ValueError(
-            f"`--vision {vision_path}` is SigLIP 2's variable-resolution (NaFlex) tower, which LLaVA cannot run (its "
-            "forward needs pixel_attention_mask and spatial_shapes); use a fixed-resolution SigLIP 2 checkpoint "
-            "(model_type 'siglip'), e.g. google/siglip2-so400m-patch14-384"
-        )
+    tower_config = AutoConfig.from_pretrained(vision_path)
+    check_student_tower(getattr(tower_config, "vision_config", tower_config), field="--vision", file=vision_path)
     vision = AutoModel.from_pretrained(vision_path)
     vision = getattr(vision, "vision_model", vision) if not hasattr(vision, "encoder") else vision
     if not hasattr(vision.config, "patch_size"):

@@ -176,8 +176,9 @@ def test_plain_vit_flops_are_a_hand_count(plan_tables, slug, tokens, prefix, hid
 def test_a_siglip_students_anchor_is_sized_as_its_own_tower():
     """LLaVA-OneVision's tower (SigLIP so400m/14-384, 26 layers, no pooling head) as the anchor of the modern set:
     27 x 27 tokens of 1152, no adapter; a CLIP-L/336 student's anchor is the `clip` preset."""
-    vision = transformers.LlavaOnevisionConfig().vision_config
-    spec = student_anchor_spec(vision)
+    onevision = transformers.LlavaOnevisionConfig()
+    vision = onevision.vision_config
+    spec = student_anchor_spec(onevision)
     profile = teacher_profile(spec)
     assert (spec.slug, profile["tokens"], profile["channels"], profile["image_size_px"]) == ("siglip", 729, 1152, 384)
     with torch.device("meta"):
@@ -188,10 +189,10 @@ def test_a_siglip_students_anchor_is_sized_as_its_own_tower():
         "teacher/siglip", "teacher/siglip2", "adapter/siglip2", "teacher/dinov3", "adapter/dinov3", "teacher/sam2",
         "adapter/sam2",
     ]  # fmt: skip
-    clip = student_anchor_spec(build_config("llava-1.5-7b").vision_config)
+    clip = student_anchor_spec(build_config("llava-1.5-7b"))
     assert teacher_profile(clip) == teacher_profile(PAPER_TEACHERS["clip"])
     with pytest.raises(ValueError, match="no anchor teacher for a 'dinov3_vit' student tower"):
-        student_anchor_spec(transformers.DINOv3ViTConfig())
+        student_anchor_spec(transformers.LlavaConfig(vision_config=transformers.DINOv3ViTConfig().to_dict()))
 
 
 # ------------------------------------------------------------------------------------------- test size

@@ -28,6 +28,7 @@ from transformers import (
 
 from movekd_hf import MoVEKDConfig, MoVEKDForConditionalGeneration
 from movekd_hf.cli import main
+from movekd_hf.distill.anchor import anchor_slug, anchor_teacher_spec
 from movekd_hf.distill.losses import KDLossConfig
 from movekd_hf.distill.presets import TINY_CLIP, clip_teacher
 from movekd_hf.distill.teachers import Teacher, TeacherSpec, prepare_images
@@ -38,9 +39,7 @@ from movekd_hf.models import build_byte_tokenizer, from_vision_and_llm
 from movekd_hf.training.arguments import MoVEKDTrainingArguments
 from movekd_hf.training.distillation import build_distiller
 from movekd_hf.training.teacher_source import (
-    anchor_slug,
     anchor_teacher_from_student,
-    anchor_teacher_spec,
     student_kd_config,
     student_kd_defaults,
     teacher_shapes,

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader
 from transformers import CLIPImageProcessor, CLIPImageProcessorPil, SamImageProcessor, SiglipImageProcessor
 from transformers.image_utils import PILImageResampling
 
+from movekd_hf.distill.anchor import ANCHOR, anchor_teacher_spec
 from movekd_hf.distill.presets import PAPER_TEACHERS, TINY_TEACHERS
 from movekd_hf.distill.teacher_views import ViewSettings, make_views, view_settings
 from movekd_hf.distill.teachers import (
@@ -46,7 +47,7 @@ from movekd_hf.models import build_image_processor, from_preset
 from movekd_hf.training.arguments import MoVEKDTrainingArguments
 from movekd_hf.training.collator import MoVEKDDataCollator
 from movekd_hf.training.data_args import MoVEKDDataArguments, build_train_data
-from movekd_hf.training.teacher_source import ANCHOR, OnlineTeachers, anchor_teacher_spec
+from movekd_hf.training.teacher_source import OnlineTeachers
 from movekd_hf.training.toy_data import make_toy_llava_dataset
 from movekd_hf.training.trainer import MoVEKDTrainer
 

@@ -226,13 +226,14 @@ def run_init(args: argparse.Namespace) -> int:
             settings = {**{k: getattr(preset, k) for k in ("num_experts", "lora_rank", "lora_alpha")}, **settings}
         from transformers import AutoConfig
 
+        from movekd_hf.distill.anchor import check_student_tower
         from movekd_hf.modeling.llava_conventions import tower_cls_tokens
 
         for option, source in (("--vision", args.vision), ("--llm", args.llm)):
             with loading(option, source):  # the config first, so a missing source is named before any weights load
                 config = AutoConfig.from_pretrained(source)
                 if option == "--vision":  # a tower the package cannot use is named as --vision, not --llm
-                    _check_vision_tower(source, getattr(config, "vision_config", config))
+                    check_student_tower(getattr(config, "vision_config", config), field="--vision", file=source)
                     tower_cls_tokens(getattr(config, "vision_config", config))
         with loading("--llm", args.llm):  # both configs loaded: what fails now is most likely the LLM's weights
             model, processor = models.from_vision_and_llm(args.vision, args.llm, **settings)
@@ -243,20 +244,6 @@ def run_init(args: argparse.Namespace) -> int:
     total = sum(p.numel() for p in model.parameters())
     print(f"wrote {args.out}: {type(model).__name__}, {total:,} parameters")
     return 0
-
-
-def _check_vision_tower(source: str, vision_config) -> None:
-    """SigLIP 2's NaFlex tower is refused by name: LLaVA cannot run it (its forward needs pixel_attention_mask and
-    spatial_shapes), while the fixed-resolution SigLIP 2 checkpoints are model_type "siglip" and work."""
-    from movekd_hf.errors import SettingsError
-
-    if getattr(vision_config, "model_type", None) == "siglip2_vision_model":
-        raise SettingsError(
-            "is SigLIP 2's variable-resolution (NaFlex) tower, which LLaVA cannot run",
-            file=source,
-            field="--vision",
-            expected="a fixed-resolution SigLIP 2 checkpoint (model_type 'siglip'), e.g. google/siglip2-so400m-patch14-384",
-        )
 
 
 def plan_rows(
@@ -294,7 +281,7 @@ def plan_rows(
         from movekd_hf.distill.plan import student_anchor_spec, teacher_plan_rows, teacher_profiles
 
         # The anchor is the student's own tower: CLIP-L/336 as the paper's presets say, else sized from the tower.
-        anchor_spec = None if vision.model_type == "clip_vision_model" else student_anchor_spec(vision)
+        anchor_spec = None if vision.model_type == "clip_vision_model" else student_anchor_spec(config)
         rows = teacher_plan_rows(teachers, height * width, vision.hidden_size, anchor_spec=anchor_spec)
         components["teachers (frozen)"] = sum(count for _, count, trainable in rows if not trainable)
         components["adapters"] = parts["adapters"] = sum(count for _, count, trainable in rows if trainable)

@@ -1,20 +1,20 @@
 """Parameter plan of a teacher set and its adapters, built on the meta device (no memory, no download).
 
 `teacher_plan_rows` and `teacher_profiles` feed `movekd-hf plan --teachers NAME`. A set's anchor (`clip`, listed
-first) is the student's own initial tower in training; `student_anchor_spec` sizes it from the student's vision
+first) is the student's own initial tower in training; `student_anchor_spec` sizes it from the student's VLM
 config (a SigLIP tower, e.g. LLaVA-OneVision's, instead of the CLIP-L/336 preset).
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any
 
 import torch
 
 from .adapters import build_adapter
+from .anchor import anchor_teacher_spec
 from .memory import forward_flops, forward_peak_bytes
-from .presets import clip_teacher, siglip2_teacher, teacher_specs
+from .presets import teacher_specs
 from .teachers import TeacherSpec, build_teacher
 
 
@@ -39,25 +39,14 @@ def meta_teacher_shape(spec: TeacherSpec) -> tuple[int, tuple[int, int, int]]:
     )
 
 
-# Config fields of a tower that are not architecture (dropped when a tower's config becomes a spec's).
-_NOT_SIZES = ("architectures", "transformers_version", "dtype", "torch_dtype", "_name_or_path")
+def student_anchor_spec(config) -> TeacherSpec:
+    """The anchor teacher of a student with this VLM config, sized as its own tower (anchor.py
+    `anchor_teacher_spec(sized=True)`: what training copies the student's weights into), random weights, for
+    meta-device plans (a SigLIP tower, e.g. LLaVA-OneVision's, instead of the CLIP-L/336 preset).
 
-
-def student_anchor_spec(vision_config: Any) -> TeacherSpec:
-    """The anchor teacher sized as the student's own tower (a transformers CLIP or SigLIP vision config): slug
-    "clip" / "siglip" (as training/teacher_source.py `anchor_slug` names it), its config's architecture and input
-    size, random weights (for meta-device plans; in training the anchor copies the student's weights).
-
-    Raises ValueError for another tower type.
+    Raises `SettingsError` (a ValueError) for a tower without an anchor.
     """
-    sizes = {k: v for k, v in vision_config.to_dict().items() if k not in _NOT_SIZES}
-    model_type = sizes.get("model_type")
-    common = dict(model_id="student-initial-vision-tower", pretrained=False)
-    if model_type == "clip_vision_model":
-        return clip_teacher(sizes, **common)
-    if model_type == "siglip_vision_model":
-        return siglip2_teacher(sizes, slug="siglip", **common)
-    raise ValueError(f"no anchor teacher for a {model_type!r} student tower; expected a CLIP or SigLIP vision config")
+    return anchor_teacher_spec(config, sized=True)
 
 
 def _plan_specs(teacher_set: str, anchor: str, anchor_spec: TeacherSpec | None) -> list[TeacherSpec]:

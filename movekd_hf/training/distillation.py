@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ..distill.anchor import ANCHOR, anchor_slug
 from ..distill.distiller import MoVEKDDistiller
 from ..distill.teachers import TeacherSpec
 from ..errors import SettingsError
@@ -20,10 +21,8 @@ from ..modeling.llava_conventions import student_grid, tower_cls_tokens
 from .arguments import MoVEKDTrainingArguments
 from .checkpoint import DISTILLER_FILE
 from .teacher_source import (
-    ANCHOR,
     OnlineTeachers,
     TeacherSource,
-    anchor_slug,
     build_teachers,
     run_teacher_specs,
     student_kd_config,

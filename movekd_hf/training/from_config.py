@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from transformers import set_seed
 
+from ..distill.anchor import anchor_teacher_spec
 from ..distill.cache import CachedTeachers
 from ..distill.teacher_views import view_settings
 from ..errors import SettingsError
@@ -29,7 +30,6 @@ from .data_args import MoVEKDDataArguments, build_train_data
 from .distillation import build_distiller, recorded_teachers
 from .module import llm_lora_config
 from .teacher_source import (
-    anchor_teacher_spec,
     outside_zero3,
     run_teacher_specs,
     teacher_cache_settings,

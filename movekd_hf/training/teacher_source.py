@@ -24,28 +24,23 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from ..distill.anchor import (
+    ANCHOR,
+    ANCHOR_TOWERS,
+    anchor_slug,
+    anchor_teacher_spec,
+    has_pooling_head,
+    tower_type,
+)
 from ..distill.cache import CacheSettings
 from ..distill.distiller import TeacherShape
 from ..distill.losses import KDLossConfig
 from ..distill.plan import meta_teacher_shape
-from ..distill.presets import HALF, clip_teacher, teacher_specs
+from ..distill.presets import teacher_specs
 from ..distill.teacher_views import ViewSettings, view_settings
 from ..distill.teachers import Teacher, TeacherOutput, TeacherSpec, build_teacher
 from ..errors import SettingsError
 from ..modeling.llava_conventions import mean_colour, student_grid
-
-# The teacher sets' entry that stands for the anchor (the student's own initial tower), whatever the tower is.
-ANCHOR = "clip"
-# Student tower `model_type` -> (the anchor's slug in a run, the stock transformers class its weights load into).
-ANCHOR_TOWERS = {
-    "clip_vision_model": ("clip", "CLIPVisionModel"),
-    "siglip_vision_model": ("siglip", "SiglipVisionModel"),
-}
-# SigLIP 2's variable-resolution class: LLaVA cannot run it as its tower (see `anchor_slug`).
-NAFLEX_TOWER = "siglip2_vision_model"
-SIGLIP2_FIXED_RESOLUTION_ID = "google/siglip2-so400m-patch14-384"
-# The anchor's `model_id`: it has no weights of its own, they are the student's.
-STUDENT_TOWER_ID = "student-initial-vision-tower"
 
 
 class TeacherSource(Protocol):
@@ -115,45 +110,6 @@ def _gathered_state(module: nn.Module) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
-def _tower_type(vision_config: Any) -> str | None:
-    if isinstance(vision_config, Mapping):
-        return vision_config.get("model_type")
-    return getattr(vision_config, "model_type", None)
-
-
-def anchor_slug(vision_config: Any, field: str = "vision_config.model_type") -> str:
-    """The anchor teacher's slug for a student tower (a vision config or its dict): "clip" for a CLIP tower,
-    "siglip" for a SigLIP tower (SigLIP 2 fixed-resolution checkpoints have model_type "siglip" too).
-
-    Raises `SettingsError` (on `field`, e.g. "--vision" for `init`) for any other tower, naming it; for SigLIP 2's
-    NaFlex class (`siglip2_vision_model`), which LLaVA cannot run as a tower (its forward needs
-    `pixel_attention_mask` and `spatial_shapes`, LlavaProcessor cannot make them, and its patch count varies per
-    image), the message names the fixed-resolution alternative.
-    """
-    model_type = _tower_type(vision_config)
-    if model_type == NAFLEX_TOWER:
-        raise SettingsError(
-            f"{model_type!r} is SigLIP 2's variable-resolution (NaFlex) tower, which LLaVA cannot run as its vision "
-            "tower (it needs pixel_attention_mask and spatial_shapes per image and has no fixed patch grid)",
-            field=field,
-            expected=f"a fixed-resolution SigLIP 2 checkpoint (model_type 'siglip'), e.g. {SIGLIP2_FIXED_RESOLUTION_ID}",
-        )
-    if model_type not in ANCHOR_TOWERS:
-        raise SettingsError(
-            f"{model_type!r} is not a student tower MoVE-KD can copy as its anchor teacher",
-            field=field,
-            expected=f"one of {sorted(ANCHOR_TOWERS)}",
-        )
-    return ANCHOR_TOWERS[model_type][0]
-
-
-def _has_pooling_head(vision_config: Any) -> bool:
-    """A SigLIP tower's `vision_use_head` (True by default, as `SiglipVisionConfig` has it)."""
-    if isinstance(vision_config, Mapping):
-        return bool(vision_config.get("vision_use_head", True))
-    return bool(getattr(vision_config, "vision_use_head", True))
-
-
 def student_kd_defaults(vision_config: Any) -> dict[str, Any]:
     """The `KDLossConfig` overrides a student tower needs, because METHOD.md section 4 reads the anchor's CLS token.
 
@@ -166,7 +122,7 @@ def student_kd_defaults(vision_config: Any) -> dict[str, Any]:
     slug = anchor_slug(vision_config)
     if slug == "clip":
         return {}
-    if _has_pooling_head(vision_config):
+    if has_pooling_head(vision_config):
         return {"anchor_teacher": slug, "token_weighting": "pool_attention", "anchor_summary": "pooled"}
     return {"anchor_teacher": slug, "token_weighting": "uniform", "anchor_summary": "mean_token"}
 
@@ -185,7 +141,7 @@ def anchor_outputs(vision_config: Any) -> set[str]:
     "cls_attention"}; SigLIP {"pooled", "pool_attention"} with its pooling head, none without it."""
     if anchor_slug(vision_config) == "clip":
         return {"cls", "cls_attention"}
-    return {"pooled", "pool_attention"} if _has_pooling_head(vision_config) else set()
+    return {"pooled", "pool_attention"} if has_pooling_head(vision_config) else set()
 
 
 def _reads(config: KDLossConfig, name: str) -> str | None:
@@ -223,7 +179,7 @@ def student_kd_config(
         if need is not None and need not in gives:
             raise SettingsError(
                 f"is {getattr(config, name)!r}, which reads the anchor's {need}; the anchor of this "
-                f"{_tower_type(vision_config)} student gives {sorted(gives) or 'no CLS, pooled output or attention'}",
+                f"{tower_type(vision_config)} student gives {sorted(gives) or 'no CLS, pooled output or attention'}",
                 field=f"kd_options.{name}",
                 expected=f"{[v for (n, v), f in _OPTION_READS.items() if n == name and f in gives]} or a value that "
                 "reads no anchor field (token_weighting 'uniform' / 'none', anchor summary 'mean_token')",
@@ -250,40 +206,6 @@ def anchor_teacher_from_student(vlm: nn.Module, image_mean=None, image_std=None)
             f"student tower does not fit a stock {class_name}: missing {missing[:3]}, unexpected {unexpected[:3]}"
         )
     return Teacher(anchor_teacher_spec(vlm.config, image_mean, image_std), model)
-
-
-def anchor_teacher_spec(config, image_mean=None, image_std=None) -> TeacherSpec:
-    """The spec of the anchor copied from a student with this VLM config (no weights involved; `config={}`: the
-    weights and their shapes come from the student's tower). `image_mean` / `image_std`: the student processor's
-    normalisation (default CLIP's for CLIP, [-1, 1] for SigLIP). CLIP: the paper's `clip` teacher. SigLIP: the
-    tower at `vision_feature_layer`, squashed and bicubic as `SiglipImageProcessor` resizes, with
-    `pool_attention` where the tower has its head."""
-    vision = config.vision_config
-    slug = anchor_slug(vision)
-    norm = {"mean": tuple(image_mean), "std": tuple(image_std)} if image_mean is not None else {}
-    if slug == "clip":
-        return clip_teacher(
-            slug=ANCHOR,
-            model_id=STUDENT_TOWER_ID,
-            image_size=vision.image_size,
-            feature_layer=config.vision_feature_layer,
-            pretrained=False,
-            config={},
-            **norm,
-        )
-    return TeacherSpec(
-        **{"mean": HALF, "std": HALF, **norm},
-        slug=slug,
-        backend="transformers",
-        model_id=STUDENT_TOWER_ID,
-        model_class=ANCHOR_TOWERS[vision.model_type][1],
-        image_size=vision.image_size,
-        resize_mode="squash",
-        interpolation="bicubic",
-        feature_layer=config.vision_feature_layer,
-        pretrained=False,
-        pool_attention=_has_pooling_head(vision),
-    )
 
 
 def teacher_view_size(config, specs: list[TeacherSpec]) -> int:
