@@ -1,24 +1,41 @@
 """Training: arguments, LLaVA data (JSON / datasets -> batches), stages, and `MoVEKDTrainer` (a transformers
-`Trainer` whose loss adds the MoVE-KD distillation, METHOD.md sections 4-5)."""
+`Trainer` whose loss adds the MoVE-KD distillation, METHOD.md sections 4-5).
 
-from .arguments import MoVEKDModelArguments, MoVEKDTrainingArguments, parse_args
-from .collator import MoVEKDDataCollator
-from .data_args import MoVEKDDataArguments, MoVEKDTrainData, build_train_data
-from .module import MoVEKDTrainingModule, llm_lora_config
-from .stages import STAGES, apply_stage
-from .trainer import MoVEKDTrainer
+The public names load on first use (PEP 562, as `movekd_hf` itself does): importing one submodule, say
+`movekd_hf.training.stages`, does not import the data readers and with them `datasets` and pyarrow.
+"""
 
-__all__ = [
-    "STAGES",
-    "MoVEKDDataArguments",
-    "MoVEKDDataCollator",
-    "MoVEKDModelArguments",
-    "MoVEKDTrainData",
-    "MoVEKDTrainer",
-    "MoVEKDTrainingArguments",
-    "MoVEKDTrainingModule",
-    "apply_stage",
-    "build_train_data",
-    "llm_lora_config",
-    "parse_args",
-]
+from __future__ import annotations
+
+import importlib
+
+# Public name -> the submodule that defines it.
+_LAZY = {
+    "MoVEKDModelArguments": "arguments",
+    "MoVEKDTrainingArguments": "arguments",
+    "parse_args": "arguments",
+    "MoVEKDDataCollator": "collator",
+    "MoVEKDDataArguments": "data_args",
+    "MoVEKDTrainData": "data_args",
+    "build_train_data": "data_args",
+    "MoVEKDTrainingModule": "module",
+    "llm_lora_config": "module",
+    "STAGES": "stages",
+    "apply_stage": "stages",
+    "MoVEKDTrainer": "trainer",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'movekd_hf.training' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
