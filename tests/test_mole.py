@@ -140,13 +140,16 @@ def within_binomial(count: int, trials: int, prob: float, sigmas: float = 5.0) -
 
 @pytest.mark.parametrize(
     ("routing", "autograd"),
-    [("sparse", True), ("sparse", False), ("dense", True)],
-    ids=["sparse-training", "sparse-no-autograd", "dense"],
+    [("sparse", True), ("sparse", False), ("sparse-one-hot", True), ("dense", True)],
+    ids=["sparse-training", "sparse-no-autograd", "sparse-one-hot", "dense"],
 )
 @pytest.mark.parametrize("p", [0.05, 0.3])
 def test_lora_dropout_keeps_each_element_independently_with_probability_1_minus_p(p, routing, autograd):
-    """Both sparse dispatches (training: the whole MLP sorted; without autograd: the LoRA inputs sorted)."""
-    mlp = revealing_mlp(p, routing)
+    """Every sparse dispatch (CPU training: the whole MLP sorted; without autograd: the LoRA inputs sorted; other
+    devices: the one-hot gate, run here on the CPU) and the dense one."""
+    mlp = revealing_mlp(p, routing.removesuffix("-one-hot"))
+    if routing == "sparse-one-hot":
+        mlp._sparse_forward = mlp._one_hot_forward
     x = torch.rand(1, 20000, WIDE, generator=torch.Generator().manual_seed(0)) + 1.0  # no zeros: drops show
     torch.manual_seed(1)
     with torch.set_grad_enabled(autograd):
@@ -295,3 +298,59 @@ def test_dropout_values_and_gradients_match_nn_dropout_on_the_same_mask(routing)
     assert grads.keys() == ref_grads.keys() and "fc2.lora_A" in grads
     for name in grads:
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+# ------------------------------------------------------------------------------------------ the one-hot dispatch
+# Off the CPU sparse routing runs every expert with a one-hot gate (`_one_hot_forward`): no host sync, no sort.
+
+
+@pytest.mark.parametrize("lora_bias", [True, False])
+@pytest.mark.parametrize("scale", ["none", "probability", "straight_through"])
+def test_one_hot_dispatch_matches_the_sorted_dispatches(scale, lora_bias):
+    """Values and every gradient equal both CPU dispatches', with an expert of one token and one of none."""
+    mlp = make_mlp(mole_routing="sparse", expert_output_scale=scale, lora_bias=lora_bias).train()
+    with torch.no_grad():  # route by channel: one token to expert 0, none to expert 2
+        mlp.router.weight.zero_()
+        mlp.router.bias.copy_(torch.tensor([0.0, 1.0, -9.0]))
+        mlp.router.weight[0, 0] = 10.0
+    x = torch.randn(12, HIDDEN, generator=torch.Generator().manual_seed(4)) * 0.01
+    x[7, 0] = 1.0
+    probe = torch.randn(12, HIDDEN)
+    results = []
+    for path in (mlp._one_hot_forward, mlp._sorted_mlp, mlp._sorted_lora_forward):
+        inputs = x.clone().requires_grad_(True)
+        out = path(inputs, mlp.router(inputs))
+        (out * probe).sum().backward()
+        grads = {name: param.grad.clone() for name, param in mlp.named_parameters() if param.grad is not None}
+        results.append((out.detach(), inputs.grad, grads))
+        mlp.zero_grad(set_to_none=True)
+    (out, grad_in, grads), *references = results
+    for ref_out, ref_grad_in, ref_grads in references:
+        torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grad_in, ref_grad_in, rtol=1e-5, atol=1e-6)
+        assert grads.keys() == ref_grads.keys() and ("router.weight" in grads) is (scale != "none")
+        for name in grads:
+            torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+    for name in grads:
+        if ".lora_" in name:  # the expert without tokens gets exactly zero gradients
+            assert torch.equal(grads[name][2], torch.zeros_like(grads[name][2])), name
+
+
+def test_one_hot_dispatch_with_a_zero_lora_is_the_base_mlp_bit_for_bit():
+    mlp = make_mlp(mole_routing="sparse")
+    with torch.no_grad():
+        mlp.fc1.lora_B.zero_(), mlp.fc2.lora_B.zero_(), mlp.fc1.lora_B_bias.zero_(), mlp.fc2.lora_B_bias.zero_()
+    x = torch.randn(40, HIDDEN)
+    assert torch.equal(mlp._one_hot_forward(x, mlp.router(x)), mlp.fc2(mlp.activation_fn(mlp.fc1(x))))
+
+
+def test_sparse_routing_off_the_cpu_takes_the_one_hot_dispatch_without_a_host_sync():
+    """On the meta device a host sync (`.tolist()`, `int(...)`) raises, so the forward and backward running there
+    show that the dispatch other devices take never reads a tensor's values on the host."""
+    mlp = make_mlp(mole_routing="sparse", lora_dropout=0.05).to("meta").train()
+    x = torch.randn(2, 9, HIDDEN, device="meta", requires_grad=True)
+    with pytest.raises(NotImplementedError, match="meta"):  # the CPU dispatches read the slice sizes on the host
+        mlp._sorted_lora_forward(x.reshape(-1, HIDDEN), mlp.router(x.reshape(-1, HIDDEN)))
+    out = mlp(x)
+    out.sum().backward()
+    assert out.shape == x.shape and mlp.fc1.lora_A.grad.shape == mlp.fc1.lora_A.shape

@@ -5,17 +5,22 @@ Per token x (the MLP input after the layer norm):
     p = softmax(router(x));  k = argmax(p)
     h = act(fc1(x) + s * B1_k A1_k drop(x));   y = fc2(h) + s * B2_k A2_k drop(h),   s = alpha / r
 
-Sparse (top-1) routing computes only the chosen expert per token. Training on CPU (autograd on, no autocast),
-the whole MLP runs on the tokens sorted by expert: one gather of x in and one of y out (`_Permute`, [T, D]
+Sparse (top-1) routing computes only the chosen expert per token on the CPU. Training there (autograd on, no
+autocast), the whole MLP runs on the tokens sorted by expert: one gather of x in and one of y out (`_Permute`, [T, D]
 each), and every expert reads a contiguous slice of fc1's and fc2's inputs, the one sort serving both. Each
 linear is one autograd node (`_SortedMoLELinearFunction`) whose every term is a GEMM writing into its output
 (biases, base, each expert's B product added in place; in the backward the base's input gradient added into
-the LoRA's), so no pass over the [T, 4096] activations goes to gathers, index-adds or gradient sums. Otherwise
-(inference, GPU, autocast) each LoRA input alone is sorted by expert (one gather in, one index-add back into
-the base output) and the base fc1/fc2 and the activation keep token order, so a zero LoRA gives plain CLIP bit
-for bit (an elementwise kernel rounds an element differently when a permutation moves it between vector lanes,
+the LoRA's), so no pass over the [T, 4096] activations goes to gathers, index-adds or gradient sums. In CPU
+inference (or autocast) each LoRA input alone is sorted by expert (one gather in, one index-add back into the
+base output) and the base fc1/fc2 and the activation keep token order, so a zero LoRA gives plain CLIP bit for
+bit (an elementwise kernel rounds an element differently when a permutation moves it between vector lanes,
 scalar tails and threads' chunks). Dense routing needs every expert: all experts' A run as one matmul (E * r
-columns), the result is weighted by p per token and sent through all experts' B as one matmul.
+columns), the result is weighted by the gate per token and sent through all experts' B as one matmul. On GPUs
+(any device but the CPU) sparse routing takes that path too, with the one-hot gate: the slice sizes of a sort
+need a host sync per MLP and a dozen small launches per linear, which cost a GPU far more than the other
+experts' rank-r products (benchmarks/bench_gpu.py measures both); the zero gate of an expert not chosen adds
+exact zeros, so the values are top-1's (to the rounding of the summation order) and a zero LoRA still gives
+plain CLIP bit for bit.
 benchmarks/bench_mole_overhead.py measures both against plain CLIP and against other dispatches.
 
 LoRA dropout (`drop`) is inverted dropout as `nn.Dropout` draws it: each element kept independently with
@@ -56,21 +61,26 @@ class MoLELinear(nn.Linear):
             self.register_parameter("lora_A_bias", None)
             self.register_parameter("lora_B_bias", None)
 
-    def forward(self, x: torch.Tensor, routing: "SortedRouting | None" = None) -> torch.Tensor:
-        """The base linear alone (`routing` None, `x` `[..., in]`), or the sparse MoLE linear on tokens sorted by
-        expert (METHOD.md section 2): called through the module, so hooks that gather weights (ZeRO-3) cover the
-        LoRA weights as well.
+    def forward(self, x: torch.Tensor, routing: "SortedRouting | GatedRouting | None" = None) -> torch.Tensor:
+        """The base linear alone (`routing` None, `x` `[..., in]`), or the MoLE linear (METHOD.md section 2): the
+        sparse one on tokens sorted by expert (`SortedRouting`), or every expert weighted per token
+        (`GatedRouting`). Called through the module, so hooks that gather weights (ZeRO-3) cover the LoRA weights
+        as well.
 
         Args:
-            x: `[..., in]`; with `routing`, `[T, in]` with rows grouped by expert (`routing.counts`), the LoRA input
-                before dropout.
-            routing: the sparse MoLE's per-token gate and LoRA dropout (see `SortedRouting`).
+            x: `[..., in]`; with `routing`, `[T, in]`, the LoRA input before dropout; for `SortedRouting` with rows
+                grouped by expert (`routing.counts`).
+            routing: the per-token gate and the LoRA dropout (see `SortedRouting`, `GatedRouting`).
         Returns:
-            `[..., out]` x W^T + b; with `routing`, `[T, out]` x W^T + b + gate * (B_k (A_k drop(x) + bA_k) + bB_k)
-            per token, k its expert.
+            `[..., out]` x W^T + b; with `routing`, `[T, out]` x W^T + b + sum_e g_e (B_e (A_e drop(x) + bA_e) + bB_e)
+            per token, g its row of the gate (times alpha / r), one-hot for sparse routing.
         """
         if routing is None:
             return super().forward(x)
+        if isinstance(routing, GatedRouting):
+            # The base output is the C of the one GEMM that adds every expert's B product (and B bias) to it.
+            low, b_weight = self.gated_low_rank(routing.drop(x), routing.gate, routing.input_scale)
+            return torch.addmm(super().forward(x), low, b_weight.t())
         return _SortedMoLELinearFunction.apply(
             x, self.weight, self.bias, self.lora_A, self.lora_B, self.lora_A_bias, self.lora_B_bias,
             routing.gate, routing.counts, routing.dropped(x), routing.keep_scale,
@@ -91,16 +101,32 @@ class MoLELinear(nn.Linear):
         Returns:
             `[T, out]`.
         """
+        low, b_weight = self.gated_low_rank(x, gate, input_scale)
+        return F.linear(low, b_weight)
+
+    def gated_low_rank(self, x: torch.Tensor, gate: torch.Tensor, input_scale: float = 1.0) -> tuple:
+        """Every expert's gated low-rank activations and the matching B columns, so that one product
+        `low @ b_weight^T` is `lora_delta` (the B biases ride along as E extra columns: the gate times bB_e).
+
+        Args:
+            x, gate, input_scale: as in `lora_delta`.
+        Returns:
+            `low` `[T, K]` (g_e (A_e x + bA_e) per expert, then, with B biases, g itself and zero columns up to a
+            multiple of 8) and `b_weight` `[out, K]`; K = E*r without B biases.
+        """
         num_experts, rank = self.num_experts, self.rank
         a_bias = None if self.lora_A_bias is None else self.lora_A_bias.reshape(-1)
         a_weight = self.lora_A if input_scale == 1.0 else self.lora_A * input_scale
-        low_rank = F.linear(x, a_weight.reshape(num_experts * rank, -1), a_bias)  # [T, E*r]
-        low_rank = (low_rank.view(-1, num_experts, rank) * gate.unsqueeze(-1)).view(-1, num_experts * rank)
+        low = F.linear(x, a_weight.reshape(num_experts * rank, -1), a_bias)  # [T, E*r]
+        low = (low.view(-1, num_experts, rank) * gate.unsqueeze(-1).to(low.dtype)).view(-1, num_experts * rank)
         b_weight = self.lora_B.permute(1, 0, 2).reshape(self.out_features, num_experts * rank)  # [out, E*r]
-        delta = F.linear(low_rank, b_weight)  # [T, out]
-        if self.lora_B_bias is not None:
-            delta = delta + gate @ self.lora_B_bias
-        return delta
+        if self.lora_B_bias is None:
+            return low, b_weight
+        # E*r + E columns padded with zeros to a multiple of 8: a GEMM whose inner size is not 16-byte aligned falls
+        # back to a slow kernel on GPUs (H200, E = 3, r = 32: 4.6 ms per CLIP-L step in an sm75 kernel).
+        pad = -(num_experts * rank + num_experts) % 8
+        low = torch.cat([low, F.pad(gate.to(low.dtype), (0, pad))], dim=1)
+        return low, torch.cat([b_weight, F.pad(self.lora_B_bias.t(), (0, pad))], dim=1)
 
     def grouped_lora_deltas(
         self, x: torch.Tensor, counts: list, weight: torch.Tensor, input_scale: float = 1.0
@@ -212,6 +238,20 @@ class SortedRouting:
     def dropped(self, x: torch.Tensor):
         """Flat positions of `x`'s elements that dropout zeroes (each independently with probability p), or None."""
         return dropped_positions(x.numel(), self.dropout, x.device) if self.dropout else None
+
+
+class GatedRouting:
+    """What a `MoLELinear` needs to add every expert's LoRA weighted per token (dense routing; sparse routing off
+    the CPU, with a one-hot gate).
+
+    Attributes:
+        gate: `[T, E]` per-token expert weights, times `alpha / r`.
+        drop: the LoRA input's dropout, `[T, in]` -> `[T, in]` (identity outside training).
+        input_scale: factor on the dropped input, applied to the A weights (see `MoLELinear.lora_delta`).
+    """
+
+    def __init__(self, gate: torch.Tensor, drop, input_scale: float):
+        self.gate, self.drop, self.input_scale = gate, drop, input_scale
 
 
 def _expert_pieces(counts) -> list:
@@ -475,12 +515,14 @@ class MoLEMLP(nn.Module):
         logits = self.router(x)  # [T, E]
         self.router_logits = logits.view(*shape[:-1], self.num_experts)  # [B, N, E]
         if self.routing == "dense":
-            gate = expert_gate(logits, self.routing, self.output_scale)
-            h = self.fc1(x) + self.scaling * self.fc1.lora_delta(self._dense_drop(x), gate, self._input_scale(x))
-            h = self.activation_fn(h)
-            y = self.fc2(h) + self.scaling * self.fc2.lora_delta(self._dense_drop(h), gate, self._input_scale(h))
-            return y.view(*shape[:-1], -1)
+            return self._gated_forward(x, expert_gate(logits, self.routing, self.output_scale)).view(*shape[:-1], -1)
         return self._sparse_forward(x, logits).view(*shape[:-1], -1)
+
+    def _gated_forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """[T, D] -> [T, D] with every expert's A and B as one matmul each, weighted per token by `gate` `[T, E]`
+        (dense routing's probabilities, or sparse routing's one-hot gate off the CPU)."""
+        routing = GatedRouting(gate * self.scaling, self._dense_drop, self._input_scale(x))
+        return self.fc2(self.activation_fn(self.fc1(x, routing)), routing)
 
     def _sampled_dropout(self, x: torch.Tensor) -> bool:
         """Whether dropout on `x` is drawn by `dropped_positions` (CPU), its 1 / (1 - p) left to the A weights."""
@@ -505,11 +547,19 @@ class MoLEMLP(nn.Module):
         return self.lora_dropout(_SortedDroppedRows.apply(x, order, order.new_empty(0)))
 
     def _sparse_forward(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """Top-1 MoLE: [T, D] -> [T, D]: the whole MLP sorted by expert when training on CPU, else the LoRA inputs
-        only (see the module docstring)."""
-        if x.device.type == "cpu" and torch.is_grad_enabled() and not _autocast_enabled("cpu"):
+        """Top-1 MoLE: [T, D] -> [T, D]. On the CPU the whole MLP sorted by expert when training, else the LoRA
+        inputs only; on other devices every expert with a one-hot gate (see the module docstring)."""
+        if x.device.type != "cpu":
+            return self._one_hot_forward(x, logits)
+        if torch.is_grad_enabled() and not _autocast_enabled("cpu"):
             return self._sorted_mlp(x, logits)
         return self._sorted_lora_forward(x, logits)
+
+    def _one_hot_forward(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Top-1 MoLE: [T, D] -> [T, D] as `_gated_forward` with the one-hot gate (zero for the experts not chosen):
+        no host sync, no gather or index-add, a fixed set of kernels, at the price of every expert's rank-r
+        products (on a GPU far cheaper than the syncs and small launches of sorting)."""
+        return self._gated_forward(x, expert_gate(logits, "sparse", self.output_scale))
 
     def _sorted_mlp(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """Top-1 MoLE with the whole MLP on the tokens sorted by expert: [T, D] -> [T, D] (see the module
