@@ -4,7 +4,9 @@ Sections, each measured side by side (interleaved rounds, CUDA-synchronised wall
 
 - `encoder`: the MoLE student (CLIP-L/336, 24 layers, 3 experts, rank 32, LoRA dropout 0.05, sparse routing)
   forward + backward against plain CLIP-L/336, gradient to the pixels (as benchmark 1), per attention
-  implementation: SDPA, and flash-attention 2 where `flash_attn` is installed.
+  implementation: SDPA, and flash-attention 2 where `flash_attn` is installed. Two MoLE dispatches: the one-hot
+  gate GPUs take (`MoLEMLP._one_hot_forward`) and, beside it, the LoRA inputs sorted by expert
+  (`_sorted_lora_forward`, which GPUs took before).
 - `teachers`: each v1.1 teacher's forward (`movekd_hf.distill.presets`, `pretrained=False`: the real
   architectures with random weights), on images at 1024 px; milliseconds per image.
 - `stage1`, `stage2`: one training step (forward, backward, AdamW) of the MoVE-KD model (the student plus a
@@ -27,6 +29,7 @@ at tiny widths (checks it on a machine without a GPU; tests/test_bench.py). With
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import importlib.util
 import statistics
@@ -60,6 +63,7 @@ from movekd_hf.distill.presets import CLIP_L_336, TINY_CONVNEXT, convnext_teache
 from movekd_hf.distill.presets import teacher_specs as preset_teacher_specs  # noqa: E402
 from movekd_hf.modeling.configuration_movekd import MoVEKDVisionConfig  # noqa: E402
 from movekd_hf.modeling.modeling_movekd import MoVEKDVisionModel  # noqa: E402
+from movekd_hf.modeling.mole import MoLEMLP  # noqa: E402
 
 SECTIONS = ("encoder", "teachers", "stage1", "stage2")
 PAPER_DEFAULTS = dict(encoder_batch=16, teacher_batch=4, encoder_rounds=20, teacher_rounds=10, step_rounds=6, warmup=1)
@@ -230,7 +234,15 @@ def encoder_pair(vision: dict, backend: str, device: torch.device, dtype: torch.
         mole = MoVEKDVisionModel._from_config(mole_config, attn_implementation=backend)
     for name, param in mole.named_parameters():
         param.requires_grad_("lora_" in name or ".router." in name)
-    return {f"plain CLIP ({backend})": plain.to(dtype).train(), f"MoLE student ({backend})": mole.to(dtype).train()}
+    sorted_mole = copy.deepcopy(mole)
+    for module in sorted_mole.modules():
+        if isinstance(module, MoLEMLP):  # the dispatch GPUs took before the one-hot gate
+            module._sparse_forward = module._sorted_lora_forward
+    return {
+        f"plain CLIP ({backend})": plain.to(dtype).train(),
+        f"MoLE student ({backend})": mole.to(dtype).train(),
+        f"MoLE student, LoRA inputs sorted ({backend})": sorted_mole.to(dtype).train(),
+    }
 
 
 def encoder_step(model: nn.Module, pixels: torch.Tensor) -> Callable[[], None]:

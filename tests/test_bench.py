@@ -82,6 +82,9 @@ def test_gpu_benchmark_runs_every_section_at_tiny_widths_on_cpu(tmp_path, capsys
     assert result["quick"] is True and result["settings"]["dtype"] == "bfloat16"
     sections = result["results"]
     assert set(sections) == {"encoder", "teachers", "stage1", "stage2"}
+    assert list(sections["encoder"]["summary"]) == [
+        "plain CLIP (sdpa)", "MoLE student (sdpa)", "MoLE student, LoRA inputs sorted (sdpa)"
+    ]  # fmt: skip
     assert set(sections["teachers"]["summary"]) == {
         "clip teacher (28 px)", "eva teacher (64 px)", "convnext teacher (64 px)", "sam teacher (64 px)"
     }  # fmt: skip
@@ -108,3 +111,17 @@ def test_gpu_benchmark_without_a_gpu_prints_one_line_and_exits_0(capsys, monkeyp
     captured = capsys.readouterr()
     assert captured.err == "" and captured.out.count("\n") == 1
     assert captured.out.startswith("bench_gpu: skipped: no CUDA GPU")
+
+
+def test_gpu_profile_prints_the_tables_for_the_encoder_and_a_stage1_step(capsys):
+    """`profile_gpu.py --stage1` at tiny widths on the CPU: the profiled steps are bench_gpu's own."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        module = importlib.import_module("profile_gpu")
+        assert module.main(["--stage1", "--rows", "5"]) == 0
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    printed = capsys.readouterr().out
+    for name in ("encoder, plain CLIP (sdpa)", "encoder, MoLE student (sdpa)", "stage 1 step, cached features"):
+        assert f"===== {name}: by CPU self time" in printed
+    assert "aten::addmm" in printed
