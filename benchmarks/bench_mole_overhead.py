@@ -6,6 +6,8 @@ frozen, gradient flowing to the encoder input and to the LoRA experts and router
 - `plain CLIP`: the stock MLP (the baseline).
 - `MoLE sparse (ours)`: `movekd_hf.modeling.mole.MoLEMLP`, top-1 routing (3 experts, rank 32): in training on
   CPU the whole MLP on tokens sorted by expert, each linear one autograd node of GEMMs writing in place.
+- `MoLE sparse, masked copies`: ours as it was before fc1 and fc2 took their inputs over (`consume_fc_inputs`):
+  the LoRA dropout's zeros written into copies of their inputs.
 - `MoLE sparse, LoRA inputs sorted`: `MoLEMLP`'s previous training dispatch (still its inference/GPU path): only
   the LoRA inputs sorted by expert (a gather per linear), each expert's output index-added back into the base
   output in token order; dropout drawn by gaps as in ours.
@@ -75,6 +77,13 @@ class LoopDispatchMoLEMLP(MoLEMLP):
         return y.view(*shape[:-1], -1)
 
 
+class CopyingMoLEMLP(MoLEMLP):
+    """`MoLEMLP`'s training dispatch as it was before its linears took their inputs over: the LoRA dropout's zeros
+    go into copies of fc1's and fc2's inputs (same values and draws)."""
+
+    consume_fc_inputs = False
+
+
 class NNDropoutMoLEMLP(MoLEMLP):
     """`MoLEMLP`'s sparse dispatch as it was before the dropout change (same values without dropout):
     `nn.Dropout` on `inputs.index_select(0, order)` (autograd's gather), and each expert's B bias added to its
@@ -133,6 +142,7 @@ def build_encoders(sizes: dict, layers: int, experts: int, rank: int, dropout: f
     settings = dict(num_experts=experts, lora_rank=rank, lora_dropout=dropout, lora_b_init="kaiming")
     for name, routing, mlp_class in (
         ("MoLE sparse (ours)", "sparse", None),
+        ("MoLE sparse, masked copies", "sparse", CopyingMoLEMLP),
         ("MoLE sparse, LoRA inputs sorted", "sparse", LoRASortedMoLEMLP),
         ("MoLE sparse, nn.Dropout", "sparse", NNDropoutMoLEMLP),
         ("MoLE sparse, expert loop", "sparse", LoopDispatchMoLEMLP),
@@ -180,6 +190,7 @@ def check_same_values(encoders: dict[str, nn.Module], embeddings: torch.Tensor) 
     outs = {}
     names = (
         "MoLE sparse (ours)",
+        "MoLE sparse, masked copies",
         "MoLE sparse, LoRA inputs sorted",
         "MoLE sparse, nn.Dropout",
         "MoLE sparse, expert loop",
@@ -232,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         }
 
     dropout_change, dispatch_change = over("MoLE sparse, nn.Dropout"), over("MoLE sparse, LoRA inputs sorted")
+    copy_change = over("MoLE sparse, masked copies")
     print(
         f"MoLE overhead, forward+backward: {args.layers} layers, batch {args.batch}, {tokens} tokens, "
         f"hidden {sizes['hidden_size']}, MLP {sizes['intermediate_size']}, LoRA dropout {args.lora_dropout}, "
@@ -240,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     rows = [{**row, "best ratio": summary[row["variant"]]["best_ratio"]} for row in timing_rows(summary)]
     print(format_table(rows, ["variant", "median ms", "IQR ms", "ratio", "paired ratio", "best ratio"]))
-    for label, change in (("nn.Dropout", dropout_change), ("LoRA inputs sorted", dispatch_change)):
+    changes = (("nn.Dropout", dropout_change), ("LoRA inputs sorted", dispatch_change), ("masked copies", copy_change))
+    for label, change in changes:
         print(f"ours / {label} dispatch: paired {change['paired_ratio']:.3f}, best {change['best_ratio']:.3f}")
     print(f"other sparse dispatches vs ours, max |difference| of outputs: {difference:.2e}")
     name = "mole_overhead" if args.lora_dropout else "mole_overhead_no_dropout"
@@ -260,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
             "summary": summary,
             "ours_over_nn_dropout": dropout_change,
             "ours_over_lora_inputs_sorted": dispatch_change,
+            "ours_over_masked_copies": copy_change,
             "times_s": times,
             "max_abs_difference_vs_ours": difference,
         },

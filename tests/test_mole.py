@@ -354,3 +354,50 @@ def test_sparse_routing_off_the_cpu_takes_the_one_hot_dispatch_without_a_host_sy
     out = mlp(x)
     out.sum().backward()
     assert out.shape == x.shape and mlp.fc1.lora_A.grad.shape == mlp.fc1.lora_A.shape
+
+
+@pytest.mark.parametrize("p", [0.3, 0.0])
+@pytest.mark.parametrize("frozen_base", [True, False])
+def test_sorted_training_masks_fc_inputs_in_place_only_when_the_base_weights_are_frozen(frozen_base, p):
+    """With frozen base weights (the student's case) `_sorted_mlp` writes the dropout's zeros into fc1's and fc2's
+    inputs once their base products are done, instead of into copies; values and gradients stay those of the
+    token-order dispatch under the same draws, with and without dropout."""
+    mlp = make_mlp(mole_routing="sparse", lora_dropout=p).train()
+    for layer in (mlp.fc1, mlp.fc2):
+        layer.weight.requires_grad_(not frozen_base), layer.bias.requires_grad_(not frozen_base)
+    zeros_after_fc2 = []  # the share of zeros in fc2's input right after its forward
+    mlp.fc2.register_forward_hook(
+        lambda module, args, out: zeros_after_fc2.append(float((args[0] == 0).float().mean()))
+    )
+    x = torch.randn(30, HIDDEN, generator=torch.Generator().manual_seed(2))
+    probe = torch.randn(30, HIDDEN)
+    results = []
+    for path in (mlp._sorted_mlp, mlp._sorted_lora_forward):
+        torch.manual_seed(3)
+        inputs = x.clone().requires_grad_(True)
+        out = path(inputs, mlp.router(inputs))
+        (out * probe).sum().backward()
+        grads = {name: param.grad.clone() for name, param in mlp.named_parameters() if param.grad is not None}
+        results.append((out.detach(), inputs.grad, grads))
+        mlp.zero_grad(set_to_none=True)
+    (out, grad_in, grads), (ref_out, ref_grad_in, ref_grads) = results
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_in, ref_grad_in, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == ref_grads.keys() and ("fc1.weight" in grads) is not frozen_base
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert (zeros_after_fc2[0] > 0.2) is (frozen_base and p > 0)  # dropped in place (p = 0.3), or untouched
+
+
+def test_sorted_training_keeps_a_retained_graph_usable_for_a_second_backward():
+    """The inputs are consumed in the forward only: the saved tensors stay intact, so `retain_graph` works."""
+    mlp = make_mlp(mole_routing="sparse", lora_dropout=0.3).train()
+    for layer in (mlp.fc1, mlp.fc2):
+        layer.weight.requires_grad_(False), layer.bias.requires_grad_(False)
+    x = torch.randn(25, HIDDEN, requires_grad=True)
+    loss = mlp(x).square().sum()
+    loss.backward(retain_graph=True)
+    first = {name: param.grad.clone() for name, param in mlp.named_parameters() if param.grad is not None}
+    loss.backward()
+    for name, grad in first.items():
+        torch.testing.assert_close(dict(mlp.named_parameters())[name].grad, 2 * grad, msg=name)

@@ -26,9 +26,10 @@ benchmarks/bench_mole_overhead.py measures both against plain CLIP and against o
 LoRA dropout (`drop`) is inverted dropout as `nn.Dropout` draws it: each element kept independently with
 probability 1 - p and scaled by 1 / (1 - p). On CPU, where one Bernoulli draw per element costs more than the
 expert's matmuls, the dropped elements are drawn as the gaps between successive drops (`dropped_positions`,
-~p * numel random numbers) and zeroed in place in a copy of the LoRA input (the same positions zero its
-gradient), and the 1 / (1 - p) scales the A product (a GEMM's alpha) instead of the input. Other devices use
-`F.dropout`'s fused kernel. Dropout cannot move after the A projection: A (m * x) is not a function of A x for
+~p * numel random numbers) and zeroed in the LoRA input (in the input itself once the frozen base product is
+done, when the MLP gives its intermediates up, `MoLEMLP.consume_fc_inputs`; else in a copy; the same positions
+zero its gradient), and the 1 / (1 - p) scales the A product (a GEMM's alpha) instead of the input. Other
+devices use `F.dropout`'s fused kernel. Dropout cannot move after the A projection: A (m * x) is not a function of A x for
 a random mask m.
 
 Remote code: imports only torch, runs on transformers 4.57 and 5.x.
@@ -83,7 +84,7 @@ class MoLELinear(nn.Linear):
             return torch.addmm(super().forward(x), low, b_weight.t())
         return _SortedMoLELinearFunction.apply(
             x, self.weight, self.bias, self.lora_A, self.lora_B, self.lora_A_bias, self.lora_B_bias,
-            routing.gate, routing.counts, routing.dropped(x), routing.keep_scale,
+            routing.gate, routing.counts, routing.dropped(x), routing.keep_scale, routing.consume_inputs,
         )  # fmt: skip
 
     def lora_parameters(self) -> dict:
@@ -229,11 +230,14 @@ class SortedRouting:
         gate: `[T, 1]` each (sorted) token's output weight: the chosen expert's gate value times `alpha / r`.
         counts: tokens per expert (Python ints summing to T), in expert order.
         dropout: the LoRA dropout probability p when dropout is active (training), else 0.
+        consume_inputs: the linears may write the dropout's zeros into their input once their base product is
+            done (the caller's inputs are intermediates no other autograd node saved, as in `MoLEMLP`).
     """
 
-    def __init__(self, gate: torch.Tensor, counts: list, dropout: float):
+    def __init__(self, gate: torch.Tensor, counts: list, dropout: float, consume_inputs: bool = False):
         self.gate, self.counts, self.dropout = gate, tuple(counts), dropout
         self.keep_scale = 1.0 / (1.0 - dropout) if dropout else 1.0
+        self.consume_inputs = consume_inputs
 
     def dropped(self, x: torch.Tensor):
         """Flat positions of `x`'s elements that dropout zeroes (each independently with probability p), or None."""
@@ -289,22 +293,28 @@ class _SortedMoLELinearFunction(torch.autograd.Function):
 
     For the rows of expert e: out = x W^T + b + g * (B_e (A_e drop(x) + bA_e) + bB_e), drop(x) zeroing the
     elements at the flat positions `dropped` and scaling by `keep_scale` (as the GEMM's alpha on A_e x). Every
-    term is written into the output by a GEMM: the biases first (b + g bB_e per row, a rank-one GEMM that is the
+    term is written into the output in place: the biases first (b + g bB_e per row, one `addcmul` per expert: the
     bias broadcast the base addmm makes anyway), then the base x W^T and each expert's B product added in place
     (beta = 1). The backward adds the base's input gradient into the LoRA's the same way. Beyond the matmuls
-    nothing passes over `[T, out]` or `[T, in]` except, with dropout, the masked copy of x (saved for the A
-    gradient) and the zeroing of the dropped positions in it and in the LoRA's input gradient.
+    nothing passes over `[T, out]` or `[T, in]` except, with dropout, the zeroing of the dropped positions in x
+    (saved for the A gradient; in x itself once the base product is done when `consume` is set and the base
+    weight is frozen, else in a copy) and in the LoRA's input gradient.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, lora_A_bias, lora_B_bias, gate, counts, dropped, keep_scale):
+    def forward(
+        ctx, x, weight, bias, lora_A, lora_B, lora_A_bias, lora_B_bias, gate, counts, dropped, keep_scale, consume
+    ):
         x = x.contiguous()
-        lora_input = x
-        if dropped is not None:
-            lora_input = x.clone()
-            lora_input.view(-1).index_fill_(0, dropped, 0.0)
         pieces = _expert_pieces(counts)
         num_rows, rank = x.shape[0], lora_A.shape[1]
+        out = _SortedMoLELinearFunction._base(x, weight, bias, lora_B_bias, gate, pieces)  # [T, out]
+        lora_input = x
+        if dropped is not None:
+            # The base product is done: when the caller gives x up and the base weight is frozen (x is then not
+            # saved), the mask goes into x itself rather than into a copy.
+            lora_input = x if consume and not weight.requires_grad else x.clone()
+            lora_input.view(-1).index_fill_(0, dropped, 0.0)
         low = x.new_empty(num_rows, rank)  # [T, r]: A_e drop(x) + bA_e, before the gate
         for expert, piece in pieces:
             if lora_A_bias is None:
@@ -313,16 +323,6 @@ class _SortedMoLELinearFunction(torch.autograd.Function):
                 _rows_mm(lora_input[piece], lora_A[expert].t(), out=low[piece], alpha=keep_scale,
                          bias=lora_A_bias[expert])  # fmt: skip
         weighted = low * gate  # [T, r]
-        if lora_B_bias is None:
-            out = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()  # [T, out]
-        else:
-            out = x.new_empty(num_rows, weight.shape[0])
-            for expert, piece in pieces:  # b + g bB_e per row: the bias broadcast, as a rank-one GEMM
-                torch.addmm(
-                    bias if bias is not None else out.new_zeros(()), gate[piece], lora_B_bias[expert].unsqueeze(0),
-                    out=out[piece],
-                )  # fmt: skip
-            out.addmm_(x, weight.t())
         for expert, piece in pieces:
             if piece.stop - piece.start == 1:  # see `_rows_mm`
                 out[piece] += _rows_mm(weighted[piece], lora_B[expert].t(), out.new_empty(1, out.shape[1]))
@@ -333,6 +333,21 @@ class _SortedMoLELinearFunction(torch.autograd.Function):
             x if weight.requires_grad else None, weight, lora_input, lora_A, lora_B, lora_B_bias, low, weighted,
             gate, dropped,
         )  # fmt: skip
+        return out
+
+    @staticmethod
+    def _base(x, weight, bias, lora_B_bias, gate, pieces) -> torch.Tensor:
+        """`[T, out]` x W^T + b (+ g bB_e per row of expert e)."""
+        num_rows = x.shape[0]
+        if lora_B_bias is None:
+            out = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()  # [T, out]
+        else:
+            out = x.new_empty(num_rows, weight.shape[0])
+            for expert, piece in pieces:  # b + g bB_e per row: the pass that broadcasts the bias anyway
+                torch.addcmul(
+                    bias if bias is not None else out.new_zeros(()), gate[piece], lora_B_bias[expert], out=out[piece]
+                )
+            out.addmm_(x, weight.t())
         return out
 
     @staticmethod
@@ -384,6 +399,7 @@ class _SortedMoLELinearFunction(torch.autograd.Function):
             grad_a_bias,
             grad_bt[:, rank] if needs[6] else None,
             grad_gate,
+            None,
             None,
             None,
             None,
@@ -494,6 +510,11 @@ def top1_route(router_logits: torch.Tensor, output_scale: str) -> tuple:
 class MoLEMLP(nn.Module):
     """Drop-in replacement for CLIP's/SigLIP's MLP (`fc1` -> act -> `fc2`) with a router shared by both."""
 
+    # CPU training: fc1 and fc2 write the LoRA dropout's zeros into their inputs (the gathered x, the activation's
+    # output: intermediates no other autograd node saves) once the frozen base product is done, instead of into
+    # copies. False keeps copies (for activations that save their output).
+    consume_fc_inputs = True
+
     def __init__(self, config, hidden_size: int, intermediate_size: int, activation_fn: nn.Module):
         super().__init__()
         self.num_experts = config.num_experts
@@ -570,7 +591,7 @@ class MoLEMLP(nn.Module):
         counts = F.one_hot(chosen, self.num_experts).sum(dim=0).tolist()
         gate = weight.index_select(0, order) * self.scaling  # [T, 1], sorted
         dropout = self.lora_dropout.p if self.training else 0.0
-        routing = SortedRouting(gate, counts, dropout)
+        routing = SortedRouting(gate, counts, dropout, consume_inputs=self.consume_fc_inputs)
         h = self.activation_fn(self.fc1(_Permute.apply(x, order, inverse), routing))
         return _Permute.apply(self.fc2(h, routing), inverse, order)
 
