@@ -21,6 +21,15 @@ def make_mlp(**settings) -> MoLEMLP:
     return mlp
 
 
+def route_by_first_channel(mlp: MoLEMLP) -> None:
+    """Router logits (10 x_0, 1, -9): a token with x_0 = 1 goes to expert 0, tokens with x_0 ~ 0 to expert 1, none to
+    expert 2 (an expert of one token and one of none)."""
+    with torch.no_grad():
+        mlp.router.weight.zero_()
+        mlp.router.bias.copy_(torch.tensor([0.0, 1.0, -9.0]))
+        mlp.router.weight[0, 0] = 10.0
+
+
 def reference(mlp: MoLEMLP, x: torch.Tensor, routing: str, scale: str) -> torch.Tensor:
     """Token by token, expert by expert, exactly as the formulas read."""
     s = 2.0 / RANK
@@ -40,6 +49,31 @@ def reference(mlp: MoLEMLP, x: torch.Tensor, routing: str, scale: str) -> torch.
         y = mlp.fc2.weight @ h + mlp.fc2.bias + s * sum(weights[e] * lora(mlp.fc2, h, e) for e in range(3))
         rows.append(y)
     return torch.stack(rows).view(*x.shape[:-1], HIDDEN)
+
+
+def run_dispatches(mlp: MoLEMLP, paths, x: torch.Tensor, probe: torch.Tensor, seed: int | None = 3) -> list:
+    """For each dispatch `path(x, logits)`: output, input gradient and parameter gradients of `(out * probe).sum()`,
+    each from the same RNG state (`seed`) so that dropout draws alike."""
+    results = []
+    for path in paths:
+        if seed is not None:
+            torch.manual_seed(seed)
+        inputs = x.reshape(-1, HIDDEN).clone().requires_grad_(True)
+        out = path(inputs, mlp.router(inputs))
+        (out * probe.reshape(out.shape)).sum().backward()
+        grads = {name: param.grad.clone() for name, param in mlp.named_parameters() if param.grad is not None}
+        results.append((out.detach(), inputs.grad, grads))
+        mlp.zero_grad(set_to_none=True)
+    return results
+
+
+def assert_same_results(result, reference) -> None:
+    (out, grad_in, grads), (ref_out, ref_grad_in, ref_grads) = result, reference
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_in, ref_grad_in, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize(
@@ -210,29 +244,16 @@ def test_training_dispatch_matches_the_token_order_dispatch_with_the_same_dropou
     LoRA inputs only (`_sorted_lora_forward`). Same values and gradients, with dropout on (both draw the same
     positions in expert order), an expert with one token and one with none."""
     mlp = make_mlp(mole_routing="sparse", expert_output_scale=scale, lora_dropout=0.3, lora_bias=lora_bias).train()
-    with torch.no_grad():  # route by channel: one token to expert 0, none to expert 2
-        mlp.router.weight.zero_()
-        mlp.router.bias.copy_(torch.tensor([0.0, 1.0, -9.0]))
-        mlp.router.weight[0, 0] = 10.0
+    route_by_first_channel(mlp)  # a token whose channel 0 is 1 goes to expert 0, the rest to 1, none to 2
     x = torch.randn(2, 6, HIDDEN, generator=torch.Generator().manual_seed(4)) * 0.01
     x[1, 2, 0] = 1.0
     assert torch.bincount(mlp.router(x.reshape(-1, HIDDEN)).argmax(-1), minlength=EXPERTS).tolist() == [1, 11, 0]
-    probe = torch.randn(12, HIDDEN)
-    results = []
-    for path in (mlp._sorted_mlp, mlp._sorted_lora_forward):
-        torch.manual_seed(3)
-        inputs = x.reshape(-1, HIDDEN).clone().requires_grad_(True)
-        out = path(inputs, mlp.router(inputs))
-        (out * probe).sum().backward()
-        grads = {name: param.grad.clone() for name, param in mlp.named_parameters() if param.grad is not None}
-        results.append((out.detach(), inputs.grad, grads))
-        mlp.zero_grad(set_to_none=True)
-    (out, grad_in, grads), (ref_out, ref_grad_in, ref_grads) = results
-    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(grad_in, ref_grad_in, rtol=1e-5, atol=1e-6)
-    assert grads.keys() == ref_grads.keys() and ("router.weight" in grads) is (scale != "none")
+    (out, grad_in, grads), reference = run_dispatches(
+        mlp, (mlp._sorted_mlp, mlp._sorted_lora_forward), x, torch.randn(12, HIDDEN)
+    )
+    assert_same_results((out, grad_in, grads), reference)
+    assert ("router.weight" in grads) is (scale != "none")
     for name in grads:
-        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-5, atol=1e-6, msg=name)
         if ".lora_" in name:  # the expert without tokens gets zero gradients
             assert torch.equal(grads[name][2], torch.zeros_like(grads[name][2])), name
 
@@ -309,28 +330,14 @@ def test_dropout_values_and_gradients_match_nn_dropout_on_the_same_mask(routing)
 def test_one_hot_dispatch_matches_the_sorted_dispatches(scale, lora_bias):
     """Values and every gradient equal both CPU dispatches', with an expert of one token and one of none."""
     mlp = make_mlp(mole_routing="sparse", expert_output_scale=scale, lora_bias=lora_bias).train()
-    with torch.no_grad():  # route by channel: one token to expert 0, none to expert 2
-        mlp.router.weight.zero_()
-        mlp.router.bias.copy_(torch.tensor([0.0, 1.0, -9.0]))
-        mlp.router.weight[0, 0] = 10.0
+    route_by_first_channel(mlp)  # a token whose channel 0 is 1 goes to expert 0, the rest to 1, none to 2
     x = torch.randn(12, HIDDEN, generator=torch.Generator().manual_seed(4)) * 0.01
     x[7, 0] = 1.0
-    probe = torch.randn(12, HIDDEN)
-    results = []
-    for path in (mlp._one_hot_forward, mlp._sorted_mlp, mlp._sorted_lora_forward):
-        inputs = x.clone().requires_grad_(True)
-        out = path(inputs, mlp.router(inputs))
-        (out * probe).sum().backward()
-        grads = {name: param.grad.clone() for name, param in mlp.named_parameters() if param.grad is not None}
-        results.append((out.detach(), inputs.grad, grads))
-        mlp.zero_grad(set_to_none=True)
-    (out, grad_in, grads), *references = results
-    for ref_out, ref_grad_in, ref_grads in references:
-        torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(grad_in, ref_grad_in, rtol=1e-5, atol=1e-6)
-        assert grads.keys() == ref_grads.keys() and ("router.weight" in grads) is (scale != "none")
-        for name in grads:
-            torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+    paths = (mlp._one_hot_forward, mlp._sorted_mlp, mlp._sorted_lora_forward)
+    (out, grad_in, grads), *references = run_dispatches(mlp, paths, x, torch.randn(12, HIDDEN), seed=None)
+    for reference in references:
+        assert_same_results((out, grad_in, grads), reference)
+    assert ("router.weight" in grads) is (scale != "none")
     for name in grads:
         if ".lora_" in name:  # the expert without tokens gets exactly zero gradients
             assert torch.equal(grads[name][2], torch.zeros_like(grads[name][2])), name
@@ -370,22 +377,11 @@ def test_sorted_training_masks_fc_inputs_in_place_only_when_the_base_weights_are
         lambda module, args, out: zeros_after_fc2.append(float((args[0] == 0).float().mean()))
     )
     x = torch.randn(30, HIDDEN, generator=torch.Generator().manual_seed(2))
-    probe = torch.randn(30, HIDDEN)
-    results = []
-    for path in (mlp._sorted_mlp, mlp._sorted_lora_forward):
-        torch.manual_seed(3)
-        inputs = x.clone().requires_grad_(True)
-        out = path(inputs, mlp.router(inputs))
-        (out * probe).sum().backward()
-        grads = {name: param.grad.clone() for name, param in mlp.named_parameters() if param.grad is not None}
-        results.append((out.detach(), inputs.grad, grads))
-        mlp.zero_grad(set_to_none=True)
-    (out, grad_in, grads), (ref_out, ref_grad_in, ref_grads) = results
-    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(grad_in, ref_grad_in, rtol=1e-5, atol=1e-6)
-    assert grads.keys() == ref_grads.keys() and ("fc1.weight" in grads) is not frozen_base
-    for name in grads:
-        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+    (out, grad_in, grads), reference = run_dispatches(
+        mlp, (mlp._sorted_mlp, mlp._sorted_lora_forward), x, torch.randn(30, HIDDEN)
+    )
+    assert_same_results((out, grad_in, grads), reference)
+    assert ("fc1.weight" in grads) is not frozen_base
     assert (zeros_after_fc2[0] > 0.2) is (frozen_base and p > 0)  # dropped in place (p = 0.3), or untouched
 
 

@@ -7,7 +7,7 @@ LLaVA conventions (and torch) when used, the runner imports transformers when it
 
 from __future__ import annotations
 
-import importlib
+from movekd_hf._lazy import lazy_exports
 
 _LAZY = {
     **dict.fromkeys(("BENCHMARKS", "HEADLINE_METRIC", "Benchmark", "EvalSample", "build_benchmark",
@@ -18,16 +18,4 @@ _LAZY = {
                      "vqa_accuracy", "vqa_answer_accuracy"), ".scorers"),
 }  # fmt: skip
 __all__ = sorted(_LAZY)
-
-
-def __getattr__(name: str):
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY})
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -7,35 +7,23 @@ The public names load on first use (PEP 562, as `movekd_hf` itself does): import
 
 from __future__ import annotations
 
-import importlib
+from movekd_hf._lazy import lazy_exports
 
 # Public name -> the submodule that defines it.
 _LAZY = {
-    "MoVEKDModelArguments": "arguments",
-    "MoVEKDTrainingArguments": "arguments",
-    "parse_args": "arguments",
-    "MoVEKDDataCollator": "collator",
-    "MoVEKDDataArguments": "data_args",
-    "MoVEKDTrainData": "data_args",
-    "build_train_data": "data_args",
-    "MoVEKDTrainingModule": "module",
-    "llm_lora_config": "module",
-    "STAGES": "stages",
-    "apply_stage": "stages",
-    "MoVEKDTrainer": "trainer",
+    "MoVEKDModelArguments": ".arguments",
+    "MoVEKDTrainingArguments": ".arguments",
+    "parse_args": ".arguments",
+    "MoVEKDDataCollator": ".collator",
+    "MoVEKDDataArguments": ".data_args",
+    "MoVEKDTrainData": ".data_args",
+    "build_train_data": ".data_args",
+    "MoVEKDTrainingModule": ".module",
+    "llm_lora_config": ".module",
+    "STAGES": ".stages",
+    "apply_stage": ".stages",
+    "MoVEKDTrainer": ".trainer",
 }
 
 __all__ = sorted(_LAZY)
-
-
-def __getattr__(name: str):
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'movekd_hf.training' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY})
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
