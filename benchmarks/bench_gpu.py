@@ -223,7 +223,8 @@ def encoder_section(args, sizes: dict, device: torch.device, dtype: torch.dtype)
 
 
 def encoder_pair(vision: dict, backend: str, device: torch.device, dtype: torch.dtype) -> dict[str, nn.Module]:
-    """Plain CLIP (frozen) and the MoLE student (LoRA and routers train; 3 experts, rank 32, dropout 0.05)."""
+    """Plain CLIP (frozen) and the MoLE student (LoRA and routers train; 3 experts, rank 32, dropout 0.05), the latter
+    twice: with the dispatch GPUs take, and with the LoRA inputs sorted by expert (the same weights)."""
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
     with torch.device(device):

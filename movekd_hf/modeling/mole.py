@@ -6,8 +6,8 @@ Per token x (the MLP input after the layer norm):
     h = act(fc1(x) + s * B1_k A1_k drop(x));   y = fc2(h) + s * B2_k A2_k drop(h),   s = alpha / r
 
 Sparse (top-1) routing computes only the chosen expert per token on the CPU. Training there (autograd on, no
-autocast), the whole MLP runs on the tokens sorted by expert: one gather of x in and one of y out (`_Permute`, [T, D]
-each), and every expert reads a contiguous slice of fc1's and fc2's inputs, the one sort serving both. Each
+autocast), the whole MLP runs on the tokens sorted by expert: one gather of x in and one of y out (`_Permute`,
+[T, D] each), and every expert reads a contiguous slice of fc1's and fc2's inputs, the one sort serving both. Each
 linear is one autograd node (`_SortedMoLELinearFunction`) whose every term is a GEMM writing into its output
 (biases, base, each expert's B product added in place; in the backward the base's input gradient added into
 the LoRA's), so no pass over the [T, 4096] activations goes to gathers, index-adds or gradient sums. In CPU
@@ -29,8 +29,8 @@ expert's matmuls, the dropped elements are drawn as the gaps between successive 
 ~p * numel random numbers) and zeroed in the LoRA input (in the input itself once the frozen base product is
 done, when the MLP gives its intermediates up, `MoLEMLP.consume_fc_inputs`; else in a copy; the same positions
 zero its gradient), and the 1 / (1 - p) scales the A product (a GEMM's alpha) instead of the input. Other
-devices use `F.dropout`'s fused kernel. Dropout cannot move after the A projection: A (m * x) is not a function of A x for
-a random mask m.
+devices use `F.dropout`'s fused kernel. Dropout cannot move after the A projection: A (m * x) is not a function
+of A x for a random mask m.
 
 Remote code: imports only torch, runs on transformers 4.57 and 5.x.
 """
