@@ -161,3 +161,17 @@ def test_import_and_help_do_not_import_torch_or_transformers():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert "HEAVY []" in out.stdout, out.stdout[-2000:]
+
+
+def test_the_stage_table_does_not_import_the_data_libraries():
+    """`movekd_hf.training`'s public names load on first use: its stage table (what benchmarks/bench_gpu.py needs
+    on a GPU machine without `datasets`) imports neither `datasets` nor pyarrow, and the names still resolve."""
+    code = (
+        "import sys\n"
+        "import movekd_hf.training.stages\n"
+        "print('DATA', sorted(m for m in ('datasets', 'pyarrow') if m in sys.modules))\n"
+        "from movekd_hf.training import STAGES, MoVEKDTrainer\n"
+        "print('RESOLVED', bool(STAGES), MoVEKDTrainer.__name__, 'datasets' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert "DATA []" in out.stdout and "RESOLVED True MoVEKDTrainer True" in out.stdout, out.stdout[-2000:]
