@@ -9,6 +9,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from movekd_hf.distill.cache import CacheSettings  # noqa: E402
 from movekd_hf.distill.presets import (  # noqa: E402
     TINY_CONVNEXT,
     TINY_SAM,
@@ -22,6 +23,13 @@ from movekd_hf.distill.teachers import IMAGENET_MEAN, IMAGENET_STD, TeacherSpec 
 STUDENT_DIM = 32  # the tiny CLIP's width: the clip teacher is the student's own architecture
 STUDENT_GRID = (4, 4)  # 32 px / patch 8
 NUM_STUDENT_TOKENS = 16
+TEACHER_SIZE = 64  # the collator's square teacher view in the cache tests
+
+
+def cache_settings(**overrides) -> CacheSettings:
+    """`CacheSettings` for the tiny student grid and teacher view size, with `overrides`."""
+    return CacheSettings(**{"student_grid": STUDENT_GRID, "teacher_image_size": TEACHER_SIZE, **overrides})
+
 
 # CLIPVisionConfig sizes: the student's width and grid, other widths distinct from the package's tiny CLIP.
 TINY_CLIP_SIZES = dict(

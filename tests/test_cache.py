@@ -7,19 +7,14 @@ from dataclasses import replace
 
 import pytest
 import torch
-from _distill_fixtures import NUM_STUDENT_TOKENS, STUDENT_DIM, STUDENT_GRID, tiny_spec
+from _distill_fixtures import NUM_STUDENT_TOKENS, STUDENT_DIM, STUDENT_GRID, TEACHER_SIZE, tiny_spec
+from _distill_fixtures import cache_settings as settings
 
 from movekd_hf.distill import KDLossConfig, MoVEKDDistiller, TeacherShape, build_teacher
-from movekd_hf.distill.cache import CachedTeachers, CacheSettings, cache_key, find_cache_dir, random_orthogonal
+from movekd_hf.distill.cache import CachedTeachers, cache_key, find_cache_dir, random_orthogonal
 from movekd_hf.distill.cache_writer import TeacherInputs, cache_teacher_features, dataset_items, teacher_view
 from movekd_hf.training.data import load_source
 from movekd_hf.training.toy_data import make_toy_llava_dataset
-
-TEACHER_SIZE = 64  # the collator's square teacher view
-
-
-def settings(**overrides) -> CacheSettings:
-    return CacheSettings(**{"student_grid": STUDENT_GRID, "teacher_image_size": TEACHER_SIZE, **overrides})
 
 
 @pytest.fixture(scope="module")

@@ -8,13 +8,13 @@ from dataclasses import replace
 
 import pytest
 import torch
-from _distill_fixtures import STUDENT_GRID, tiny_spec
+from _distill_fixtures import cache_settings as settings
+from _distill_fixtures import tiny_spec
 
 from movekd_hf.distill import build_teacher
 from movekd_hf.distill.cache import (
     PROJECTION_FILE,
     CachedTeachers,
-    CacheSettings,
     StoredShape,
     TeacherCache,
     TokenCodec,
@@ -27,12 +27,6 @@ from movekd_hf.distill.cache import (
 from movekd_hf.distill.cache_writer import TeacherInputs, cache_teacher_features, dataset_items, export_cache_repo
 from movekd_hf.training.data import load_source
 from movekd_hf.training.toy_data import make_toy_llava_dataset
-
-TEACHER_SIZE = 64
-
-
-def settings(**overrides) -> CacheSettings:
-    return CacheSettings(**{"student_grid": STUDENT_GRID, "teacher_image_size": TEACHER_SIZE, **overrides})
 
 
 def low_rank_tokens(rank: int, channels: int = 40, count: int = 600, noise: float = 1e-3) -> torch.Tensor:

@@ -10,7 +10,8 @@ from dataclasses import replace
 
 import pytest
 import torch
-from _distill_fixtures import NUM_STUDENT_TOKENS, STUDENT_DIM, STUDENT_GRID, tiny_spec
+from _distill_fixtures import NUM_STUDENT_TOKENS, STUDENT_DIM, tiny_spec
+from _distill_fixtures import cache_settings as settings
 
 from movekd_hf.distill import KDLossConfig, MoVEKDDistiller, TeacherShape, build_teacher
 from movekd_hf.distill.cache import (
@@ -27,12 +28,6 @@ from movekd_hf.distill.cache_writer import TeacherInputs, cache_teacher_features
 from movekd_hf.distill.teachers import TeacherSpec
 from movekd_hf.training.data import load_source
 from movekd_hf.training.toy_data import make_toy_llava_dataset
-
-TEACHER_SIZE = 64
-
-
-def settings(**overrides) -> CacheSettings:
-    return CacheSettings(**{"student_grid": STUDENT_GRID, "teacher_image_size": TEACHER_SIZE, **overrides})
 
 
 @pytest.fixture(scope="module")
