@@ -62,15 +62,15 @@ def run(trainer) -> int:
 
 
 def end_distributed() -> None:
-    """Every rank done: destroy the process group before the interpreter exits. Left to exit, gloo's worker threads
-    can still hold work when Python tears down, and a rank then dies with SIGABRT ("terminate called without an
-    active exception") after a run that succeeded (seen on 2 CPU ranks under load; PyTorch documents calling
-    destroy_process_group at the end of a training script)."""
+    """Every rank done: a barrier, then destroy the process group (PyTorch asks for this at the end of a training
+    script), and have the entry's `cli.exit_process` skip the interpreter's teardown, where gloo's worker threads
+    can still be freeing work and abort the rank (see there)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+        cli.skip_interpreter_teardown()  # gloo's workers may still free work objects: see `cli.exit_process`
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,4 +86,4 @@ if __name__ == "__main__":
     # Through the command's error handling, so `accelerate launch -m movekd_hf.train` and `python -m
     # movekd_hf.train` print a user error as the one line `movekd-hf train: error: ...` (exit 2), as
     # `movekd-hf train` does; `--debug` shows the traceback.
-    sys.exit(cli.main(["train", *sys.argv[1:]]))
+    cli.exit_process(cli.main(["train", *sys.argv[1:]]))

@@ -188,4 +188,6 @@ def _main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(_main(sys.argv[1:]))
+    from movekd_hf.cli import exit_process
+
+    exit_process(_main(sys.argv[1:]))  # as the entry ends (`python -m movekd_hf.train`)

@@ -265,3 +265,45 @@ def test_a_checkpoint_with_a_bad_saved_setting_is_one_line(tiny_checkpoint, tmp_
     (folder / "config.json").write_text(json.dumps({**config, "num_experts_per_tok": 7}))
     code, lines = run_main(["cache-teachers", "--estimate", "--model", str(folder), "--teacher-set", "tiny"], capsys)
     assert_one_line_error(code, lines, "cache-teachers", "--model", str(folder), "num_experts_per_tok")
+
+
+EXIT_SCRIPT = """
+import atexit, logging, logging.handlers, sys
+from movekd_hf import cli
+target = logging.FileHandler(sys.argv[2])
+logging.getLogger().addHandler(logging.handlers.MemoryHandler(capacity=100, target=target))  # flushed when closed
+logging.getLogger().warning("saved checkpoint-4")
+atexit.register(lambda: print(" teardown ran"))
+print("last line", end="")
+if sys.argv[1] == "distributed":
+    cli.skip_interpreter_teardown()
+cli.exit_process(3)
+"""
+
+
+@pytest.mark.parametrize("run", ["distributed", "one process"])
+def test_exit_process_skips_teardown_only_after_a_distributed_run_and_loses_no_output(run, tmp_path):
+    log = tmp_path / "run.log"
+    result = subprocess.run([sys.executable, "-c", EXIT_SCRIPT, run, str(log)], capture_output=True, text=True)
+    assert result.returncode == 3 and result.stderr == ""
+    # stdout is a pipe (block-buffered) and the log record sits in a buffering handler: both still arrive.
+    assert result.stdout.startswith("last line") and "saved checkpoint-4" in log.read_text()
+    assert ("teardown ran" in result.stdout) is (run == "one process")
+
+
+def test_end_distributed_destroys_the_group_and_marks_the_teardown_to_skip(tmp_path, monkeypatch):
+    import torch.distributed as dist
+
+    from movekd_hf.train import end_distributed
+
+    monkeypatch.setattr(cli, "_skip_teardown", False)
+    end_distributed()  # no process group: nothing to do
+    assert cli._skip_teardown is False
+    dist.init_process_group("gloo", init_method=(tmp_path / "store").as_uri(), rank=0, world_size=1)
+    end_distributed()
+    assert not dist.is_initialized() and cli._skip_teardown is True
+
+
+def test_console_script_ends_through_exit_process():
+    assert "from movekd_hf.cli import console_main" in SCRIPT.read_text()  # the script pip wrote from pyproject
+    assert run_script("--version").returncode == 0

@@ -15,6 +15,7 @@ import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import NoReturn
 
 # Modules exposing `add_parser(subparsers)`, which registers their subcommands, each setting
 # `func(args) -> int | None`. Keep these modules' top-level imports light (torch inside `func`).
@@ -119,6 +120,45 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteError as error:
         print(f"movekd-hf {args.command}: error: {_one_line(error)}", file=sys.stderr)
         return 1
+
+
+# Set once a distributed run has ended on every rank (`movekd_hf.train.end_distributed`): `exit_process` then
+# leaves without the interpreter's teardown.
+_skip_teardown = False
+
+
+def skip_interpreter_teardown() -> None:
+    """Make `exit_process` end the process without the interpreter's teardown (see there)."""
+    global _skip_teardown
+    _skip_teardown = True
+
+
+def exit_process(code: int) -> NoReturn:
+    """End the process with exit status `code`: the last call of every entry that may train on several ranks (the
+    `movekd-hf` console script, `python -m movekd_hf.train`).
+
+    Once a distributed run has ended (`skip_interpreter_teardown`), the process ends by `os._exit` after logging,
+    stdout and stderr are flushed: no atexit handlers, no interpreter teardown. Why: gloo's worker threads free
+    finished collectives on their own; one whose tensors still have Python objects needs the GIL, and if it asks
+    after `Py_FinalizeEx` has begun, CPython ends that thread with `pthread_exit`, whose unwinding through a C++
+    destructor calls `std::terminate`. The rank then dies with SIGABRT ("terminate called without an active
+    exception") after a run that succeeded (a core dump of a 2-rank ZeRO-3 CPU launch showed exactly this stack;
+    pytorch/pytorch#190489). By then every rank has passed a barrier, the model is saved and the process group is
+    destroyed, so the teardown has nothing left to do.
+    """
+    if not _skip_teardown:
+        sys.exit(code)
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def console_main() -> NoReturn:
+    """The `movekd-hf` console script: `main`, then `exit_process`."""
+    exit_process(main())
 
 
 # ------------------------------------------------------------------------------------- helpers for subcommands
