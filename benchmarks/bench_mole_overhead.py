@@ -21,11 +21,16 @@ frozen, gradient flowing to the encoder input and to the LoRA experts and router
   gate, every expert's B as one matmul): exact, no loop, but three experts' arithmetic.
 - `MoLE dense (ours)`: every expert, weighted by the router's probabilities.
 
+With `--ablation`, three more rows take the pieces of ours away one at a time (same dispatch, same weights):
+`routing only` (router, sort bookkeeping, then the stock fc1/fc2), `rank 1, no dropout` (every gather, pass
+and Python call of ours with next to no LoRA arithmetic) and `no dropout`. Their steps against plain CLIP split
+ours' overhead into routing, the sorted dispatch's fixed costs, the rank-r arithmetic and the dropout.
+
 Arithmetic limit: the chosen expert adds 2 r (1024 + 4096) multiply-adds per token to a layer's ~13.7M (MLP
 8.4M, attention projections 4.2M, attention ~1.2M at 577 tokens) and needs three such products (forward, input
 gradient, weight gradient) against the frozen layer's two: 1.036x. All three experts' products: 1.11x.
 
-    .venv/bin/python benchmarks/bench_mole_overhead.py [--quick] [--layers 2] [--threads 1]
+    .venv/bin/python benchmarks/bench_mole_overhead.py [--quick] [--layers 2] [--threads 1] [--ablation]
 """
 
 from __future__ import annotations
@@ -131,7 +136,37 @@ class AllExpertsMoLEMLP(MoLEMLP):
         return y.view(*shape[:-1], -1)
 
 
-def build_encoders(sizes: dict, layers: int, experts: int, rank: int, dropout: float) -> dict[str, nn.Module]:
+class RoutingOnlyMoLEMLP(MoLEMLP):
+    """Ours' routing (router, top-1, sort order, slice sizes) followed by the stock fc1 -> act -> fc2: the cost of
+    routing alone (values are plain CLIP's)."""
+
+    def _sparse_forward(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        chosen, weight = top1_route(logits, self.output_scale)
+        order = torch.argsort(chosen, stable=True)
+        F.one_hot(chosen, self.num_experts).sum(dim=0).tolist()
+        weight.index_select(0, order)
+        return self.fc2(self.activation_fn(self.fc1(x)))
+
+
+def ablation_encoders(sizes: dict, layers: int, experts: int, rank: int) -> dict[str, nn.Module]:
+    """Ours with its pieces taken away (see the module docstring): routing only, rank 1 without dropout, and
+    rank `rank` without dropout."""
+    no_dropout = build_encoders(sizes, layers, experts, rank, 0.0, mine_only=True)["MoLE sparse (ours)"]
+    rank_one = build_encoders(sizes, layers, experts, 1, 0.0, mine_only=True)["MoLE sparse (ours)"]
+    routing_only = copy.deepcopy(no_dropout)
+    for layer in vision_encoder_layers(routing_only):
+        layer.mlp.__class__ = RoutingOnlyMoLEMLP  # same module, same weights; only the forward differs
+    return {
+        "ours, routing only": routing_only,
+        "ours, rank 1, no dropout": rank_one,
+        "ours, no dropout": no_dropout,
+    }
+
+
+def build_encoders(
+    sizes: dict, layers: int, experts: int, rank: int, dropout: float, mine_only: bool = False
+) -> dict[str, nn.Module]:
+    """Plain CLIP and every MoLE variant on the same weights (`mine_only`: plain CLIP and ours only)."""
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
     vision = CLIPVisionConfig(**sizes, num_hidden_layers=layers, hidden_act="quick_gelu")
@@ -140,7 +175,7 @@ def build_encoders(sizes: dict, layers: int, experts: int, rank: int, dropout: f
     plain = CLIPVisionModel(vision).eval()
     encoders = {"plain CLIP": plain}
     settings = dict(num_experts=experts, lora_rank=rank, lora_dropout=dropout, lora_b_init="kaiming")
-    for name, routing, mlp_class in (
+    variants = (
         ("MoLE sparse (ours)", "sparse", None),
         ("MoLE sparse, masked copies", "sparse", CopyingMoLEMLP),
         ("MoLE sparse, LoRA inputs sorted", "sparse", LoRASortedMoLEMLP),
@@ -148,7 +183,8 @@ def build_encoders(sizes: dict, layers: int, experts: int, rank: int, dropout: f
         ("MoLE sparse, expert loop", "sparse", LoopDispatchMoLEMLP),
         ("MoLE sparse, all experts batched", "sparse", AllExpertsMoLEMLP),
         ("MoLE dense (ours)", "dense", None),
-    ):
+    )
+    for name, routing, mlp_class in variants[:1] if mine_only else variants:
         config = MoVEKDConfig(
             vision_config=vision.to_dict(), mole_routing=routing, expert_output_scale="none", **settings
         )
@@ -213,12 +249,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--lora-dropout", type=float, default=0.05, help="0.05 is the paper's training value")
+    parser.add_argument("--ablation", action="store_true", help="add ours with pieces taken away (see above)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     sizes = QUICK if args.quick else VIT_L
     repeats = args.repeats or (3 if args.quick else 30)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
-    encoders = build_encoders(sizes, args.layers, 3, 8 if args.quick else 32, args.lora_dropout)
+    rank = 8 if args.quick else 32
+    encoders = build_encoders(sizes, args.layers, 3, rank, args.lora_dropout)
+    if args.ablation:
+        encoders.update(ablation_encoders(sizes, args.layers, 3, rank))
     tokens = (sizes["image_size"] // sizes["patch_size"]) ** 2 + 1
     embeddings = torch.randn(args.batch, tokens, sizes["hidden_size"], generator=torch.Generator().manual_seed(2))
     probe = torch.randn_like(embeddings)
@@ -256,7 +296,9 @@ def main(argv: list[str] | None = None) -> int:
     for label, change in changes:
         print(f"ours / {label} dispatch: paired {change['paired_ratio']:.3f}, best {change['best_ratio']:.3f}")
     print(f"other sparse dispatches vs ours, max |difference| of outputs: {difference:.2e}")
-    name = "mole_overhead" if args.lora_dropout else "mole_overhead_no_dropout"
+    name = ("mole_overhead" if args.lora_dropout else "mole_overhead_no_dropout") + (
+        "_ablation" if args.ablation else ""
+    )
     path = write_result(
         name,
         {
@@ -269,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
                 "lora_dropout": args.lora_dropout,
                 "threads": args.threads,
                 "clock": args.clock,
+                "ablation": args.ablation,
             },
             "summary": summary,
             "ours_over_nn_dropout": dropout_change,

@@ -50,6 +50,13 @@ def test_mole_benchmark_dispatches_agree(tmp_path, capsys):
     assert result["max_abs_difference_vs_ours"] < 1e-5  # the loop and batched re-implementations match MoLEMLP
 
 
+def test_mole_benchmark_ablation_adds_ours_without_each_piece(tmp_path, capsys):
+    printed, result = run_script("bench_mole_overhead", tmp_path, capsys, "--ablation")
+    rows = {"ours, routing only", "ours, rank 1, no dropout", "ours, no dropout"}
+    assert rows <= set(result["summary"]) and all(f"| {row}" in printed for row in rows)
+    assert result["settings"]["ablation"] is True
+
+
 def test_forward_wrapper_benchmark_compares_with_llava_on_one_model(tmp_path, capsys):
     printed, result = run_script("bench_forward_wrapper", tmp_path, capsys)
     assert "MoVE-KD adds" in printed and set(result["results"]) == {"forward (no_grad)", "forward+backward"}
