@@ -307,3 +307,9 @@ def test_end_distributed_destroys_the_group_and_marks_the_teardown_to_skip(tmp_p
 def test_console_script_ends_through_exit_process():
     assert "from movekd_hf.cli import console_main" in SCRIPT.read_text()  # the script pip wrote from pyproject
     assert run_script("--version").returncode == 0
+
+
+def test_exit_process_keeps_its_code_without_a_stdout():
+    script = "import sys\nfrom movekd_hf import cli\nsys.stdout = None\ncli.skip_interpreter_teardown()\ncli.exit_process(5)\n"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 5 and result.stderr == ""

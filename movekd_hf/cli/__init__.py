@@ -151,8 +151,11 @@ def exit_process(code: int) -> NoReturn:
     import logging
 
     logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (AttributeError, OSError, ValueError):  # None, a closed pipe or file: nothing more can be written
+            pass
     os._exit(code)
 
 
