@@ -135,7 +135,7 @@ def skip_interpreter_teardown() -> None:
 
 def exit_process(code: int) -> NoReturn:
     """End the process with exit status `code`: the last call of every entry that may train on several ranks (the
-    `movekd-hf` console script, `python -m movekd_hf.train`).
+    `movekd-hf` console script, `python -m movekd_hf.cli`, `python -m movekd_hf.train`).
 
     Once a distributed run has ended (`skip_interpreter_teardown`), the process ends by `os._exit` after logging,
     stdout and stderr are flushed: no atexit handlers, no interpreter teardown. Why: gloo's worker threads free
