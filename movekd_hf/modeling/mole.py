@@ -9,8 +9,9 @@ Sparse (top-1) routing computes only the chosen expert per token on the CPU. Tra
 autocast), the whole MLP runs on the tokens sorted by expert: one gather of x in and one of y out (`_Permute`,
 [T, D] each), and every expert reads a contiguous slice of fc1's and fc2's inputs, the one sort serving both. Each
 linear is one autograd node (`_SortedMoLELinearFunction`) whose every term is a GEMM writing into its output
-(biases, base, each expert's B product added in place; in the backward the base's input gradient added into
-the LoRA's), so no pass over the [T, 4096] activations goes to gathers, index-adds or gradient sums. In CPU
+(the base product, then each expert's B product with the biases as extra inner columns, added in place; in the
+backward the base's input gradient added into the LoRA's), so no pass over the [T, 4096] activations goes to
+bias broadcasts, gathers, index-adds or gradient sums. In CPU
 inference (or autocast) each LoRA input alone is sorted by expert (one gather in, one index-add back into the
 base output) and the base fc1/fc2 and the activation keep token order, so a zero LoRA gives plain CLIP bit for
 bit (an elementwise kernel rounds an element differently when a permutation moves it between vector lanes,
@@ -173,9 +174,11 @@ def dropped_positions(numel: int, p: float, device: torch.device, draws: int = 0
     The gaps between successive drops in a sequence of independent Bernoulli(p) trials are independent
     Geometric(p) variables on 1, 2, ...; their running sum gives the drop positions with the same joint
     distribution as one draw per element, from ~p * numel random numbers instead of `numel`. Each gap is drawn
-    by inversion, as `Tensor.geometric_` draws one but vectorised: for U uniform with 53 random bits,
-    floor(log U / log(1 - p)) + 1 = k with probability (1 - p)^(k - 1) p (to 2^-53). The default generator of
-    `device` draws them, so `torch.manual_seed` and checkpointing's RNG-state replay reproduce them.
+    by inversion, as `Tensor.geometric_` draws one but vectorised: for U = (n + 1/2) / 2^31, n a uniform 31-bit
+    integer, floor(log U / log(1 - p)) + 1 = k with probability (1 - p)^(k - 1) p to within 2^-31, the resolution
+    of the 31-bit generator `Tensor.bernoulli_` uses on CPU (with MKL); 31-bit integers cost half the generator
+    time of 53-bit doubles. The default generator of `device` draws them, so `torch.manual_seed` and
+    checkpointing's RNG-state replay reproduce them.
 
     Args:
         draws: gaps drawn at a time (0: enough for all but ~1e-9 of calls; more are drawn when needed).
@@ -187,8 +190,9 @@ def dropped_positions(numel: int, p: float, device: torch.device, draws: int = 0
     inverse_log_keep = 1.0 / math.log1p(-p)
     chunks, start = [], 0
     while True:
-        # U on [2^-53, 1): never 0, so every gap is finite (at most ~37 / p).
-        uniform = torch.empty(draws, dtype=torch.float64, device=device).uniform_(2.0**-53, 1.0)
+        # U in (0, 1), never 0, so every gap is finite (at most ~22 / p).
+        bits = torch.empty(draws, dtype=torch.int32, device=device).random_()  # uniform on [0, 2^31)
+        uniform = bits.to(torch.float64).add_(0.5).mul_(2.0**-31)
         gaps = uniform.log_().mul_(inverse_log_keep).long().add_(1)  # `long` floors: the values are >= 0
         ends = gaps.cumsum_(0).add_(start - 1)  # each drop one gap after the previous one
         inside = int(torch.searchsorted(ends, numel))
@@ -276,6 +280,11 @@ def _per_expert_buffer(like: torch.Tensor, shape: tuple, pieces: list) -> torch.
     return buffer
 
 
+def _columns(tensors: list) -> torch.Tensor:
+    """`tensors` side by side (`torch.cat` along dim 1), without a copy for one."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=1)
+
+
 def _rows_mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, alpha: float = 1.0, bias=None) -> torch.Tensor:
     """`out = alpha * a @ b (+ bias)`, with a one-row `a` computed as two rows: a one-row matmul takes BLAS's
     matrix-vector path, whose rounding depends on the weights' memory alignment (checkpoints loaded by mmap are
@@ -292,10 +301,11 @@ class _SortedMoLELinearFunction(torch.autograd.Function):
     """Base linear plus each token's expert LoRA, tokens sorted by expert, with inverted LoRA dropout (CPU training).
 
     For the rows of expert e: out = x W^T + b + g * (B_e (A_e drop(x) + bA_e) + bB_e), drop(x) zeroing the
-    elements at the flat positions `dropped` and scaling by `keep_scale` (as the GEMM's alpha on A_e x). Every
-    term is written into the output in place: the biases first (b + g bB_e per row, one `addcmul` per expert: the
-    bias broadcast the base addmm makes anyway), then the base x W^T and each expert's B product added in place
-    (beta = 1). The backward adds the base's input gradient into the LoRA's the same way. Beyond the matmuls
+    elements at the flat positions `dropped` and scaling by `keep_scale` (as the GEMM's alpha on A_e x). The base
+    product x W^T writes the output (beta = 0), and each expert's B product adds into its rows in place (beta = 1)
+    with the biases as extra inner columns ([g low | g | 1] against [B_e | bB_e | b]): the output gets the two
+    passes a plain addmm gives it (its bias broadcast, then its GEMM), not a third for the biases or the LoRA. The
+    backward adds the base's input gradient into the LoRA's the same way. Beyond the matmuls
     nothing passes over `[T, out]` or `[T, in]` except, with dropout, the zeroing of the dropped positions in x
     (saved for the A gradient; in x itself once the base product is done when `consume` is set and the base
     weight is frozen, else in a copy) and in the LoRA's input gradient.
@@ -308,7 +318,7 @@ class _SortedMoLELinearFunction(torch.autograd.Function):
         x = x.contiguous()
         pieces = _expert_pieces(counts)
         num_rows, rank = x.shape[0], lora_A.shape[1]
-        out = _SortedMoLELinearFunction._base(x, weight, bias, lora_B_bias, gate, pieces)  # [T, out]
+        out = x @ weight.t()  # [T, out]: the base product writes the output (beta = 0, no bias pass)
         lora_input = x
         if dropped is not None:
             # The base product is done: when the caller gives x up and the base weight is frozen (x is then not
@@ -322,32 +332,25 @@ class _SortedMoLELinearFunction(torch.autograd.Function):
             else:
                 _rows_mm(lora_input[piece], lora_A[expert].t(), out=low[piece], alpha=keep_scale,
                          bias=lora_A_bias[expert])  # fmt: skip
-        weighted = low * gate  # [T, r]
+        # The biases ride in each expert's B product as extra inner columns: [g A_e drop(x) | g | 1] against
+        # [B_e | bB_e | b], added into the base output in the one pass that adds B_e anyway.
+        ones = [gate.new_ones(num_rows, 1)] if bias is not None else []
+        weighted = _columns([low * gate] + ([gate] if lora_B_bias is not None else []) + ones)  # [T, r (+1) (+1)]
         for expert, piece in pieces:
+            b_weight = _columns(  # [out, r (+1) (+1)]
+                [lora_B[expert]]
+                + ([lora_B_bias[expert].unsqueeze(1)] if lora_B_bias is not None else [])
+                + ([bias.unsqueeze(1)] if bias is not None else [])
+            )
             if piece.stop - piece.start == 1:  # see `_rows_mm`
-                out[piece] += _rows_mm(weighted[piece], lora_B[expert].t(), out.new_empty(1, out.shape[1]))
+                out[piece] += _rows_mm(weighted[piece], b_weight.t(), out.new_empty(1, out.shape[1]))
             else:
-                out[piece].addmm_(weighted[piece], lora_B[expert].t())
+                out[piece].addmm_(weighted[piece], b_weight.t())
         ctx.counts, ctx.keep_scale = counts, keep_scale
         ctx.save_for_backward(
             x if weight.requires_grad else None, weight, lora_input, lora_A, lora_B, lora_B_bias, low, weighted,
             gate, dropped,
         )  # fmt: skip
-        return out
-
-    @staticmethod
-    def _base(x, weight, bias, lora_B_bias, gate, pieces) -> torch.Tensor:
-        """`[T, out]` x W^T + b (+ g bB_e per row of expert e)."""
-        num_rows = x.shape[0]
-        if lora_B_bias is None:
-            out = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()  # [T, out]
-        else:
-            out = x.new_empty(num_rows, weight.shape[0])
-            for expert, piece in pieces:  # b + g bB_e per row: the pass that broadcasts the bias anyway
-                torch.addcmul(
-                    bias if bias is not None else out.new_zeros(()), gate[piece], lora_B_bias[expert], out=out[piece]
-                )
-            out.addmm_(x, weight.t())
         return out
 
     @staticmethod
@@ -361,7 +364,7 @@ class _SortedMoLELinearFunction(torch.autograd.Function):
         grad_bt = grad_a = grad_a_bias = grad_gate = None
         if needs[4] or needs[6]:  # B^T and bB of each expert: one [r (+1), out] product, rows the weighted input
             grad_bt = _per_expert_buffer(grad, (num_experts, rank + with_b_bias, grad.shape[1]), pieces)
-            weighted_aug = torch.cat([weighted, gate], dim=1) if with_b_bias else weighted  # [T, r (+1)]
+            weighted_aug = weighted[:, : rank + with_b_bias]  # [T, r (+1)]: g A_e drop(x) (and g)
             for expert, piece in pieces:
                 torch.mm(weighted_aug[piece].t(), grad[piece], out=grad_bt[expert])
         grad_low = grad.new_empty(low.shape)  # [T, r]
