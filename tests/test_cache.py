@@ -11,7 +11,8 @@ from _distill_fixtures import NUM_STUDENT_TOKENS, STUDENT_DIM, STUDENT_GRID, TEA
 from _distill_fixtures import cache_settings as settings
 
 from movekd_hf.distill import KDLossConfig, MoVEKDDistiller, TeacherShape, build_teacher
-from movekd_hf.distill.cache import CachedTeachers, cache_key, find_cache_dir, random_orthogonal
+from movekd_hf.distill.cache import CachedTeachers, cache_key, find_cache_dir
+from movekd_hf.distill.cache_codec import random_orthogonal
 from movekd_hf.distill.cache_writer import TeacherInputs, cache_teacher_features, dataset_items, teacher_view
 from movekd_hf.training.data import load_source
 from movekd_hf.training.toy_data import make_toy_llava_dataset

@@ -23,25 +23,21 @@ from ..modeling.llava_conventions import (
 from ..modeling.mole import upcast
 from .cache import (
     META_FILE,
-    PROJECTION_FILE,
     REPO_SEPARATOR,
     REPO_TEACHERS,
     CacheSettings,
     StoredShape,
     TeacherCache,
-    TokenCodec,
     arrow_features,
     cache_dir_for,
     cache_key,
     find_cache_dir,
     key_hash,
-    pca_basis,
-    random_orthogonal,
     shard_paths,
     stored_grid,
     stored_shape,
-    tensors_sha256,
 )
+from .cache_codec import PROJECTION_FILE, TokenCodec, pca_basis, random_orthogonal, tensors_sha256
 from .teacher_views import make_views, view_settings
 from .teachers import Teacher, TeacherOutput, TeacherSpec
 

@@ -21,7 +21,7 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
 from .. import configs
-from ..distill.cache import COMPRESSION_KINDS, TOKEN_DTYPES
+from ..distill.cache_codec import COMPRESSION_KINDS, TOKEN_DTYPES
 from ..distill.losses import KD_LOSS_FIELDS, KD_LOSS_PRESETS, KDLossConfig
 from ..distill.presets import TEACHER_SETS
 from ..errors import InputError, SettingsError
