@@ -57,6 +57,13 @@ def test_mole_benchmark_ablation_adds_ours_without_each_piece(tmp_path, capsys):
     assert result["settings"]["ablation"] is True
 
 
+def test_mole_benchmark_core_runs_plain_ours_and_the_previous_round_only(tmp_path, capsys):
+    printed, result = run_script("bench_mole_overhead", tmp_path, capsys, "--core")
+    assert set(result["summary"]) == {"plain CLIP", "MoLE sparse (ours)", "MoLE sparse, bias pass"}
+    assert set(result["ours_over"]) == {"bias pass"} and "ours / bias pass dispatch" in printed
+    assert result["max_abs_difference_vs_ours"] < 1e-5  # the previous round's linear computes ours' values
+
+
 def test_forward_wrapper_benchmark_compares_with_llava_on_one_model(tmp_path, capsys):
     printed, result = run_script("bench_forward_wrapper", tmp_path, capsys)
     assert "MoVE-KD adds" in printed and set(result["results"]) == {"forward (no_grad)", "forward+backward"}
