@@ -121,8 +121,9 @@ class _BiasPassFunction(_SortedMoLELinearFunction):
         for expert, piece in pieces:
             torch.addcmul(bias, gate[piece], lora_B_bias[expert], out=out[piece])
         out.addmm_(x, weight.t())
-        lora_input = x if consume and not weight.requires_grad else x.clone()
+        lora_input = x
         if dropped is not None:
+            lora_input = x if consume and not weight.requires_grad else x.clone()
             lora_input.view(-1).index_fill_(0, dropped, 0.0)
         low = x.new_empty(x.shape[0], lora_A.shape[1])  # [T, r]
         for expert, piece in pieces:
