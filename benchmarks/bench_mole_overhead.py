@@ -54,15 +54,12 @@ from movekd_hf.modeling.modeling_movekd import vision_encoder_layers  # noqa: E4
 from movekd_hf.modeling.mole import (  # noqa: E402
     MoLELinear,
     MoLEMLP,
-    SortedRouting,
-    _expert_pieces,
-    _rows_mm,
-    _SortedMoLELinearFunction,
     expert_gate,
     init_mole_linear,
     mole_mlp_from,
     top1_route,
 )
+from movekd_hf.modeling.mole_sorted import SortedMoLELinearFunction, SortedRouting, _expert_pieces, _rows_mm  # noqa: E402
 
 VIT_L = dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16, image_size=336, patch_size=14)
 QUICK = dict(hidden_size=64, intermediate_size=256, num_attention_heads=4, image_size=56, patch_size=14)
@@ -109,7 +106,7 @@ def _dropped_positions_53_bit(numel: int, p: float, device: torch.device) -> tor
         start = int(ends[-1]) + 1
 
 
-class _BiasPassFunction(_SortedMoLELinearFunction):
+class _BiasPassFunction(SortedMoLELinearFunction):
     """The sorted linear's forward before its biases joined the B GEMMs (with LoRA and base biases, as here): b +
     g bB_e written per expert by `addcmul`, then the base x W^T and each expert's B product added in place. Its
     saved tensors are ours', so ours' backward serves it."""

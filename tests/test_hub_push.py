@@ -56,7 +56,7 @@ def test_push_uploads_everything_in_one_commit(run_dir, token, monkeypatch):
     checkpoint = run_dir / "checkpoint"
     expected_local = {
         "config.json", "model.safetensors", "generation_config.json", "configuration_movekd.py",
-        "modeling_movekd.py", "mole.py", "processing_movekd.py", "llava_conventions.py", "processor_config.json",
+        "modeling_movekd.py", "mole.py", "mole_sorted.py", "processing_movekd.py", "llava_conventions.py", "processor_config.json",
         "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
     }  # fmt: skip
     expected = expected_local | {"README.md", "plots/loss.png", "plots/router_balance.png"}

@@ -28,7 +28,14 @@ def _mole_key(name: str) -> bool:
 def test_init_tiny_preset_writes_a_loadable_checkpoint(tmp_path, photo, capsys):
     assert main(["init", "--preset", "tiny", "--out", str(tmp_path), "--faithful"]) == 0
     files = {p.name for p in tmp_path.iterdir()}
-    assert {"config.json", "model.safetensors", "modeling_movekd.py", "mole.py", "configuration_movekd.py"} <= files
+    assert {
+        "config.json",
+        "model.safetensors",
+        "modeling_movekd.py",
+        "mole.py",
+        "mole_sorted.py",
+        "configuration_movekd.py",
+    } <= files
     assert {"processing_movekd.py", "processor_config.json", "tokenizer.json"} <= files
     model = MoVEKDForConditionalGeneration.from_pretrained(tmp_path)
     assert model.config.is_faithful

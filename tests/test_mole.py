@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from movekd_hf import MoVEKDConfig
-from movekd_hf.modeling.mole import MoLEMLP, dropped_positions, expert_gate
+from movekd_hf.modeling.mole import MoLEMLP, expert_gate
+from movekd_hf.modeling.mole_sorted import dropped_positions
 
 HIDDEN, INTERMEDIATE, EXPERTS, RANK = 12, 20, 3, 5
 

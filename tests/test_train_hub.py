@@ -15,7 +15,7 @@ from movekd_hf.training.checkpoint import LLM_LORA_DIR
 REPO_ID = "me/movekd-tiny-run"
 LOADABLE = {
     "config.json", "model.safetensors", "generation_config.json", "configuration_movekd.py", "modeling_movekd.py",
-    "mole.py", "processing_movekd.py", "processor_config.json", "tokenizer.json", "tokenizer_config.json",
+    "mole.py", "mole_sorted.py", "processing_movekd.py", "processor_config.json", "tokenizer.json", "tokenizer_config.json",
     "chat_template.jinja", "README.md",
 }  # fmt: skip
 NEVER_UPLOADED = (

@@ -128,7 +128,8 @@ def trained_run(tmp_path_factory):
 def test_checkpoint_is_a_vlm_plus_training_state_without_teachers(trained_run):
     trainer, checkpoint = trained_run
     names = {path.name for path in checkpoint.iterdir()}
-    model_files = {"config.json", "model.safetensors", "modeling_movekd.py", "configuration_movekd.py", "mole.py"}
+    model_files = {"config.json", "model.safetensors", "modeling_movekd.py", "configuration_movekd.py"}
+    model_files |= {"mole.py", "mole_sorted.py"}
     processor_files = {"processing_movekd.py", "processor_config.json", "tokenizer.json", "README.md"}
     resume_files = {
         "optimizer.pt",

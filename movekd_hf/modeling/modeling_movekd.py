@@ -32,6 +32,10 @@ from .configuration_movekd import MoVEKDConfig, MoVEKDNextConfig, MoVEKDOnevisio
 from .llava_conventions import patch_tokens, student_grid
 from .mole import MoLEMLP, init_mole_linear, mole_mlp_from
 
+# `mole.py` imports it; named here as well because transformers 4.57, loading a local checkpoint's remote code,
+# copies only the relative imports of the model's own file (the Hub path follows them further).
+from .mole_sorted import SortedMoLELinearFunction  # noqa: F401
+
 logger = transformers.logging.get_logger(__name__)
 
 
