@@ -12,7 +12,7 @@ A checkpoint folder is a loadable VLM first (`save_pretrained` of `MoVEKDForCond
 
 Teacher weights are never written: teachers live outside the trained module.
 
-Reliability (the trainer's side is in trainer.py):
+Reliability (the trainer's side is in trainer_saving.py):
 - A checkpoint is written under `_incomplete/checkpoint-N` and renamed to `checkpoint-N` once every file (every
   rank's) is in: a folder named `checkpoint-N` is complete, whatever killed the run while saving.
 - Resuming "from the newest" (`resume_from_checkpoint: true`) takes the newest folder that holds weights and
