@@ -81,7 +81,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--random-weights", action="store_true", help="build teachers without weights (tests)")
     parser.add_argument("--checkpoint", action="append", metavar="SLUG=PATH", help="local weights for a teacher")
-    parser.add_argument("--revision", action="append", metavar="SLUG=REV", help="weights revision, part of the key")
+    parser.add_argument(
+        "--revision",
+        action="append",
+        metavar="SLUG=REV",
+        help="Hub revision of a teacher's weights (loaded, and keyed)",
+    )
     parser.add_argument(
         "--grid",
         default="student",
@@ -175,21 +180,23 @@ def _read_teachers_json(path: str) -> list:
 
 
 def _specs(args: argparse.Namespace) -> list:
-    from dataclasses import replace
-
     from movekd_hf.distill.presets import teacher_specs
-    from movekd_hf.errors import SettingsError
 
     if args.teachers_json:
         specs = _read_teachers_json(args.teachers_json)
     else:
         specs = teacher_specs(args.teacher_set, pretrained=not args.random_weights, sam_layout=args.sam_layout)
-    checkpoints = _pairs(args.checkpoint, "--checkpoint")
-    unknown = set(checkpoints) - {s.slug for s in specs}
-    if unknown:
-        raise SettingsError(f"names teachers {sorted(unknown)} not in the set", field="--checkpoint",
-                            expected=f"slugs of {[s.slug for s in specs]}")  # fmt: skip
-    return [replace(s, checkpoint=checkpoints[s.slug]) if s.slug in checkpoints else s for s in specs]
+    return _with_weights_options(specs, args)
+
+
+def _with_weights_options(specs: list, args: argparse.Namespace) -> list:
+    """`specs` with `--checkpoint SLUG=PATH` and `--revision SLUG=REV` applied (a `SettingsError` names an option
+    that names a teacher `specs` lack)."""
+    from movekd_hf.training.teacher_source import override_specs
+
+    options = {"checkpoint": ("--checkpoint", _pairs(args.checkpoint, "--checkpoint")),
+               "revision": ("--revision", _pairs(args.revision, "--revision"))}  # fmt: skip
+    return override_specs(specs, options)
 
 
 def _compress(args: argparse.Namespace) -> dict[str, int]:
@@ -217,7 +224,6 @@ def _settings(args: argparse.Namespace, specs: list):
         image_aspect=args.image_aspect,
         # The default is what the collator pads with for a CLIP processor.
         background=args.background or CLIP_MEAN_COLOUR,
-        revisions=_pairs(args.revision, "--revision"),
         **_compression(args),
     )
 
@@ -254,19 +260,13 @@ def _teachers_like_training(args: argparse.Namespace):
     from transformers import AutoProcessor
 
     from movekd_hf.cli import loading
-    from movekd_hf.errors import SettingsError
     from movekd_hf.models import checkpoint_classes
     from movekd_hf.training.teacher_source import build_teachers, run_teacher_specs, teacher_cache_settings
 
     with loading("--model", args.model):
         vlm = checkpoint_classes(args.model)[0].from_pretrained(args.model)
         image_processor = AutoProcessor.from_pretrained(args.model).image_processor
-    try:
-        specs = run_teacher_specs(args.teacher_set, not args.random_weights, _pairs(args.checkpoint, "--checkpoint"))
-    except SettingsError:
-        raise
-    except ValueError as error:  # a --checkpoint for a teacher the set does not have
-        raise SettingsError(str(error), field="--checkpoint") from None
+    specs = _with_weights_options(run_teacher_specs(args.teacher_set, not args.random_weights, {}), args)
     torch.manual_seed(args.seed)  # the trainer seeds before building its teachers, in this order
     # build_teachers with no specs builds the anchor alone; the others follow in the same order, as it would.
     teachers = build_teachers(vlm, [], image_processor.image_mean, image_processor.image_std)

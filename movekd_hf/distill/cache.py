@@ -77,7 +77,6 @@ class CacheSettings:
     compression_seed: seeds the random projection, or the pick of PCA calibration images.
     calibration_images: images the PCA basis is fitted on (the first of a seeded permutation of the dataset).
     token_dtype: number format of the stored tokens: "float16", "int8" or "float8_e4m3fn" (per-token scales).
-    revisions: teacher slug -> weights revision (Hub commit or tag), part of the key.
     """
 
     student_grid: tuple[int, int] = (24, 24)
@@ -90,7 +89,6 @@ class CacheSettings:
     compression: str = "random"
     calibration_images: int = 256
     token_dtype: str = TOKEN_DTYPE
-    revisions: Mapping[str, str] = field(default_factory=dict)
     teacher_inputs: str = "views"
 
     def __post_init__(self) -> None:
@@ -138,7 +136,7 @@ def cache_key(spec: TeacherSpec, settings: CacheSettings) -> dict:
             "slug": spec.slug,
             "backend": spec.backend,
             "model_id": spec.model_id,
-            "revision": settings.revisions.get(spec.slug),
+            "revision": spec.revision,  # the weights' Hub revision (TeacherSpec.revision)
             "checkpoint": spec.checkpoint,
             "filename": spec.filename,
             "pretrained": spec.pretrained,

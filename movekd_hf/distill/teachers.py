@@ -47,6 +47,8 @@ class TeacherSpec:
     model_id: Hub id (transformers / vitdet), timm model name, or a local folder or file.
     pretrained: load real weights (from `checkpoint` if given, else `model_id`); False builds the architecture
         from `config` with random weights (tests, meta-device plans).
+    revision: the Hub revision (branch, tag or commit) the weights are downloaded at; None: the default branch.
+        Not used for a local `checkpoint` (timm: only weights hosted on the Hub, `hf_hub_id` or `hf-hub:`).
     resize_mode: "crop" (shortest side to image_size, centre crop; CLIP-style), "pad" (longest side to
         image_size, pad bottom/right after normalising; SAM-style), "squash" (resize both sides).
     resize_size: "crop" only: the shortest side's size before the centre crop (None: image_size), as
@@ -85,6 +87,7 @@ class TeacherSpec:
     pretrained: bool = True
     checkpoint: str | None = None
     filename: str | None = None
+    revision: str | None = None
     model_class: str = "AutoModel"
     config: Mapping = field(default_factory=dict)
     sam_layout: str = "grid"
@@ -384,7 +387,8 @@ def load_transformers_teacher(spec: TeacherSpec) -> nn.Module:
         if spec.weights_prefix and "model_type" in spec.config:
             sizes = dict(spec.config)
             tower = AutoConfig.for_model(sizes.pop("model_type"), **sizes)
-        return cls.from_pretrained(spec.checkpoint or spec.model_id, key_mapping=mapping, config=tower)
+        hub = {} if spec.checkpoint or spec.revision is None else {"revision": spec.revision}
+        return cls.from_pretrained(spec.checkpoint or spec.model_id, key_mapping=mapping, config=tower, **hub)
     config = dict(spec.config)
     if "model_type" not in config:
         raise ValueError(f"teacher {spec.slug!r}: building without weights needs config['model_type']")
@@ -457,14 +461,29 @@ def load_timm_teacher(spec: TeacherSpec) -> nn.Module:
     kwargs = dict(spec.config)
     name = spec.model_id
     if spec.pretrained and spec.checkpoint and spec.checkpoint.startswith("hf-hub:"):
-        name = spec.checkpoint  # a timm repository on the Hub: its config.json and weights
+        name = spec.checkpoint + (f"@{spec.revision}" if spec.revision else "")  # a timm repository on the Hub
     elif spec.pretrained and spec.checkpoint and os.path.isdir(spec.checkpoint):
         # A folder written by timm (config.json + weights), as on the Hub: timm reads both from it.
         name = f"local-dir:{os.fspath(spec.checkpoint)}"
     elif spec.pretrained and spec.checkpoint:
         # A bare weights file replaces the Hub download; timm still applies its own key filtering.
         kwargs["pretrained_cfg_overlay"] = dict(file=os.fspath(spec.checkpoint))
+    elif spec.pretrained and spec.revision:
+        kwargs["pretrained_cfg_overlay"] = dict(hf_hub_id=f"{_timm_hub_id(spec)}@{spec.revision}")
     return timm.create_model(name, pretrained=spec.pretrained, **kwargs)
+
+
+def _timm_hub_id(spec: TeacherSpec) -> str:
+    """The Hub repository timm downloads `spec.model_id`'s weights from (`@revision` pins one there)."""
+    from timm.models import get_pretrained_cfg
+
+    config = get_pretrained_cfg(spec.model_id)
+    if config is None or not config.hf_hub_id:
+        raise ValueError(
+            f"teacher {spec.slug!r}: revision {spec.revision!r} needs weights hosted on the Hub, but timm's "
+            f"{spec.model_id!r} has no `hf_hub_id`"
+        )
+    return config.hf_hub_id
 
 
 def timm_depth(model: nn.Module) -> int | None:
@@ -501,7 +520,7 @@ def load_vitdet_teacher(spec: TeacherSpec) -> nn.Module:
 
             if not spec.filename:
                 raise ValueError(f"teacher {spec.slug!r}: a Hub vitdet checkpoint needs TeacherSpec.filename")
-            path = hf_hub_download(spec.model_id, spec.filename)
+            path = hf_hub_download(spec.model_id, spec.filename, revision=spec.revision)
         load_eva02_det_state_dict(model, path)
     return model
 

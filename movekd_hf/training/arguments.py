@@ -63,6 +63,11 @@ class MoVEKDModelArguments:
     teacher_checkpoints: str | None = field(
         default=None, metadata={"help": "Local teacher weights, `slug=path,slug=path` (replaces Hub downloads)."}
     )
+    teacher_revisions: str | None = field(
+        default=None,
+        metadata={"help": "Hub revisions of teacher weights, `slug=rev,slug=rev` (branch, tag or commit; part of the "
+                  "feature cache's key, as `cache-teachers --revision` writes it)."},
+    )  # fmt: skip
     teacher_source: str = field(default="online", metadata={"help": f"One of {TEACHER_SOURCES}."})
     teacher_cache_dir: str | None = field(default=None, metadata={"help": "Feature cache folder (`cached` source)."})
     teacher_cache_grid: str = field(
@@ -132,13 +137,22 @@ class MoVEKDModelArguments:
 
     def checkpoint_map(self) -> dict[str, str]:
         """`teacher_checkpoints` as {slug: path}."""
-        mapping = {}
-        for item in filter(None, (self.teacher_checkpoints or "").split(",")):
-            slug, sep, path = item.partition("=")
-            if not sep or not path:
-                raise ValueError(f"`teacher_checkpoints` entries are `slug=path`, got {item!r}")
-            mapping[slug.strip()] = path.strip()
-        return mapping
+        return _slug_map("teacher_checkpoints", self.teacher_checkpoints, "path")
+
+    def revision_map(self) -> dict[str, str]:
+        """`teacher_revisions` as {slug: revision}."""
+        return _slug_map("teacher_revisions", self.teacher_revisions, "rev")
+
+
+def _slug_map(name: str, text: str | None, value: str) -> dict[str, str]:
+    """`slug=value,slug=value` -> {slug: value}; a malformed entry raises `ValueError` naming the field `name`."""
+    mapping = {}
+    for item in filter(None, (text or "").split(",")):
+        slug, sep, found = item.partition("=")
+        if not sep or not found:
+            raise ValueError(f"`{name}` entries are `slug={value}`, got {item!r}")
+        mapping[slug.strip()] = found.strip()
+    return mapping
 
 
 @dataclass

@@ -166,10 +166,11 @@ def _adapters_from(args: MoVEKDTrainingArguments) -> str | None:
 
 
 def recorded_teachers(distiller: MoVEKDDistiller | None, specs: Sequence[TeacherSpec] | None) -> list:
-    """train_config.json's `teachers`: `{"name", "model_id", "pretrained"}` per teacher the run distils, from
-    the specs it built them from (hub_cards.card.resolve_teachers reads this shape). The anchor (`clip`/`siglip`) is the
-    student's own tower as training began: no id of its own (`model_id` None), so the card credits it through
-    the run's teacher set. Without specs (a ready teacher source), the slugs alone."""
+    """train_config.json's `teachers`: `{"name", "model_id", "pretrained"}` (and `"revision"` where one was
+    pinned) per teacher the run distils, from the specs it built them from (hub_cards.card.resolve_teachers reads
+    this shape). The anchor (`clip`/`siglip`) is the student's own tower as training began: no id of its own
+    (`model_id` None), so the card credits it through the run's teacher set. Without specs (a ready teacher
+    source), the slugs alone."""
     if distiller is None:
         return []
     if specs is None:
@@ -177,6 +178,7 @@ def recorded_teachers(distiller: MoVEKDDistiller | None, specs: Sequence[Teacher
     by_slug = {spec.slug: spec for spec in specs}
     return [
         {"name": slug, "model_id": by_slug[slug].model_id, "pretrained": by_slug[slug].pretrained}
+        | ({"revision": by_slug[slug].revision} if by_slug[slug].revision else {})
         if slug in by_slug
         else {"name": slug, "model_id": None, "pretrained": None}
         for slug in distiller.teacher_names

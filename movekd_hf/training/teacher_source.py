@@ -247,14 +247,32 @@ def teacher_cache_settings(
     )
 
 
-def run_teacher_specs(teacher_set: str, pretrained: bool, checkpoints: Mapping[str, str]) -> list[TeacherSpec]:
+def run_teacher_specs(
+    teacher_set: str, pretrained: bool, checkpoints: Mapping[str, str], revisions: Mapping[str, str] | None = None
+) -> list[TeacherSpec]:
     """Specs of the non-anchor teachers of a set (its `clip` entry is the anchor, the student's own tower: left
-    out here, built by `build_teachers`), with local checkpoints swapped in."""
+    out here, built by `build_teachers`), with local checkpoints (slug -> path) and Hub revisions (slug ->
+    branch, tag or commit) swapped in. Raises `SettingsError` naming `teacher_checkpoints` / `teacher_revisions`
+    and the slugs the set lacks."""
     specs = [spec for spec in teacher_specs(teacher_set, pretrained=pretrained) if spec.slug != ANCHOR]
-    unknown = sorted(set(checkpoints) - {spec.slug for spec in specs})
-    if unknown:
-        raise ValueError(f"`teacher_checkpoints` names {unknown}, not teachers of set {teacher_set!r}")
-    return [replace(spec, checkpoint=checkpoints[spec.slug]) if spec.slug in checkpoints else spec for spec in specs]
+    options = {"checkpoint": ("teacher_checkpoints", checkpoints), "revision": ("teacher_revisions", revisions)}
+    return override_specs(specs, options)
+
+
+def override_specs(specs: list[TeacherSpec], options: Mapping[str, tuple]) -> list[TeacherSpec]:
+    """`specs` with per-teacher `TeacherSpec` fields replaced: `options` maps a field name to (the option that
+    sets it, {slug: value} or None). A slug not among `specs` raises `SettingsError` naming the option."""
+    slugs = sorted(spec.slug for spec in specs)
+    for option, values in options.values():
+        unknown = sorted(set(values or {}) - set(slugs))
+        if unknown:
+            raise SettingsError(f"names {unknown}, not teachers of this set", field=option, expected=f"one of {slugs}")
+    return [
+        replace(
+            spec, **{name: values[spec.slug] for name, (_, values) in options.items() if spec.slug in (values or {})}
+        )
+        for spec in specs
+    ]
 
 
 def build_teachers(vlm: nn.Module, specs: list[TeacherSpec], image_mean=None, image_std=None) -> dict[str, Teacher]:
