@@ -3,7 +3,8 @@ weights load, and the feature cache's key records it.
 
 The Hub is a real huggingface_hub cache on disk holding two revisions of each repository (`main` and the tag `v2`,
 different weights), read offline in a fresh process (`HF_HUB_CACHE`, `HF_HUB_OFFLINE=1`): the same resolution a
-download takes once the files are cached, for a transformers teacher (tiny SAM) and a timm one (ConvNeXt).
+download takes once the files are cached, for a transformers teacher (tiny SAM), a timm one (ConvNeXt) and the
+`vitdet` backend's single file (EVA-02 ViTDet).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from movekd_hf.training.toy_data import make_toy_llava_dataset
 COMMITS = {"main": "a" * 40, "v2": "b" * 40}
 SEEDS = {"main": 0, "v2": 1}
 SAM_REPO = "movekd-test/tiny-sam"
+EVA_REPO = "movekd-test/tiny-eva-det"  # a file of the authors' ViTDet layout (`vitdet` backend)
 
 
 def _weights(spec, revision: str) -> torch.nn.Module:
@@ -61,6 +63,12 @@ def hub(tmp_path_factory) -> Path:
         _timm_hub_id(convnext),
         lambda folder, rev: save_file(_weights(convnext, rev).state_dict(), folder / "model.safetensors"),
     )
+    eva = tiny_spec("eva")
+    _publish(
+        hub,
+        EVA_REPO,
+        lambda folder, rev: save_file(_weights(eva, rev).state_dict(), folder / "eva02_det.safetensors"),
+    )
     return hub
 
 
@@ -73,6 +81,7 @@ def _offline(hub: Path, script: str, *args: str) -> None:
 HUB_SPECS = {
     "sam": replace(tiny_spec("sam"), model_id=SAM_REPO, pretrained=True),
     "convnext": replace(tiny_spec("convnext"), pretrained=True),
+    "eva": replace(tiny_spec("eva"), model_id=EVA_REPO, filename="eva02_det.safetensors", pretrained=True),
 }
 
 TEACHER_SCRIPT = """
@@ -91,7 +100,7 @@ torch.save(out, sys.argv[2])
 
 
 def test_a_teacher_loads_the_weights_of_its_revision(hub, tmp_path):
-    """revision None takes the default branch (`main`), "v2" the tag's weights, for both backends."""
+    """revision None takes the default branch (`main`), "v2" the tag's weights, for every backend."""
     out = tmp_path / "tokens.pt"
     _offline(hub, TEACHER_SCRIPT, json.dumps({slug: asdict(spec) for slug, spec in HUB_SPECS.items()}), str(out))
     got = torch.load(out)
