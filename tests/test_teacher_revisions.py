@@ -34,6 +34,7 @@ from movekd_hf.training.toy_data import make_toy_llava_dataset
 COMMITS = {"main": "a" * 40, "v2": "b" * 40}
 SEEDS = {"main": 0, "v2": 1}
 SAM_REPO = "movekd-test/tiny-sam"
+SIGLIP_REPO = "movekd-test/tiny-siglip"  # its config differs between revisions
 EVA_REPO = "movekd-test/tiny-eva-det"  # a file of the authors' ViTDet layout (`vitdet` backend)
 
 
@@ -69,7 +70,23 @@ def hub(tmp_path_factory) -> Path:
         EVA_REPO,
         lambda folder, rev: save_file(_weights(eva, rev).state_dict(), folder / "eva02_det.safetensors"),
     )
+    _publish(hub, SIGLIP_REPO, _siglip)
     return hub
+
+
+def _siglip(folder: Path, revision: str) -> None:
+    """A SigLIP vision tower whose depth differs between revisions (2 layers on main, 3 on v2), with its processor."""
+    import transformers
+
+    config = transformers.SiglipVisionConfig(
+        hidden_size=36, intermediate_size=44, num_hidden_layers=2 + SEEDS[revision], num_attention_heads=2,
+        image_size=32, patch_size=8,
+    )  # fmt: skip
+    torch.manual_seed(SEEDS[revision])
+    transformers.SiglipVisionModel(config).save_pretrained(folder)
+    processor = dict(do_resize=True, size={"height": 32, "width": 32}, resample=2, do_rescale=True, do_normalize=True,
+                     image_mean=[0.5] * 3, image_std=[0.5] * 3)  # fmt: skip
+    (folder / "preprocessor_config.json").write_text(json.dumps(processor))
 
 
 def _offline(hub: Path, script: str, *args: str) -> None:
@@ -188,3 +205,24 @@ def test_the_run_record_names_a_pinned_revision():
     specs = [replace(tiny_spec("sam"), revision="v2"), tiny_spec("convnext")]
     records = {record["name"]: record for record in recorded_teachers(Distiller(), specs)}
     assert records["sam"]["revision"] == "v2" and "revision" not in records["convnext"]
+
+
+BY_ID_SCRIPT = """
+import json, sys
+from movekd_hf.distill import build_teacher, teacher_from_pretrained
+out = {}
+for revision in (None, "v2"):
+    spec = teacher_from_pretrained(sys.argv[1], revision=revision)
+    teacher = build_teacher(spec)
+    layers = {key.split("layers.")[1].split(".")[0] for key in teacher.model.state_dict() if "layers." in key}
+    out[str(revision)] = [spec.revision, spec.config["num_hidden_layers"], len(layers)]
+json.dump(out, open(sys.argv[2], "w"))
+"""
+
+
+def test_a_teacher_by_id_reads_its_configs_at_the_revision(hub, tmp_path):
+    """`teacher_from_pretrained(id, revision=...)` reads config.json at that revision (the v2 tower is deeper) and
+    the spec it writes loads those weights."""
+    out = tmp_path / "by_id.json"
+    _offline(hub, BY_ID_SCRIPT, SIGLIP_REPO, str(out))
+    assert json.loads(out.read_text()) == {"None": [None, 2, 2], "v2": ["v2", 3, 3]}

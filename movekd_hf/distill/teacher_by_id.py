@@ -104,12 +104,12 @@ TIMM_READS = ("last_hidden_state", "feature_map")
 NO_NORMALISATION = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
 
 
-def _hub_json(name_or_path: str, filename: str) -> dict | None:
-    """`filename` of a local folder or Hub repository as a dict; None when the repository has no such file."""
+def _hub_json(name_or_path: str, filename: str, revision: str | None = None) -> dict | None:
+    """`filename` of a local folder or Hub repository (at `revision`) as a dict; None when there is no such file."""
     from transformers.utils import cached_file
 
     try:
-        path = cached_file(name_or_path, filename, _raise_exceptions_for_missing_entries=False)
+        path = cached_file(name_or_path, filename, revision=revision, _raise_exceptions_for_missing_entries=False)
     except OSError as error:
         raise InputError(
             f"teacher {name_or_path!r}: cannot read {filename} ({error})",
@@ -193,7 +193,7 @@ def _read_fields(read: str | int, offered: tuple[str, ...], depth: int | None, n
     return dict(output=read)
 
 
-def _transformers_fields(config: Mapping, name: str, read: str | int | None) -> dict[str, Any]:
+def _transformers_fields(config: Mapping, name: str, read: str | int | None, revision: str | None) -> dict[str, Any]:
     from transformers import AutoConfig
 
     model_type = config.get("model_type")
@@ -203,7 +203,7 @@ def _transformers_fields(config: Mapping, name: str, read: str | int | None) -> 
             f"teacher {name!r} has model_type {model_type!r}, which no teacher reader knows",
             field="model_type", expected=f"one of {sorted(FAMILIES)}, or a timm model",
         )  # fmt: skip
-    tower = AutoConfig.from_pretrained(name)
+    tower = AutoConfig.from_pretrained(name, revision=revision)
     tower = getattr(tower, family.vision_key) if family.vision_key else tower
     sizes = {k: v for k, v in tower.to_dict().items() if k not in ("architectures", "transformers_version", "dtype")}
     fields = _read_fields(family.reads[0] if read is None else read, family.reads, config_depth(tower), name)
@@ -219,7 +219,7 @@ def _transformers_fields(config: Mapping, name: str, read: str | int | None) -> 
     )
     if fields["output"] == "neck":  # SAM-family necks are 256-channel maps that the authors' layout may apply to
         fields["num_prefix_tokens"], fields["has_cls"] = 0, False
-    processor = _hub_json(name, "preprocessor_config.json")
+    processor = _hub_json(name, "preprocessor_config.json", revision)
     if processor is not None:
         fields.update(_processor_view(processor, name))
     elif not family.normalises_inside:
@@ -259,6 +259,7 @@ def teacher_from_pretrained(
     image_size: int | None = None,
     pretrained: bool = True,
     keep_prefix_tokens: bool = False,
+    revision: str | None = None,
     **fields: Any,
 ) -> TeacherSpec:
     """The `TeacherSpec` of a transformers vision model (a model type of `FAMILIES`) or a timm model (a config.json
@@ -272,20 +273,23 @@ def teacher_from_pretrained(
     slug: the teacher's key (default: the model type / timm architecture). image_size: input size instead of the
         processor's (a "crop" view keeps its resize-to-crop ratio). pretrained: False builds from the config with
         random weights. keep_prefix_tokens: also return the CLS/register tokens (`TeacherOutput.prefix`).
+    revision: the Hub revision (branch, tag or commit) the configs are read at and the weights will load from.
     fields: other `TeacherSpec` fields, which override what was read.
 
     Raises `InputError` when no config can be read, `SettingsError` for an unknown model type, a `read` the model
     does not offer, a layer out of range, or a preprocessing the spec cannot express; each names the id.
     """
-    config = _hub_json(name_or_path, "config.json")
+    config = _hub_json(name_or_path, "config.json", revision)
     if config is None:
         raise InputError(f"teacher {name_or_path!r} has no config.json", expected="a Hub id or a local model folder")
     if "architecture" in config:
         found = _timm_fields(config, name_or_path, read)
     else:
-        found = {"model_id": name_or_path, **_transformers_fields(config, name_or_path, read)}
+        found = {"model_id": name_or_path, **_transformers_fields(config, name_or_path, read, revision)}
     default_slug = found["model_id"].split(".")[0] if found["backend"] == "timm" else config["model_type"]
-    spec = TeacherSpec(**{**found, "slug": (slug or default_slug).lower(), "pretrained": pretrained})
+    spec = TeacherSpec(
+        **{**found, "slug": (slug or default_slug).lower(), "pretrained": pretrained, "revision": revision}
+    )
     if image_size is not None:
         ratio = (spec.resize_size or spec.image_size) / spec.image_size
         spec = replace(spec, image_size=image_size, resize_size=None if ratio == 1 else round(image_size * ratio))
