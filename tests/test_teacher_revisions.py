@@ -186,7 +186,7 @@ def test_revision_options_name_the_field_and_the_unknown_teacher(capsys):
     assert args.revision_map() == {"sam": "v2", "convnext": "abc123"}
     specs = {spec.slug: spec for spec in run_teacher_specs("tiny", False, {}, args.revision_map())}
     assert specs["sam"].revision == "v2" and specs["convnext"].revision == "abc123"
-    with pytest.raises(ValueError, match=r"`teacher_revisions` entries are `slug=rev`, got 'sam'"):
+    with pytest.raises(SettingsError, match=r"field 'teacher_revisions': entry 'sam' is not slug=rev"):
         MoVEKDModelArguments(preset="tiny", teacher_revisions="sam").revision_map()
     with pytest.raises(SettingsError, match=r"field 'teacher_revisions': names \['eva'\], not teachers of this set"):
         run_teacher_specs("tiny", False, {}, {"eva": "v2"})

@@ -145,12 +145,15 @@ class MoVEKDModelArguments:
 
 
 def _slug_map(name: str, text: str | None, value: str) -> dict[str, str]:
-    """`slug=value,slug=value` -> {slug: value}; a malformed entry raises `ValueError` naming the field `name`."""
+    """`slug=value,slug=value` -> {slug: value}; a malformed entry raises `SettingsError` naming the field `name`
+    (the command line prints it as one line)."""
     mapping = {}
     for item in filter(None, (text or "").split(",")):
         slug, sep, found = item.partition("=")
-        if not sep or not found:
-            raise ValueError(f"`{name}` entries are `slug={value}`, got {item!r}")
+        if not sep or not slug.strip() or not found.strip():
+            raise SettingsError(
+                f"entry {item!r} is not slug={value}", field=name, expected=f"slug={value},slug={value}"
+            )
         mapping[slug.strip()] = found.strip()
     return mapping
 
