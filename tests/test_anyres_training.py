@@ -3,8 +3,9 @@
 On real photos of several aspect ratios (skimage's astronaut, chelsea, coffee and a wide crop of coffee) and the tiny
 OneVision checkpoint of `_onevision_fixtures.py` (32 px tiles, pinpoints up to 64 x 64: the base view plus up to 4
 tiles): training ids are the processor's ids; the student gets the processor's pixels; each teacher sees the
-student's tiles, in the tower's order, cut from the raw image; the KD and balance terms average over tiles; and
-`movekd-hf train` trains a folder made by `movekd-hf init --onevision` with the `tiny` teachers.
+student's tiles, in the tower's order, cut from the raw image; the KD and balance terms average over tiles;
+`movekd-hf train` trains a folder made by `movekd-hf init --onevision` with the `tiny` teachers; and
+`movekd-hf cache-teachers --model` caches a row per tile, from which training computes the online loss.
 """
 
 from __future__ import annotations
@@ -16,19 +17,13 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from _onevision_fixtures import TILE, save_stock_onevision
+from _onevision_fixtures import PINPOINTS, TILE, save_stock_onevision
 from PIL import Image
 
+from movekd_hf.distill.anyres_tiles import anyres_layout, tile_views
 from movekd_hf.distill.teacher_views import ViewSettings
 from movekd_hf.errors import InputError
-from movekd_hf.training.anyres import (
-    AnyResImageTokens,
-    MoVEKDAnyResCollator,
-    anyres_layout,
-    collator_for,
-    image_token_counter,
-    tile_views,
-)
+from movekd_hf.training.anyres import AnyResImageTokens, MoVEKDAnyResCollator, collator_for, image_token_counter
 from movekd_hf.training.data import (
     BadSampleError,
     BadSampleReport,
@@ -392,18 +387,132 @@ def test_movekd_hf_train_trains_an_init_onevision_folder_with_the_tiny_teachers(
     assert saved["model_type"] == "movekd_llava_onevision"
 
 
-def test_a_feature_cache_is_refused_for_a_onevision_student_in_one_line(folders, tmp_path, capsys):
-    """The cache keys one entry per image; a OneVision student distils tiles: `teacher_source: cached` and
-    `cache-teachers --model` say so, naming the field, instead of failing on shapes later."""
+def onevision_config(init, data, tmp_path, **extra) -> str:
+    """A `movekd-hf train` YAML for the `init --onevision` folder on `data.json` (all six samples in the first batch)."""
+    config = {
+        "model_name_or_path": str(init), "teacher_set": "tiny", "kd_preset": "default", "stage": "stage1",
+        "data_path": str(data / "data.json"), "image_folder": str(data), "template": "chat_template",
+        "max_length": 1024, "per_device_train_batch_size": 6, "max_steps": 1, "report_to": "none",
+        "dataloader_num_workers": 0, "seed": 0, "data_seed": 0, **extra,
+    }  # fmt: skip
+    path = tmp_path / "onevision.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def anyres_cache(folders, tmp_path_factory):
+    """`movekd-hf cache-teachers --model` over the photos for the `init --onevision` folder, as training builds its
+    teachers (`tiny` set, random weights, the run's seed)."""
     from movekd_hf.cli import main
 
     _, init, data = folders
+    cache = tmp_path_factory.mktemp("anyres_cache") / "cache"
     argv = ["cache-teachers", "--model", str(init), "--teacher-set", "tiny", "--random-weights", "--data-path",
-            str(data / "data.json"), "--image-folder", str(data), "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+            str(data / "data.json"), "--image-folder", str(data), "--cache-dir", str(cache), "--seed", "0",
+            "--grid", "native", "--batch-size", "3", "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    return cache, argv
+
+
+def test_the_cache_holds_a_row_per_tower_row_keyed_as_training_reads_them(folders, onevision, anyres_cache, capsys):
+    """Each teacher's cache has one row per tile of an image alone in its sample ((id, 0), (id, 1), ...) and one per
+    image of the pair, exactly the rows `images_per_sample` counts for each sample; a second run computes nothing."""
+    from movekd_hf.cli import main
+    from movekd_hf.distill.cache import TeacherCache
+
+    anyres_cache, argv = anyres_cache
+
+    _, processor = onevision
+    records = by_id(tokenise(folders[2], processor))
+    collator = MoVEKDAnyResCollator(processor, processor.tokenizer.pad_token_id)
+    rows = {sid: int(collator([record])["images_per_sample"][0]) for sid, record in records.items()}
+    assert rows == {"astronaut": 5, "chelsea": 5, "coffee": 5, "wide": 3, "pair": 2, "text": 0}
+    expected = {(sid, row) for sid, count in rows.items() for row in range(count)}
+    caches = [TeacherCache(directory) for directory in sorted(anyres_cache.iterdir())]
+    assert sorted(cache.slug for cache in caches) == ["convnext", "sam", "siglip"]
+    for cache in caches:
+        assert set(cache.index) == expected, cache.slug
+        assert cache.meta["key"]["anyres"] == {"image_grid_pinpoints": PINPOINTS, "tile_size": TILE}
+    capsys.readouterr()
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert {slug: (entry["computed"], entry["cached"]) for slug, entry in report.items()} == dict.fromkeys(
+        ["siglip", "convnext", "sam"], (0, len(expected))
+    )
+
+
+def test_training_from_the_tile_cache_gives_the_online_loss(folders, anyres_cache, tmp_path):
+    """The same first batch (all six samples: 20 tower rows) through a run with online teachers and one reading the
+    cache: KD loss, per-tile per-teacher losses and teacher weights agree up to the cache's float16 tokens."""
+    from _train_fixtures import build
+
+    _, init, data = folders
+    anyres_cache, _ = anyres_cache
+    config = onevision_config(init, data, tmp_path)
+    online = build(config, tmp_path / "online")
+    cached = build(config, tmp_path / "cached", "--teacher_source", "cached", "--teacher_cache_dir", str(anyres_cache))
+    assert type(cached.teacher_source).__name__ == "CachedTeachers"
+    losses = []
+    for trainer in (online, cached):
+        batch = next(iter(trainer.get_train_dataloader()))
+        trainer.model.eval()  # no dropout: both runs see identical student tokens
+        with torch.no_grad():
+            loss, out = trainer.compute_loss(trainer.model, batch, return_outputs=True)
+        losses.append({"loss": loss, "kd": out["kd"]["loss"], "per_teacher": out["kd"]["per_teacher_loss"],
+                       "weights": out["kd"]["teacher_weights"]})  # fmt: skip
+    expected, got = losses
+    assert expected["per_teacher"].shape == (20, 3) and expected["kd"] > 0
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=2e-3, atol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_a_tile_cache_for_other_pinpoints_or_a_float_square_is_refused_in_one_line(folders, onevision, anyres_cache,
+                                                                                    tmp_path, capsys):  # fmt: skip
+    """Another pinpoint set is another key (the error names `anyres`); `teacher_image_size` (one float square per
+    image) cannot key tiles, and `cache-teachers --model` says so in one line, naming the field."""
+    from dataclasses import replace
+
+    from movekd_hf.cli import main
+    from movekd_hf.distill.cache import find_cache_dir
+    from movekd_hf.training.teacher_source import run_teacher_specs, teacher_cache_settings
+
+    model, processor = onevision
+    anyres_cache, _ = anyres_cache
+    specs = run_teacher_specs("tiny", False, {})
+    settings = teacher_cache_settings(model.config, processor.image_processor, specs, "native", "pad")
+    spec = next(spec for spec in specs if spec.slug == "sam")
+    cache = next(anyres_cache.glob("sam-*"))
+    assert settings.tile_size == TILE and settings.image_grid_pinpoints == tuple(map(tuple, PINPOINTS))
+    assert find_cache_dir(anyres_cache, spec, settings) == cache
+    with pytest.raises(ValueError, match="anyres"):
+        find_cache_dir(anyres_cache, spec, replace(settings, image_grid_pinpoints=((32, 32), (32, 64))))
+
+    _, init, data = folders
+    argv = ["cache-teachers", "--model", str(init), "--teacher-set", "tiny", "--random-weights", "--data-path",
+            str(data / "data.json"), "--image-folder", str(data), "--cache-dir", str(tmp_path / "cache"),
+            "--teacher-image-size", "64"]  # fmt: skip
     capsys.readouterr()
     assert main(argv) == 2
-    # (loading the model prints its progress bar first; the error itself is one line)
     (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("movekd-hf ")]
     assert line.startswith("movekd-hf cache-teachers: error: ")
-    assert "field 'teacher_source'" in line and "AnyRes tiles" in line and "`online`" in line
+    assert "field 'teacher_image_size'" in line and "AnyRes tile" in line
     assert not (tmp_path / "cache").exists()
+
+
+def test_the_size_estimate_counts_tiles_for_a_onevision_student(folders, anyres_cache, capsys):
+    """`cache-teachers --estimate --model` shapes the teachers on the meta device (no weights loaded): its bytes per
+    tile are what the written cache stores per row, and the total counts the most tiles an image gives (5 here)."""
+    from movekd_hf.cli import main
+    from movekd_hf.distill.cache import TeacherCache
+
+    _, init, _ = folders
+    anyres_cache, _ = anyres_cache
+    capsys.readouterr()
+    argv = ["cache-teachers", "--estimate", "--model", str(init), "--teacher-set", "tiny", "--random-weights",
+            "--grid", "native", "--num-images", "1000"]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    written = sum(TeacherCache(directory).meta["bytes_per_image"] for directory in anyres_cache.iterdir())
+    assert f"| all | | | {written:,} " in out and "bytes per tile" in out
+    assert f"total for 1,000 images: {written * 5 * 1000:,} bytes" in out

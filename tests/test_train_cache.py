@@ -72,6 +72,21 @@ def test_cached_teachers_give_the_online_loss(cached_run):
         torch.testing.assert_close(got[name], expected[name], rtol=2e-3, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
 
 
+def test_the_size_estimate_for_the_model_is_what_its_cache_stores(cached_run, capsys):
+    """`cache-teachers --estimate --model` (the anchor's spec sized from the student's config, no weights loaded):
+    the bytes per image it prints are those of the cache written for that model."""
+    from movekd_hf.distill.cache import TeacherCache
+
+    root, _ = cached_run
+    capsys.readouterr()
+    argv = ["cache-teachers", "--estimate", "--model", str(root / "init"), "--teacher-set", "tiny",
+            "--random-weights", "--grid", "native", "--num-images", "10"]  # fmt: skip
+    assert main(argv) == 0
+    written = sum(TeacherCache(directory).meta["bytes_per_image"] for directory in (root / "cache").iterdir())
+    out = capsys.readouterr().out
+    assert f"| all | | | {written:,} " in out and f"total for 10 images: {written * 10:,} bytes" in out
+
+
 def test_a_cache_for_another_view_is_refused(cached_run):
     root, common = cached_run
     with pytest.raises(ValueError, match="image_aspect"):

@@ -254,14 +254,12 @@ def _build(spec):
 def _teachers_like_training(args: argparse.Namespace):
     """Teachers and cache settings exactly as `movekd_hf.train` builds them for a run starting from `--model`:
     `training.teacher_source.build_teachers`, one teacher at a time so a failing one is named."""
-    from dataclasses import replace
-
     import torch
     from transformers import AutoProcessor
 
     from movekd_hf.cli import loading
     from movekd_hf.models import checkpoint_classes
-    from movekd_hf.training.teacher_source import build_teachers, run_teacher_specs, teacher_cache_settings
+    from movekd_hf.training.teacher_source import build_teachers, run_teacher_specs
 
     with loading("--model", args.model):
         vlm = checkpoint_classes(args.model)[0].from_pretrained(args.model)
@@ -271,10 +269,36 @@ def _teachers_like_training(args: argparse.Namespace):
     # build_teachers with no specs builds the anchor alone; the others follow in the same order, as it would.
     teachers = build_teachers(vlm, [], image_processor.image_mean, image_processor.image_std)
     teachers.update({spec.slug: _build(spec) for spec in specs})
+    return list(teachers.values()), _settings_like_training(args, vlm.config, image_processor, specs)
+
+
+def _specs_like_training(args: argparse.Namespace):
+    """The specs and cache settings of `_teachers_like_training` without loading any weights (`--estimate`): the
+    student's config alone, and its anchor's spec sized from it so a meta-device pass can shape its output."""
+    from transformers import AutoProcessor
+
+    from movekd_hf.cli import loading
+    from movekd_hf.distill.anchor import anchor_teacher_spec
+    from movekd_hf.models import checkpoint_classes
+    from movekd_hf.training.teacher_source import run_teacher_specs
+
+    with loading("--model", args.model):
+        config = checkpoint_classes(args.model)[0].config_class.from_pretrained(args.model)
+        image_processor = AutoProcessor.from_pretrained(args.model).image_processor
+    specs = _with_weights_options(run_teacher_specs(args.teacher_set, not args.random_weights, {}), args)
+    anchor = anchor_teacher_spec(config, image_processor.image_mean, image_processor.image_std, sized=True)
+    return [anchor, *specs], _settings_like_training(args, config, image_processor, specs)
+
+
+def _settings_like_training(args: argparse.Namespace, config, image_processor, specs: list):
+    """`teacher_cache_settings` as training computes them for this student, with the compression options."""
+    from dataclasses import replace
+
+    from movekd_hf.training.teacher_source import teacher_cache_settings
+
     inputs = "square" if args.teacher_image_size else "views"  # as training with / without `teacher_image_size`
-    settings = teacher_cache_settings(vlm.config, image_processor, specs, args.grid, args.image_aspect, inputs)
-    settings = replace(settings, **_compression(args))
-    return list(teachers.values()), settings
+    settings = teacher_cache_settings(config, image_processor, specs, args.grid, args.image_aspect, inputs)
+    return replace(settings, **_compression(args))
 
 
 def _human(size: float) -> str:
@@ -286,7 +310,8 @@ def _human(size: float) -> str:
 
 
 def print_estimate(estimate: dict) -> None:
-    print("| teacher | stored tokens x channels | teacher tokens x channels | bytes per image |")
+    unit = "tile" if estimate["rows_per_image"] > 1 else "image"  # AnyRes: a row per tile
+    print(f"| teacher | stored tokens x channels | teacher tokens x channels | bytes per {unit} |")
     print("|---|---|---|---|")
     for slug, t in estimate["teachers"].items():
         print(
@@ -294,6 +319,11 @@ def print_estimate(estimate: dict) -> None:
             f"{t['teacher_tokens']} x {t['teacher_channels']} | {t['bytes_per_image']:,} ({_human(t['bytes_per_image'])}) |"
         )
     print(f"| all | | | {estimate['bytes_per_image']:,} ({_human(estimate['bytes_per_image'])}) |")
+    if estimate["rows_per_image"] > 1:
+        print(
+            f"AnyRes: a row per tile, up to {estimate['rows_per_image']} per image (base view and grid tiles of an "
+            "image alone in its sample); the total assumes the most for every image"
+        )
     print(
         f"total for {estimate['num_images']:,} images: {estimate['total_bytes']:,} bytes ({_human(estimate['total_bytes'])})"
     )
@@ -319,7 +349,9 @@ def run(args: argparse.Namespace) -> int:
     from movekd_hf.distill.cache import estimate_cache_size
     from movekd_hf.distill.cache_writer import cache_teacher_features, dataset_items, export_cache_repo
 
-    if args.model:
+    if args.model and args.estimate:
+        specs, settings = _specs_like_training(args)
+    elif args.model:
         teachers, settings = _teachers_like_training(args)
         specs = [teacher.spec for teacher in teachers]
     else:

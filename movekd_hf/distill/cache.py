@@ -41,6 +41,7 @@ import torch
 
 from ..modeling.llava_conventions import CLIP_MEAN_COLOUR
 from .adapters import ResampleAdapter
+from .anyres_tiles import max_tile_count
 from .cache_codec import COMPRESSION_KINDS, TOKEN_DTYPE, TOKEN_DTYPES, load_codec
 from .teachers import BACKENDS, TeacherOutput, TeacherSpec
 
@@ -77,6 +78,10 @@ class CacheSettings:
     compression_seed: seeds the random projection, or the pick of PCA calibration images.
     calibration_images: images the PCA basis is fitted on (the first of a seeded permutation of the dataset).
     token_dtype: number format of the stored tokens: "float16", "int8" or "float8_e4m3fn" (per-token scales).
+    image_grid_pinpoints / tile_size: a LLaVA-OneVision student's AnyRes geometry (its image processor's pinpoints
+        and tile side S). Set, the cache holds one row per tower row, as `images_per_sample` counts them: the base
+        view and grid tiles of an image alone in its sample (row keys (sample id, 0), (sample id, 1), ...), else
+        one padded square per image; every tile rendered at `teacher_image_size` (distill/anyres_tiles.py).
     """
 
     student_grid: tuple[int, int] = (24, 24)
@@ -90,6 +95,8 @@ class CacheSettings:
     calibration_images: int = 256
     token_dtype: str = TOKEN_DTYPE
     teacher_inputs: str = "views"
+    image_grid_pinpoints: tuple[tuple[int, int], ...] | None = None
+    tile_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.compression not in COMPRESSION_KINDS:
@@ -111,6 +118,26 @@ class CacheSettings:
         for slug, channels in self.compress.items():
             if int(channels) <= 0:
                 raise ValueError(f"CacheSettings.compress[{slug!r}] must be a positive channel count, got {channels}")
+        if (self.image_grid_pinpoints is None) != (self.tile_size is None):
+            raise ValueError(
+                f"CacheSettings.image_grid_pinpoints is {self.image_grid_pinpoints!r} and tile_size {self.tile_size!r}; "
+                "expected both (an AnyRes student) or neither"
+            )
+        if self.tile_size is not None and (self.tile_size <= 0 or not self.image_grid_pinpoints):
+            raise ValueError(
+                f"CacheSettings.tile_size is {self.tile_size!r} with pinpoints {self.image_grid_pinpoints!r}; expected "
+                "a positive tile side and at least one (height, width) pinpoint"
+            )
+        if self.anyres and self.teacher_inputs != "views":
+            raise ValueError(
+                f"CacheSettings.teacher_inputs is {self.teacher_inputs!r} for AnyRes tiles; expected 'views' (each "
+                "teacher's own view of every tile)"
+            )
+
+    @property
+    def anyres(self) -> bool:
+        """Whether rows are a LLaVA-OneVision tower's AnyRes tiles (see the class docstring)."""
+        return self.image_grid_pinpoints is not None
 
 
 def _jsonable(value):
@@ -130,6 +157,8 @@ def cache_key(spec: TeacherSpec, settings: CacheSettings) -> dict:
         extra["pool_attention"] = True
     if settings.teacher_inputs != "square":  # caches from before views ran on the one square: their key stays
         extra["teacher_inputs"] = settings.teacher_inputs
+    if settings.anyres:  # rows are tiles: which tiles an image gives, and their side (`teacher_image_size`)
+        extra["anyres"] = {"image_grid_pinpoints": settings.image_grid_pinpoints, "tile_size": settings.tile_size}
     return _jsonable(
         {
             "format_version": CACHE_FORMAT_VERSION,
@@ -239,17 +268,21 @@ def stored_shape(spec: TeacherSpec, settings: CacheSettings, output: TeacherOutp
 
 
 def estimate_cache_size(specs: Sequence[TeacherSpec], settings: CacheSettings, num_images: int) -> dict:
-    """Bytes per image per teacher and in total for `num_images` images (shapes from a meta-device forward)."""
+    """Bytes per row per teacher (`bytes_per_image`: a row is an image, or an AnyRes tile) and in total for
+    `num_images` images (shapes from a meta-device forward). `rows_per_image`: 1, or for AnyRes the most rows an
+    image gives (`anyres_tiles.max_tile_count`), which the total assumes for every image (an upper bound)."""
     teachers = {}
     for spec in specs:
         shape = stored_shape(spec, settings)
         teachers[spec.slug] = {**asdict(shape), "bytes_per_image": shape.bytes_per_image}
-    per_image = sum(t["bytes_per_image"] for t in teachers.values())
+    per_row = sum(t["bytes_per_image"] for t in teachers.values())
+    rows = max_tile_count(settings.image_grid_pinpoints, settings.tile_size) if settings.anyres else 1
     return {
         "teachers": teachers,
-        "bytes_per_image": per_image,
+        "bytes_per_image": per_row,
+        "rows_per_image": rows,
         "num_images": num_images,
-        "total_bytes": per_image * num_images,
+        "total_bytes": per_row * rows * num_images,
     }
 
 

@@ -21,6 +21,7 @@ from ..modeling.llava_conventions import (
     teacher_images,
 )
 from ..modeling.mole import upcast
+from .anyres_tiles import image_tiles
 from .cache import (
     META_FILE,
     REPO_SEPARATOR,
@@ -217,20 +218,22 @@ class CacheItem:
     image_index: int
     image: Mapping  # the dataset's image reference {"path", "bytes"}
     name: str  # for error messages
+    alone: bool = True  # the only image of its sample (an AnyRes tower then sees its tiles, not one square)
 
 
 def dataset_items(records: Iterable[Mapping]) -> list[CacheItem]:
     """Every image of a normalised dataset (`id`, `row`, `images` columns), once per (sample id, image index).
 
-    Two samples with the same id and the same image reference are one image; with different images the sample id
-    cannot key the cache, which raises."""
+    Two samples with the same id and the same image reference are one image; with different images (or image
+    counts) the sample id cannot key the cache, which raises."""
     items: dict[tuple[str, int], CacheItem] = {}
     for record in records:
-        for index, reference in enumerate(record["images"] or []):
+        references = record["images"] or []
+        for index, reference in enumerate(references):
             key = (str(record["id"]), index)
-            item = CacheItem(key[0], index, dict(reference), sample_name(record))
+            item = CacheItem(key[0], index, dict(reference), sample_name(record), alone=len(references) == 1)
             seen = items.get(key)
-            if seen is not None and seen.image != item.image:
+            if seen is not None and (seen.image, seen.alone) != (item.image, item.alone):
                 raise ValueError(
                     f"sample id {key[0]!r} names different images in {seen.name} and {item.name}; the cache is keyed "
                     "by sample id, so ids must be unique per image"
@@ -259,16 +262,42 @@ def teacher_view(items: Sequence[CacheItem], settings: CacheSettings) -> torch.T
 class TeacherInputs:
     """One batch of images as the cache's teachers see them (`CacheSettings.teacher_inputs`): each teacher's own
     uint8 view made from the square the collator makes ("views", what online training gives its teachers), or the
-    one float square of `teacher_image_size` ("square"). `run(teacher, rows)` is the teacher's output for those
-    rows of the batch."""
+    one float square of `teacher_image_size` ("square"). For an AnyRes student (`CacheSettings.anyres`) the squares
+    are the tower's rows: an image alone in its sample gives its tiles (`anyres_tiles.image_tiles`).
+
+    `keys` holds the cache key of every row, `item_rows` each item's rows; `run(teacher, rows)` is the teacher's
+    output for those rows."""
 
     def __init__(self, items: Sequence[CacheItem], teachers: Sequence[Teacher], settings: CacheSettings):
+        self.keys = [(item.sample_id, item.image_index) for item in items]
+        self.item_rows = [[row] for row in range(len(items))]
         if settings.teacher_inputs == "square":
             self.pixels, self.views, self.sizes = teacher_view(items, settings), None, {}
             return
-        squares = [square_view(image, settings.image_aspect, settings.background) for image in _load_images(items)]
+        images = _load_images(items)
+        if settings.anyres:
+            squares = self._tiles(items, images, settings)
+        else:
+            squares = [square_view(image, settings.image_aspect, settings.background) for image in images]
         self.pixels = None
         self.views, self.sizes = make_views(squares, view_settings(teacher.spec for teacher in teachers))
+
+    def _tiles(self, items: Sequence[CacheItem], images: Sequence, settings: CacheSettings) -> list:
+        """Every item's tower rows (tiles, or one square), with their keys: (sample id, tile) for an image alone in
+        its sample, as `images_per_sample` then counts its tiles; else (sample id, image index)."""
+        squares, self.keys, self.item_rows = [], [], []
+        for item, image in zip(items, images):
+            tiles = image_tiles(image, item.alone, settings.image_grid_pinpoints, settings.tile_size,
+                                settings.teacher_image_size, settings.background)  # fmt: skip
+            self.item_rows.append(list(range(len(squares), len(squares) + len(tiles))))
+            # An image alone in its sample is its image 0, so its tiles key as (sample id, 0), (sample id, 1), ...
+            self.keys += [(item.sample_id, item.image_index + tile) for tile in range(len(tiles))]
+            squares += tiles
+        return squares
+
+    def rows(self, items: Sequence[int]) -> list[int]:
+        """The rows of these items (indices into the batch's items)."""
+        return [row for item in items for row in self.item_rows[item]]
 
     def run(self, teacher: Teacher, rows: Sequence[int] | slice = slice(None)) -> TeacherOutput:
         if self.views is None:
@@ -323,11 +352,12 @@ def cache_teacher_features(
         inputs = TeacherInputs(batch, teachers, settings)  # decoded once, shared by every teacher
         for teacher in teachers:
             writer = writers[teacher.slug]
+            # An item's rows are added in one call, so its first row stands for all of them (whole shards only).
             need = [i for i, it in enumerate(batch) if (it.sample_id, it.image_index) not in writer.done]
             if need:
-                output = inputs.run(teacher, need)
-                writer.add([(batch[i].sample_id, batch[i].image_index) for i in need], output)
-                computed[teacher.slug] += len(need)
+                rows = inputs.rows(need)
+                writer.add([inputs.keys[row] for row in rows], inputs.run(teacher, rows))
+                computed[teacher.slug] += len(rows)
         bar.update(len(batch))
     bar.close()
     report = {}

@@ -1,11 +1,9 @@
 """LLaVA-OneVision's AnyRes images in training: their image tokens, the student's tiles, the teachers' tiles.
 
-LLaVA-OneVision's image processor shows its tower several square tiles of one image (transformers'
-`LlavaOnevisionImageProcessor`): the whole image squashed to the tile size S (the base view), then the image
-resized, keeping its aspect, into the best of the `image_grid_pinpoints` (`select_best_resolution`), centred on a
-black canvas of that size and cut into S x S tiles, row by row. An image of a multi-image sample is one tile only:
-the image padded to a square with the normalisation mean. The processor then writes, per image, the packed
-feature count (base view, the unpadded and, above `anyres_max_9`, downsampled grid, one newline per grid row).
+LLaVA-OneVision's image processor shows its tower several square tiles of one image (the base view and the grid
+tiles of the best `image_grid_pinpoints` resolution; distill/anyres_tiles.py has the geometry), and writes, per
+image, the packed feature count (base view, the unpadded and, above `anyres_max_9`, downsampled grid, one newline per
+grid row).
 
 MoVE-KD distils tile by tile (METHOD.md section 4 applied to each tile as to an image): the student's
 `vision_hidden_states` have one row per tile the tower saw, [total tiles, h*w, D], and each teacher sees the same
@@ -22,26 +20,21 @@ tiles, cropped from the raw image with the processor's geometry at the teacher's
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from PIL import Image
 from transformers import LlavaOnevisionProcessor
-from transformers.image_processing_utils import select_best_resolution
 
+from ..distill.anyres_tiles import teacher_tiles, tile_count, tile_view_side
 from ..errors import InputError
-from ..modeling.llava_conventions import IMAGE_TOKEN, expand_to_square
+from ..modeling.llava_conventions import IMAGE_TOKEN
 from .collator import MoVEKDDataCollator
 from .data import BadSampleError, sample_name
 from .templates import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
-
-# The processor pads the resized image onto its pinpoint canvas with zeros before normalising: black.
-CANVAS_COLOUR = (0, 0, 0)
 
 
 def is_anyres_processor(processor: Any) -> bool:
@@ -73,61 +66,6 @@ def tile_size(image_processor: Any) -> int:
             if side:
                 return int(side)
     raise ValueError(f"{type(image_processor).__name__} has no `size` or `crop_size` to cut tiles with")
-
-
-@dataclass(frozen=True)
-class AnyResLayout:
-    """Where the image processor puts one image (pixels, (height, width) pairs): `canvas` is the pinpoint chosen by
-    `select_best_resolution`, `resized` the image inside it (aspect kept), `offset` its top-left corner on the
-    black canvas, `tile` the tile side S."""
-
-    canvas: tuple[int, int]
-    resized: tuple[int, int]
-    offset: tuple[int, int]
-    tile: int
-
-    def tile_boxes(self) -> list[tuple[int, int, int, int]]:
-        """(left, top, right, bottom) of each grid tile on the canvas, row by row (`divide_to_patches`' order); a
-        canvas side that is not a multiple of S ends in a narrower tile, which the processor stretches to S."""
-        height, width = self.canvas
-        return [
-            (left, top, min(left + self.tile, width), min(top + self.tile, height))
-            for top in range(0, height, self.tile)
-            for left in range(0, width, self.tile)
-        ]
-
-
-def anyres_layout(size: tuple[int, int], grid_pinpoints: Sequence[Sequence[int]], tile: int) -> AnyResLayout:
-    """The layout of an image of `size` (height, width): transformers' `select_best_resolution`, then the
-    image processor's aspect-keeping resize (`get_patch_output_size`: the limiting side fills the canvas, the other
-    is rounded up) and centred padding (`_get_padding_size`: the odd pixel goes to the bottom/right)."""
-    height, width = size
-    canvas = tuple(select_best_resolution((height, width), [list(p) for p in grid_pinpoints]))
-    scale_h, scale_w = canvas[0] / height, canvas[1] / width
-    if scale_w < scale_h:
-        resized = (min(math.ceil(height * scale_w), canvas[0]), canvas[1])
-    else:
-        resized = (canvas[0], min(math.ceil(width * scale_h), canvas[1]))
-    offset = ((canvas[0] - resized[0]) // 2, (canvas[1] - resized[1]) // 2)
-    return AnyResLayout(canvas, resized, offset, tile)
-
-
-def tile_views(image: Image.Image, layout: AnyResLayout, side: int) -> list[Image.Image]:
-    """The tiles the tower sees of `image` as square RGB views of `side` px, in the tower's order: the base view
-    (the image squashed to the square), then the grid tiles row by row, each rendered from the raw image at
-    `side / S` times the processor's scale (so a teacher larger than S sees the image's own detail), on black."""
-    scale = side / layout.tile
-    views = [image.resize((side, side), Image.Resampling.BICUBIC)]
-    resized = image.resize(
-        (round(layout.resized[1] * scale), round(layout.resized[0] * scale)), Image.Resampling.BICUBIC
-    )
-    top, left = round(layout.offset[0] * scale), round(layout.offset[1] * scale)
-    for box in layout.tile_boxes():
-        x0, y0, x1, y1 = (round(edge * scale) for edge in box)
-        view = Image.new("RGB", (x1 - x0, y1 - y0), CANVAS_COLOUR)
-        view.paste(resized, (left - x0, top - y0))  # PIL clips what falls outside the tile
-        views.append(view if view.size == (side, side) else view.resize((side, side), Image.Resampling.BICUBIC))
-    return views
 
 
 class AnyResImageTokens:
@@ -254,33 +192,21 @@ class MoVEKDAnyResCollator(MoVEKDDataCollator):
 
     def _rows(self, image: Image.Image, alone: bool) -> int:
         """Tower rows (tiles) one image gives: base view plus grid tiles when alone in its sample, else one."""
-        if not alone:
-            return 1
-        return 1 + len(anyres_layout((image.height, image.width), self.grid_pinpoints, self.tile).tile_boxes())
-
-    def _square_side(self) -> int | None:
-        """The side of the teachers' tile views: the largest input any teacher reads (None: no teacher)."""
-        sides = [self.teacher_image_size or 0]
-        views = getattr(self, "teacher_views", None) or {}  # each online teacher's own view (distill.teacher_views)
-        sides += [max(view.resize_size or 0, view.image_size) for view in views.values()]
-        return max(sides) or None
+        return tile_count((image.height, image.width), self.grid_pinpoints, self.tile, alone)
 
     def _teacher_squares(self, flat: list[Image.Image], counts: Sequence[int]) -> list[Image.Image]:
         """Per image, in the tower's row order: the AnyRes tiles of an image alone in its sample (`tile_views`),
-        or the padded square the processor makes of an image of a multi-image sample."""
-        side = self._square_side()
+        or the padded square the processor makes of an image of a multi-image sample (`teacher_tiles`), rendered
+        at the largest input any teacher reads."""
+        views = (self.teacher_views or {}).values()  # each online teacher's own view (distill.teacher_views)
+        side = tile_view_side(views, self.teacher_image_size)
         if side is None or not flat:
             return []
-        squares, index = [], 0
+        samples, index = [], 0
         for count in counts:
-            for image in flat[index : index + count]:
-                if count == 1:
-                    layout = anyres_layout((image.height, image.width), self.grid_pinpoints, self.tile)
-                    squares += tile_views(image, layout, side)
-                else:
-                    squares.append(expand_to_square(image, self.background))
+            samples.append(flat[index : index + count])
             index += count
-        return squares
+        return teacher_tiles(samples, self.grid_pinpoints, self.tile, side, self.background)
 
     def _student_pixels(
         self, flat: list[Image.Image], squares: list[Image.Image], counts: Sequence[int]

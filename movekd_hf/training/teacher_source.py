@@ -32,6 +32,7 @@ from ..distill.anchor import (
     has_pooling_head,
     tower_type,
 )
+from ..distill.anyres_tiles import tile_view_side
 from ..distill.cache import CacheSettings
 from ..distill.distiller import TeacherShape
 from ..distill.losses import KDLossConfig
@@ -41,6 +42,7 @@ from ..distill.teacher_views import ViewSettings, view_settings
 from ..distill.teachers import Teacher, TeacherOutput, TeacherSpec, build_teacher
 from ..errors import SettingsError
 from ..modeling.llava_conventions import mean_colour, student_grid
+from .anyres import tile_size
 
 
 class TeacherSource(Protocol):
@@ -228,23 +230,40 @@ def teacher_cache_settings(
     `token_dtype`) the cache was written with. `teacher_inputs`: "views" (each teacher's own view, what online
     training gives its teachers by default) or "square" (the one float view of `teacher_image_size`, what caches
     were written from before views existed). Every anchor caches: a CLIP anchor's CLS and CLS row, a SigLIP
-    anchor's pooled output and probe row (`pooled`, `pool_attention` columns, distill/cache.py)."""
-    if getattr(config, "image_grid_pinpoints", None) is not None:  # LLaVA-OneVision: tiles per image, not images
-        raise SettingsError(
-            f"is `cached`, but this {config.model_type} student distils AnyRes tiles, which the feature cache does not "
-            "key (it stores one entry per image)",
-            field="teacher_source",
-            expected="`online` teachers for a LLaVA-OneVision student",
-        )
+    anchor's pooled output and probe row (`pooled`, `pool_attention` columns, distill/cache.py). A LLaVA-OneVision
+    student caches its AnyRes tiles (`anyres_cache_settings`). Raises `SettingsError` for a OneVision student with
+    `teacher_inputs="square"`."""
+    view = {"teacher_image_size": teacher_view_size(config, specs)}
+    if getattr(config, "image_grid_pinpoints", None) is not None:  # LLaVA-OneVision: a row per tile, not per image
+        view = anyres_cache_settings(config, image_processor, specs, teacher_inputs)
     return CacheSettings(
         student_grid=student_grid(config.vision_config),
         grid=grid,
-        teacher_image_size=teacher_view_size(config, specs),
         image_aspect=image_aspect,
         background=mean_colour(image_processor),
         teacher_inputs=teacher_inputs,
+        **view,
         **compression,
     )
+
+
+def anyres_cache_settings(config, image_processor, specs: list[TeacherSpec], teacher_inputs: str) -> dict:
+    """The `CacheSettings` fields of a LLaVA-OneVision student: its image processor's pinpoints and tile side, and
+    the side the collator renders the teachers' tiles at (`anyres_tiles.tile_view_side` of every teacher's view,
+    the anchor's included), as `teacher_image_size`. Raises `SettingsError` unless `teacher_inputs` is "views"."""
+    if teacher_inputs != "views":
+        raise SettingsError(
+            "is set, but a LLaVA-OneVision student's teacher-feature cache holds each teacher's own view of every "
+            "AnyRes tile, not one float square",
+            field="teacher_image_size",
+            expected="unset (each teacher's own view) for a cached LLaVA-OneVision run",
+        )
+    anchor = anchor_teacher_spec(config, image_processor.image_mean, image_processor.image_std)
+    return {
+        "image_grid_pinpoints": tuple(tuple(int(side) for side in p) for p in image_processor.image_grid_pinpoints),
+        "tile_size": tile_size(image_processor),
+        "teacher_image_size": tile_view_side(view_settings([anchor, *specs]).values()),
+    }
 
 
 def run_teacher_specs(
