@@ -25,6 +25,9 @@ check the same keys.
 Grids: `grid="student"` stores non-anchor tokens already resampled to the student grid (what the resolution-free
 `resample` adapter does first; 5-7x smaller at paper scale); `grid="native"` keeps the teacher's own grid, which
 the faithful `token_mix` adapter (a linear map over the N_t teacher tokens) and the student-to-teacher head need.
+
+Rows: one per image, keyed (sample id, image index); for a LLaVA-OneVision student one per tile its tower sees
+(`CacheSettings.image_grid_pinpoints`), keyed (sample id, tower row), as `images_per_sample` counts them.
 """
 
 from __future__ import annotations
