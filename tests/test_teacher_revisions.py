@@ -9,6 +9,7 @@ download takes once the files are cached, for a transformers teacher (tiny SAM),
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -90,7 +91,11 @@ def _siglip(folder: Path, revision: str) -> None:
 
 
 def _offline(hub: Path, script: str, *args: str) -> None:
-    env = {**os.environ, "HF_HUB_CACHE": str(hub), "HF_HUB_OFFLINE": "1"}
+    _child({"HF_HUB_CACHE": str(hub), "HF_HUB_OFFLINE": "1"}, script, *args)
+
+
+def _child(env: dict, script: str, *args: str) -> None:
+    env = {**os.environ, **env}
     done = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
 
@@ -120,7 +125,35 @@ def test_a_teacher_loads_the_weights_of_its_revision(hub, tmp_path):
     """revision None takes the default branch (`main`), "v2" the tag's weights, for every backend."""
     out = tmp_path / "tokens.pt"
     _offline(hub, TEACHER_SCRIPT, json.dumps({slug: asdict(spec) for slug, spec in HUB_SPECS.items()}), str(out))
-    got = torch.load(out)
+    _assert_tokens_of_each_revision(torch.load(out))
+
+
+def test_a_teacher_downloads_its_revision_over_http(hub, tmp_path):
+    """The same, downloaded into an empty cache from the Hub's file endpoints served over HTTP (`_hub_server.py`,
+    `HF_ENDPOINT`): every backend asks for its files at the revision it names, and loads those weights."""
+    from _hub_server import LocalHub
+
+    server = LocalHub(hub)
+    try:
+        out = tmp_path / "tokens.pt"
+        env = {"HF_HUB_CACHE": str(tmp_path / "empty"), "HF_ENDPOINT": server.endpoint, "HF_HUB_OFFLINE": "0",
+               "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_XET": "1"}  # fmt: skip
+        _child(env, TEACHER_SCRIPT, json.dumps({slug: asdict(spec) for slug, spec in HUB_SPECS.items()}), str(out))
+    finally:
+        server.close()
+    _assert_tokens_of_each_revision(torch.load(out))
+    fetched = {path for method, path in server.requests if method == "GET" and "/resolve/" in path}
+    weights = {SAM_REPO: "model.safetensors", _timm_hub_id(HUB_SPECS["convnext"]): "model.safetensors",
+               EVA_REPO: "eva02_det.safetensors"}  # fmt: skip
+    for (repo, name), revision in itertools.product(weights.items(), COMMITS):
+        # transformers asks for config.json by the revision's name, then for the weights by the commit it got back
+        by = {f"/{repo}/resolve/{revision}/{name}", f"/{repo}/resolve/{COMMITS[revision]}/{name}"}
+        assert by & fetched, (repo, revision, sorted(fetched))
+    assert all("/resolve/" in path or path.startswith("/api/models/") for _, path in server.requests), server.requests
+
+
+def _assert_tokens_of_each_revision(got: dict) -> None:
+    """`TEACHER_SCRIPT`'s tokens at revision None and "v2" are those of the weights saved as `main` and `v2`."""
     images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     for slug, spec in HUB_SPECS.items():
         local = replace(spec, pretrained=False)
