@@ -184,3 +184,18 @@ def test_cli_pca_int8_estimate_fits_under_a_terabyte_and_exports_a_repository(tm
     report = json.loads(capsys.readouterr().out)
     assert report["sam"]["bytes_per_image"] == 16 * 5 + 4 * 16 + 32 and report["export_repo"]["rows"] == 3
     assert (tmp_path / "repo" / "teachers" / "sam" / "projection.safetensors").exists()
+
+
+def test_a_sample_id_keys_one_image_list():
+    """A repeated id with the same images is one item; with other images, or its image among others (an AnyRes
+    student sees tiles of an image alone in its sample, one square otherwise), it cannot key the cache."""
+    a, b = {"path": "a.png", "bytes": None}, {"path": "b.png", "bytes": None}
+    items = dataset_items([{"id": "x", "row": 0, "images": [a]}, {"id": "x", "row": 3, "images": [a]}])
+    assert [(item.sample_id, item.image_index, item.alone) for item in items] == [("x", 0, True)]
+    pair = dataset_items([{"id": "y", "row": 0, "images": [a, b]}])
+    assert [(item.image_index, item.alone) for item in pair] == [(0, False), (1, False)]
+    for other in ([b], [a, b]):
+        with pytest.raises(
+            ValueError, match=r"sample id 'x' names different images \(or image counts\) in 'x' \(row 0\)"
+        ):
+            dataset_items([{"id": "x", "row": 0, "images": [a]}, {"id": "x", "row": 5, "images": other}])

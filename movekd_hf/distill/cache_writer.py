@@ -235,8 +235,8 @@ def dataset_items(records: Iterable[Mapping]) -> list[CacheItem]:
             seen = items.get(key)
             if seen is not None and (seen.image, seen.alone) != (item.image, item.alone):
                 raise ValueError(
-                    f"sample id {key[0]!r} names different images in {seen.name} and {item.name}; the cache is keyed "
-                    "by sample id, so ids must be unique per image"
+                    f"sample id {key[0]!r} names different images (or image counts) in {seen.name} and {item.name}; "
+                    "the cache is keyed by sample id, so ids must be unique per image"
                 )
             items.setdefault(key, item)
     return list(items.values())
