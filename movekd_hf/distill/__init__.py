@@ -1,6 +1,7 @@
 """Training-time distillation: frozen teachers, adapters, and the MoVE-KD loss (METHOD.md sections 1, 3, 4)."""
 
 from .adapters import ResampleAdapter, StudentPredictionHead, TokenMixAdapter, build_adapter
+from .cache import CachedTeachers, CacheSettings
 from .distiller import FeatureStandardizer, MoVEKDDistiller, TeacherShape
 from .losses import KD_LOSS_PRESETS, KDLossConfig, mole_balance_loss
 from .presets import (
@@ -28,6 +29,8 @@ __all__ = [
     "MODERN_TEACHERS",
     "PAPER_TEACHERS",
     "TEACHER_SETS",
+    "CacheSettings",
+    "CachedTeachers",
     "FeatureStandardizer",
     "KDLossConfig",
     "MoVEKDDistiller",
