@@ -1,14 +1,17 @@
 """A local stand-in for the Hub's file endpoints, served over real HTTP for a child process (`HF_ENDPOINT`).
 
 It serves the snapshots of a huggingface_hub cache folder (`models--owner--name/snapshots/<commit>/` with
-`refs/<revision>` naming the commits, as `test_teacher_revisions.py` builds them), so a child with a fresh, empty
+`refs/<revision>` naming the commits, as `test_teacher_revisions.py` builds them; `datasets--owner--name` for
+dataset repositories), so a child with a fresh, empty
 `HF_HUB_CACHE` downloads through huggingface_hub's own client, headers, redirects and error mapping, and what it
 asks for is logged. Routes, as the Hub answers them:
 
-- `HEAD` / `GET /{owner}/{name}/resolve/{revision}/{path}`: the file, with `X-Repo-Commit` (the revision's commit)
+- `HEAD` / `GET [/datasets]/{owner}/{name}/resolve/{revision}/{path}`: the file, with `X-Repo-Commit` (the revision's commit)
   and `ETag`; a missing file is a 404 with `X-Error-Code: EntryNotFound`, an unknown revision `RevisionNotFound`,
   an unknown repository `RepoNotFound`.
-- `GET /api/models/{owner}/{name}[/revision/{revision}]`: the repository's id, commit and file list.
+- `GET /api/{models,datasets}/{owner}/{name}[/revision/{revision}]`: the repository's id, commit and file list.
+- `GET /api/{models,datasets}/{owner}/{name}/tree/{revision}`: every file and folder, in one page
+  (`snapshot_download` lists a revision this way).
 
 Anything else is a 404 the log keeps, so a test sees a request it did not expect.
 """
@@ -23,8 +26,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-RESOLVE = re.compile(r"^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<revision>[^/]+)/(?P<path>.+)$")
-MODEL_INFO = re.compile(r"^/api/models/(?P<repo>[^/]+/[^/]+?)(?:/revision/(?P<revision>[^/]+))?$")
+RESOLVE = re.compile(r"^/(?P<kind>datasets/)?(?P<repo>[^/]+/[^/]+)/resolve/(?P<revision>[^/]+)/(?P<path>.+)$")
+REPO_INFO = re.compile(r"^/api/(?P<kind>models|datasets)/(?P<repo>[^/]+/[^/]+?)(?:/revision/(?P<revision>[^/]+))?$")
+TREE = re.compile(r"^/api/(?P<kind>models|datasets)/(?P<repo>[^/]+/[^/]+)/tree/(?P<revision>[^/]+)$")
 
 
 class LocalHub:
@@ -56,9 +60,9 @@ class LocalHub:
         self.server.shutdown()
         self.server.server_close()
 
-    def _commit(self, repo: str, revision: str) -> tuple[int, str | Path]:
+    def _commit(self, repo: str, revision: str, kind: str = "models") -> tuple[int, str | Path]:
         """(200, snapshot folder), or (404, the Hub's error code)."""
-        root = self.cache / f"models--{repo.replace('/', '--')}"
+        root = self.cache / f"{kind}--{repo.replace('/', '--')}"
         if not root.is_dir():
             return 404, "RepoNotFound"
         ref = root / "refs" / revision
@@ -80,7 +84,7 @@ class LocalHub:
     def _route(self, path: str) -> tuple[int, dict, bytes]:
         match = RESOLVE.match(path)
         if match:
-            status, found = self._commit(match["repo"], match["revision"])
+            status, found = self._commit(match["repo"], match["revision"], "datasets" if match["kind"] else "models")
             if status != 200:
                 return status, {"X-Error-Code": found}, b"{}"
             file = found / match["path"]
@@ -89,9 +93,21 @@ class LocalHub:
             content = file.read_bytes()
             etag = hashlib.sha256(content).hexdigest()
             return 200, {"X-Repo-Commit": found.name, "ETag": f'"{etag}"'}, content
-        match = MODEL_INFO.match(path)
+        match = TREE.match(path)
         if match:
-            status, found = self._commit(match["repo"], match["revision"] or "main")
+            status, found = self._commit(match["repo"], match["revision"], match["kind"])
+            if status != 200:
+                return status, {"X-Error-Code": found}, b"{}"
+            entries = [
+                {"type": "file", "path": str(p.relative_to(found)), "size": p.stat().st_size,
+                 "oid": hashlib.sha1(p.read_bytes()).hexdigest()} if p.is_file()
+                else {"type": "directory", "path": str(p.relative_to(found)), "oid": "0" * 40, "size": 0}
+                for p in sorted(found.rglob("*"))
+            ]  # fmt: skip
+            return 200, {"Content-Type": "application/json"}, json.dumps(entries).encode()
+        match = REPO_INFO.match(path)
+        if match:
+            status, found = self._commit(match["repo"], match["revision"] or "main", match["kind"])
             if status != 200:
                 return status, {"X-Error-Code": found}, b"{}"
             files = sorted(str(p.relative_to(found)) for p in found.rglob("*") if p.is_file())

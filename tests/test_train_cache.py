@@ -87,6 +87,53 @@ def test_the_size_estimate_for_the_model_is_what_its_cache_stores(cached_run, ca
     assert f"| all | | | {written:,} " in out and f"total for 10 images: {written * 10:,} bytes" in out
 
 
+def test_training_reads_the_cache_as_an_exported_repository_from_a_folder_and_from_the_hub(cached_run, tmp_path):
+    """`teacher_cache_dir` takes the cache's `--export-repo` folder, or the id of a Hub dataset repository holding
+    it (downloaded by `snapshot_download` from the Hub's endpoints, served over HTTP by `_hub_server.py`): one
+    `movekd-hf train` step logs the same losses as from the cache folder itself."""
+    import shutil
+    import subprocess
+    import sys
+
+    from _hub_server import LocalHub
+    from _train_fixtures import child_env
+
+    root, common = cached_run
+    repo = tmp_path / "repo"
+    export = ["cache-teachers", "--model", str(root / "init"), "--teacher-set", "tiny", "--random-weights",
+              "--data-path", common[2], "--image-folder", common[4], "--cache-dir", str(root / "cache"), "--grid",
+              "native", "--seed", "42", "--no-progress", "--export-repo", str(repo)]  # fmt: skip
+    assert main(export) == 0
+    hub = tmp_path / "hub" / "datasets--movekd-test--tiny-cache"
+    shutil.copytree(repo, hub / "snapshots" / ("c" * 40))
+    (hub / "refs").mkdir()
+    (hub / "refs" / "main").write_text("c" * 40)
+
+    def one_step(name: str, cache: str, **env: str) -> list[dict]:
+        argv = [sys.executable, "-m", "movekd_hf.cli", "train", common[0], "--output_dir", str(tmp_path / name),
+                *common[1:], "--max_steps", "1", "--save_steps", "1", "--logging_steps", "1", "--disable_tqdm",
+                "true", "--teacher_source", "cached", "--teacher_cache_dir", cache]  # fmt: skip
+        done = subprocess.run(argv, env=child_env(**env), capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        state = json.loads((tmp_path / name / "checkpoint-1" / "trainer_state.json").read_text())
+        return [
+            {k: v for k, v in entry.items() if "loss" in k} for entry in state["log_history"] if "kd_loss" in entry
+        ]
+
+    expected = one_step("folder", str(root / "cache"))
+    assert expected and expected[0]["kd_loss"] > 0
+    assert one_step("repo", str(repo)) == expected
+    server = LocalHub(tmp_path / "hub")
+    try:
+        online = dict(HF_ENDPOINT=server.endpoint, HF_HUB_CACHE=str(tmp_path / "downloads"), HF_HUB_OFFLINE="0",
+                      HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_XET="1")  # fmt: skip
+        assert one_step("hub", "movekd-test/tiny-cache", **online) == expected
+    finally:
+        server.close()
+    fetched = {path for method, path in server.requests if method == "GET"}
+    assert any(path.startswith("/datasets/movekd-test/tiny-cache/resolve/") for path in fetched), fetched
+
+
 def test_a_cache_for_another_view_is_refused(cached_run):
     root, common = cached_run
     with pytest.raises(ValueError, match="image_aspect"):
@@ -96,6 +143,24 @@ def test_a_cache_for_another_view_is_refused(cached_run):
         )  # fmt: skip
     with pytest.raises(ValueError, match="teacher_cache_dir"):
         build(common[0], root / "nodir", *common[1:], "--teacher_source", "cached")
+
+
+def test_a_missing_or_stale_cache_ends_movekd_hf_train_in_one_line(cached_run, tmp_path, capsys):
+    """A cache folder written for another view, a folder that is not there and a Hub id the (offline) Hub cache
+    lacks: each is one line naming `teacher_cache_dir`, exit 2."""
+    root, common = cached_run
+    cases = [  # (teacher_cache_dir, other options, what the line says)
+        (str(root / "cache"), ["--image_aspect", "resize"], "image_aspect: cache has 'pad', expected 'resize'"),
+        (str(tmp_path / "missing"), [], "no cache under"),
+        ("movekd-test/no-such-cache", [], "is no local folder and the Hub gave no dataset repository"),
+    ]
+    for cache, extra, says in cases:
+        capsys.readouterr()
+        argv = ["train", common[0], "--output_dir", str(tmp_path / "out"), *common[1:], "--teacher_source",
+                "cached", "--teacher_cache_dir", cache, *extra]  # fmt: skip
+        assert main(argv) == 2, cache
+        (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("movekd-hf ")]
+        assert line.startswith("movekd-hf train: error: field 'teacher_cache_dir': ") and says in line, line
 
 
 def test_training_reads_a_compressed_cache(cached_run):

@@ -524,6 +524,39 @@ class CachedTeachers:
         return {slug: cache.fetch(keys, device, self.dtype) for slug, cache in self.caches.items()}
 
 
+def is_cache_repo(folder: str | os.PathLike) -> bool:
+    """Whether `folder` holds a cache repository (`export_cache_repo`'s layout: `teachers/`, `data/train-*.parquet`)."""
+    return (Path(folder) / REPO_TEACHERS).is_dir() and any(Path(folder).glob(REPO_DATA_FILES))
+
+
+def open_cached_teachers(
+    location: str | os.PathLike,
+    specs: Sequence[TeacherSpec],
+    settings: CacheSettings,
+    dtype: torch.dtype = torch.float32,
+    distiller=None,
+) -> CachedTeachers:
+    """The `CachedTeachers` training reads, wherever the cache is: a cache folder (`cache-teachers --cache-dir`), a
+    cache repository folder (`--export-repo`), or the id of a Hub dataset repository holding one, downloaded (or
+    found in the Hub cache) with `huggingface_hub.snapshot_download(id, repo_type="dataset")`.
+    Raises ValueError when `location` is neither an existing folder nor a repository the Hub gives."""
+    folder = Path(location)
+    if not folder.exists() and str(location).count("/") == 1:  # "owner/name": a Hub dataset repository
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+        try:
+            folder = Path(snapshot_download(str(location), repo_type="dataset"))
+        except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as error:
+            raise ValueError(
+                f"teacher cache {str(location)!r} is no local folder and the Hub gave no dataset repository of that "
+                f"id ({type(error).__name__}: {str(error).splitlines()[0]})"
+            ) from error
+    if is_cache_repo(folder):
+        return CachedTeachers.from_repo(folder, specs, settings, dtype, distiller)
+    return CachedTeachers(folder, specs, settings, dtype, distiller)
+
+
 def repo_data_files(folder: str | os.PathLike) -> dict[str, list[str]]:
     """{"train": the repository's parquet shards, sorted}. Named file by file, `datasets` keys its cache (and a
     stream's column types) on their paths and modification times; loaded as a folder, it keys them on the folder's

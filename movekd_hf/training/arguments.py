@@ -69,7 +69,11 @@ class MoVEKDModelArguments:
                   "feature cache's key, as `cache-teachers --revision` writes it)."},
     )  # fmt: skip
     teacher_source: str = field(default="online", metadata={"help": f"One of {TEACHER_SOURCES}."})
-    teacher_cache_dir: str | None = field(default=None, metadata={"help": "Feature cache folder (`cached` source)."})
+    teacher_cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "The feature cache (`cached` source): a `cache-teachers --cache-dir` folder, an "
+                  "`--export-repo` folder, or a Hub dataset repository id holding one."},
+    )  # fmt: skip
     teacher_cache_grid: str = field(
         default="native",
         metadata={"help": "Grid the cache stores (`native` suits every adapter; `student` only `resample`)."},

@@ -20,7 +20,7 @@ import torch
 from transformers import set_seed
 
 from ..distill.anchor import anchor_teacher_spec
-from ..distill.cache import CachedTeachers
+from ..distill.cache import open_cached_teachers
 from ..distill.teacher_views import view_settings
 from ..errors import SettingsError
 from ..models import checkpoint_classes, from_preset
@@ -132,7 +132,14 @@ def resolve_teachers(vlm, processor, model_args, data_args, args) -> dict[str, A
         **model_args.cache_compression(),
     )
     distiller = build_distiller(vlm, specs, args)
-    cache = CachedTeachers(model_args.teacher_cache_dir, all_specs, settings, distiller=distiller)
+    try:
+        cache = open_cached_teachers(model_args.teacher_cache_dir, all_specs, settings, distiller=distiller)
+    except ValueError as error:  # missing, stale or unsuitable: one line naming the option, as other settings
+        raise SettingsError(
+            str(error),
+            field="teacher_cache_dir",
+            expected="the cache `movekd-hf cache-teachers --model` wrote for this run",
+        ) from error
     # The trainer sees a ready source; what it was cached from goes into train_config.json here.
     return {"teachers": cache, "distiller": distiller, "recorded_teachers": recorded_teachers(distiller, specs)}
 
