@@ -18,9 +18,9 @@ from movekd_hf.distill.cache import (
     TeacherCache,
     cache_key,
     find_cache_dir,
-    stream_cached_teachers,
 )
 from movekd_hf.distill.cache_codec import PROJECTION_FILE, TokenCodec, pca_basis, random_orthogonal
+from movekd_hf.distill.cache_sources import stream_cached_teachers
 from movekd_hf.distill.cache_writer import TeacherInputs, cache_teacher_features, dataset_items, export_cache_repo
 from movekd_hf.training.data import load_source
 from movekd_hf.training.toy_data import make_toy_llava_dataset

@@ -22,8 +22,8 @@ from movekd_hf.distill.cache import (
     estimate_cache_size,
     find_cache_dir,
     key_hash,
-    stream_cached_teachers,
 )
+from movekd_hf.distill.cache_sources import stream_cached_teachers
 from movekd_hf.distill.cache_writer import TeacherInputs, cache_teacher_features, dataset_items, export_cache_repo
 from movekd_hf.distill.teachers import TeacherSpec
 from movekd_hf.training.data import load_source

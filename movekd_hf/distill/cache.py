@@ -19,7 +19,7 @@ A finished cache exports (`cache_writer.export_cache_repo`) as a `datasets` repo
 (`sample_id`, `image_index`, and every teacher's columns as `<slug>__tokens`, ...), each teacher's cache.json and
 basis under `teachers/<slug>/`, and a README whose `configs` names the parquet files. `CachedTeachers.from_repo`
 reads it map-style (`datasets.load_dataset` on its parquet files, named one by one: `repo_data_files`),
-`stream_cached_teachers` streams it (`streaming=True`); both decode through the same `TeacherCache.decode` and
+`cache_sources.stream_cached_teachers` streams it (`streaming=True`); both decode through the same `TeacherCache.decode` and
 check the same keys.
 
 Grids: `grid="student"` stores non-anchor tokens already resampled to the student grid (what the resolution-free
@@ -36,7 +36,7 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -524,39 +524,6 @@ class CachedTeachers:
         return {slug: cache.fetch(keys, device, self.dtype) for slug, cache in self.caches.items()}
 
 
-def is_cache_repo(folder: str | os.PathLike) -> bool:
-    """Whether `folder` holds a cache repository (`export_cache_repo`'s layout: `teachers/`, `data/train-*.parquet`)."""
-    return (Path(folder) / REPO_TEACHERS).is_dir() and any(Path(folder).glob(REPO_DATA_FILES))
-
-
-def open_cached_teachers(
-    location: str | os.PathLike,
-    specs: Sequence[TeacherSpec],
-    settings: CacheSettings,
-    dtype: torch.dtype = torch.float32,
-    distiller=None,
-) -> CachedTeachers:
-    """The `CachedTeachers` training reads, wherever the cache is: a cache folder (`cache-teachers --cache-dir`), a
-    cache repository folder (`--export-repo`), or the id of a Hub dataset repository holding one, downloaded (or
-    found in the Hub cache) with `huggingface_hub.snapshot_download(id, repo_type="dataset")`.
-    Raises ValueError when `location` is neither an existing folder nor a repository the Hub gives."""
-    folder = Path(location)
-    if not folder.exists() and str(location).count("/") == 1:  # "owner/name": a Hub dataset repository
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
-        try:
-            folder = Path(snapshot_download(str(location), repo_type="dataset"))
-        except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as error:
-            raise ValueError(
-                f"teacher cache {str(location)!r} is no local folder and the Hub gave no dataset repository of that "
-                f"id ({type(error).__name__}: {str(error).splitlines()[0]})"
-            ) from error
-    if is_cache_repo(folder):
-        return CachedTeachers.from_repo(folder, specs, settings, dtype, distiller)
-    return CachedTeachers(folder, specs, settings, dtype, distiller)
-
-
 def repo_data_files(folder: str | os.PathLike) -> dict[str, list[str]]:
     """{"train": the repository's parquet shards, sorted}. Named file by file, `datasets` keys its cache (and a
     stream's column types) on their paths and modification times; loaded as a folder, it keys them on the folder's
@@ -581,31 +548,6 @@ def repo_teacher_dirs(
         check_cache_key(directory, spec, settings)
         directories[spec.slug] = directory
     return directories
-
-
-def stream_cached_teachers(
-    folder: str | os.PathLike,
-    specs: Sequence[TeacherSpec],
-    settings: CacheSettings,
-    batch_size: int = 8,
-    dtype: torch.dtype = torch.float32,
-    **load_kwargs,
-) -> Iterator[tuple[list[tuple[str, int]], dict[str, TeacherOutput]]]:
-    """Stream a cache repository in its row order without downloading it first: yields ((sample id, image index)
-    per image, {slug: TeacherOutput}) per `batch_size` rows, decoded as `CachedTeachers` decodes them.
-    Uses `datasets.load_dataset("parquet", data_files=repo_data_files(folder), split="train", streaming=True,
-    **load_kwargs)`."""
-    import datasets
-
-    readers = {
-        slug: TeacherCache(directory, prefix=slug + REPO_SEPARATOR)  # no local shards: decoding only
-        for slug, directory in repo_teacher_dirs(folder, specs, settings).items()
-    }
-    files = repo_data_files(folder)
-    stream = datasets.load_dataset("parquet", data_files=files, split="train", streaming=True, **load_kwargs)
-    for batch in stream.with_format("arrow").iter(batch_size=batch_size):
-        keys = list(zip(batch["sample_id"].to_pylist(), batch["image_index"].to_pylist()))
-        yield keys, {slug: reader.decode(batch, dtype=dtype) for slug, reader in readers.items()}
 
 
 def check_cache_fits_distiller(source: CachedTeachers, distiller) -> None:

@@ -389,7 +389,8 @@ Written by `movekd-hf cache-teachers --export-repo`. One row per image: `sample_
 teacher `<slug>__tokens` (and `<slug>__token_scales`, `<slug>__cls`, `<slug>__cls_attention`, `<slug>__pooled`,
 `<slug>__pool_attention` where stored).
 `teachers/<slug>/cache.json` holds each teacher's key and stored shapes, `projection.safetensors` its basis.
-Read it with `movekd_hf.distill.cache.CachedTeachers.from_repo` or `stream_cached_teachers`.
+Read it with `movekd_hf.distill.CachedTeachers.from_repo` or `movekd_hf.distill.cache_sources.stream_cached_teachers`,
+or train from it: `teacher_cache_dir` takes its folder or its Hub id.
 """
 
 

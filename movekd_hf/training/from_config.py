@@ -20,7 +20,7 @@ import torch
 from transformers import set_seed
 
 from ..distill.anchor import anchor_teacher_spec
-from ..distill.cache import open_cached_teachers
+from ..distill.cache_sources import open_cached_teachers
 from ..distill.teacher_views import view_settings
 from ..errors import SettingsError
 from ..models import checkpoint_classes, from_preset
