@@ -387,13 +387,13 @@ def test_movekd_hf_train_trains_an_init_onevision_folder_with_the_tiny_teachers(
     assert saved["model_type"] == "movekd_llava_onevision"
 
 
-def onevision_config(init, data, tmp_path, **extra) -> str:
+def onevision_config(init, data, tmp_path) -> str:
     """A `movekd-hf train` YAML for the `init --onevision` folder on `data.json` (all six samples in the first batch)."""
     config = {
         "model_name_or_path": str(init), "teacher_set": "tiny", "kd_preset": "default", "stage": "stage1",
         "data_path": str(data / "data.json"), "image_folder": str(data), "template": "chat_template",
         "max_length": 1024, "per_device_train_batch_size": 6, "max_steps": 1, "report_to": "none",
-        "dataloader_num_workers": 0, "seed": 0, "data_seed": 0, **extra,
+        "dataloader_num_workers": 0, "seed": 0, "data_seed": 0,
     }  # fmt: skip
     path = tmp_path / "onevision.yaml"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
@@ -422,7 +422,6 @@ def test_the_cache_holds_a_row_per_tower_row_keyed_as_training_reads_them(folder
     from movekd_hf.distill.cache import TeacherCache
 
     anyres_cache, argv = anyres_cache
-
     _, processor = onevision
     records = by_id(tokenise(folders[2], processor))
     collator = MoVEKDAnyResCollator(processor, processor.tokenizer.pad_token_id)
