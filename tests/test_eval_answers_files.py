@@ -13,6 +13,7 @@ import pytest
 from movekd_hf.cli import main
 from movekd_hf.errors import AnswersFileError, DataFileError
 from movekd_hf.evaluation.answers import read_answers
+from movekd_hf.evaluation.benchmarks import paper_report
 from movekd_hf.evaluation.readers import load_benchmark, score_answers_file
 from movekd_hf.evaluation.scorers import pope_answer_kind
 
@@ -316,7 +317,12 @@ def test_mme_output_names_the_perception_score():
     metrics, report = score_answers_file("mme", FIXTURES / "mme" / "answers.jsonl",
                                          FIXTURES / "mme" / "MME_Benchmark_release_version")  # fmt: skip
     assert report["paper_metric"] == "perception" and report["paper_value"] == metrics["perception"]
-    assert "perception score" in report["notes"][0] and report["comparable_with_paper"] is True
+    # The fixture holds 2 of the 10 perception subtasks: its perception is not the paper's number.
+    assert report["comparable_with_paper"] is False
+    assert report["notes"][0] == "perception over 2 of the 10 perception subtasks; the paper's MME sums all of them"
+    assert "perception score" in report["notes"][1]
+    complete = {**metrics, "num_perception_subtasks": 10.0}  # what a whole MME folder scores to
+    assert paper_report("mme", complete)["comparable_with_paper"] is True
 
 
 # 7. Expected user errors: one line, exit 2 ---------------------------------------------------------------------

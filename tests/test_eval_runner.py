@@ -137,6 +137,13 @@ def test_eval_command_generates_scores_and_writes_tables(tiny, tmp_path, capsys)
     assert validate_eval_results(combined, "results.json") == combined  # the shape hub_cards reads
     table = (out / "results.md").read_text().splitlines()
     assert table[0] == "| model | GQA | POPE |" and table[2] == f"| tiny | 12.5 | {printed['f1']:.1f} |"
+    assert printed["comparable_with_paper"] is False  # one of POPE's 3 splits missing
+    # `--limit` scores a part of the benchmark: its number is not the paper's, and the report says why.
+    args = parser.parse_args([*argv[:-6], "--out", str(tmp_path / "limited"), "--limit", "2", *argv[-4:]])
+    assert args.func(args) == 0
+    limited = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert limited["comparable_with_paper"] is False
+    assert "--limit 2: the first 2 of the 5 samples" in limited["notes"]
 
 
 TWO_PROCESS_SCRIPT = textwrap.dedent(

@@ -95,6 +95,16 @@ def test_mme_scores_by_hand():
     assert m["perception"] == pytest.approx(325.0)
     assert m["cognition"] == pytest.approx(50.0)
     assert m["total"] == pytest.approx(375.0)
+    assert (m["num_perception_subtasks"], m["num_cognition_subtasks"]) == (2.0, 1.0)
+
+
+def test_mme_group_without_subtasks_has_no_score():
+    # Perception subtasks only (as a partial MME folder gives): no cognition score, not a cognition of 0.
+    questions = {f"q{i}": {"category": "existence", "image": f"{i // 2}.jpg", "answer": "Yes"} for i in range(4)}
+    m = scorers.mme_scores({"q0": "Yes", "q1": "Yes", "q2": "No"}, questions)
+    assert "cognition" not in m and m["num_cognition_subtasks"] == 0.0
+    # q0, q1 right, q2 wrong, q3 unanswered: 2 of 4 right (50), image 0 of the two has both right (50)
+    assert m["perception"] == m["total"] == pytest.approx(50.0 + 50.0)
 
 
 @pytest.mark.parametrize(

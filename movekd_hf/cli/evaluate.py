@@ -242,7 +242,9 @@ def run_eval(args: argparse.Namespace) -> int:
     else:
         annotations, images = resolve_data(name, data, args.annotations, args.images)
         benchmark = load_benchmark(name, annotations, images, resolve_questions(name, data, args.questions))
-    if args.limit is not None:
+    subset = None
+    if args.limit is not None and args.limit < len(benchmark.samples):
+        subset = f"--limit {args.limit}: the first {args.limit} of the {len(benchmark.samples)} samples"
         keep = {s.key for s in benchmark.samples[: args.limit]}
         benchmark.samples = [s for s in benchmark.samples if s.key in keep]
         benchmark.truth = _restrict_truth(benchmark.truth, keep)
@@ -261,15 +263,16 @@ def run_eval(args: argparse.Namespace) -> int:
         write = submission.vqav2_submission if name == "vqav2" else submission.vizwiz_submission
         entries, counts = write(answers, read_jsonl(all_questions), allow_partial=args.limit is not None)
         out = submission.write_submission(name, entries, out_dir / f"{name}_submission.json")
-        report = {"benchmark": name, "submission": str(out), "answers": counts, "comparable_with_paper": True,
-                  "notes": [f"upload {out.name}: the paper's column is {SERVER_SCORED[name]}"]}  # fmt: skip
+        notes = [f"upload {out.name}: the paper's column is {SERVER_SCORED[name]}"] + ([subset] if subset else [])
+        report = {"benchmark": name, "submission": str(out), "answers": counts,
+                  "comparable_with_paper": subset is None, "notes": notes}  # fmt: skip
         print(json.dumps(report, sort_keys=True))
         print(format_table({}, report), file=sys.stderr)
         return 0
     texts, answers_report = read_answers(answers, benchmark.samples, name=name, check_prompts=name == "pope",
                                          ignored_ids=benchmark.info.get("ignored_ids", ()))  # fmt: skip
     metrics = benchmark.score(texts)
-    report = {"benchmark": name, **paper_report(name, metrics, benchmark.info.get("prompt_set")),
+    report = {"benchmark": name, **paper_report(name, metrics, benchmark.info.get("prompt_set"), subset),
               "answers": answers_report.counts()}  # fmt: skip
     if name == "mmbench" and annotations.suffix == ".tsv":  # the paper's MMB is the server's: write its sheet too
         columns, rows, _ = submission.mmbench_sheet(answers, annotations, allow_partial=True)

@@ -224,9 +224,12 @@ def prompt_set(name: str, prompts_used: Sequence[str]) -> str | None:
     return "ocr" if any(TEXTVQA_OCR_MARK in prompt for prompt in prompts_used) else "plain"
 
 
-def paper_report(name: str, metrics: Mapping[str, float], prompts_used: str | None = None) -> dict[str, Any]:
+def paper_report(
+    name: str, metrics: Mapping[str, float], prompts_used: str | None = None, subset: str | None = None
+) -> dict[str, Any]:
     """How a result relates to the paper's column (METHOD.md section 7): the column, the metric it reports and its
-    value here, whether the number is comparable, and why not."""
+    value here, whether the number is comparable, and why not. `subset` says why the samples scored are fewer than
+    the benchmark's (e.g. `--limit`); such a number is not comparable."""
     metric = HEADLINE_METRIC[name]
     reasons = []  # why the number is not the paper's column
     if name in SERVER_SCORED:
@@ -238,6 +241,12 @@ def paper_report(name: str, metrics: Mapping[str, float], prompts_used: str | No
     if name == "textvqa" and prompts_used != "ocr":
         reasons.append("prompts without OCR tokens; the paper's TextVQA uses llava_textvqa_val_v051_ocr.jsonl "
                        "(the question, then 'Reference OCR token: ...')")  # fmt: skip
+    perception_subtasks = len(scorers.MME_PERCEPTION)
+    if name == "mme" and metrics.get("num_perception_subtasks", perception_subtasks) != perception_subtasks:
+        reasons.append(f"perception over {int(metrics['num_perception_subtasks'])} of the {perception_subtasks} "
+                       "perception subtasks; the paper's MME sums all of them")  # fmt: skip
+    if subset is not None:
+        reasons.append(subset)
     notes = list(reasons)
     if name == "mme":
         notes.append("the paper's MME is the perception score (sum of the 10 perception subtasks, out of 2000)")

@@ -211,7 +211,9 @@ def mme_scores(predictions: Mapping[str, str], questions: Mapping[str, Mapping[s
     """MME scores. `questions[key]` has `category`, `image` and `answer` ("Yes"/"No").
 
     Per subtask: acc = % of questions right, acc+ = % of images with both questions right, score = acc + acc+.
-    `perception` (the paper's MME) and `cognition` sum the subtask scores of their groups.
+    `perception` (the paper's MME) and `cognition` sum the subtask scores of their groups, over the subtasks
+    `questions` holds (`num_perception_subtasks` of the 10, `num_cognition_subtasks` of the 4, as the official
+    eval_tool/calculation.py sums them when every subtask is there); a group with no subtask has no score.
     """
     if not questions:
         raise ValueError("mme_scores: no questions to score against")
@@ -225,9 +227,12 @@ def mme_scores(predictions: Mapping[str, str], questions: Mapping[str, Mapping[s
         acc = 100.0 * sum(flat) / len(flat)
         acc_plus = 100.0 * sum(all(answers) for answers in images.values()) / len(images)
         result.update({f"{category}/acc": acc, f"{category}/acc_plus": acc_plus, f"{category}/score": acc + acc_plus})
-    result["perception"] = sum(result.get(f"{c}/score", 0.0) for c in MME_PERCEPTION)
-    result["cognition"] = sum(result.get(f"{c}/score", 0.0) for c in MME_COGNITION)
-    result["total"] = result["perception"] + result["cognition"]
+    for group, subtasks in (("perception", MME_PERCEPTION), ("cognition", MME_COGNITION)):
+        present = [c for c in subtasks if c in per_image]
+        result[f"num_{group}_subtasks"] = float(len(present))
+        if present:
+            result[group] = sum(result[f"{c}/score"] for c in present)
+    result["total"] = result.get("perception", 0.0) + result.get("cognition", 0.0)
     result["num_missing"] = float(sum(key not in predictions for key in questions))
     return result
 
