@@ -6,18 +6,21 @@ and every shipped config parsed. The kill and the per-rank reports are callbacks
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from _train_fixtures import (
+    ACCELERATE,
     REPO,
     TINY_STAGE1,
     TORCH_EXTENSIONS_DIR,
     accelerate_launch,
     build,
     child_env,
+    free_port,
     load_safetensors,
     run_module,
     run_with_callbacks,
@@ -101,6 +104,27 @@ def test_two_cpu_ranks_really_run_distributed(two_rank_runs, name):
     assert ranks[0]["losses"] == pytest.approx(ranks[1]["losses"], rel=1e-6)
     folder = two_rank_runs[name + "_dir"]
     assert (folder / "model.safetensors").is_file() and (folder / "modeling_movekd.py").is_file()
+
+
+@pytest.mark.slow
+def test_arguments_built_in_a_script_join_the_cpu_process_group(tmp_path):
+    # A script of one's own (no `movekd-hf train` entry) under `accelerate launch --multi_gpu` on a machine
+    # without GPUs: its MoVEKDTrainingArguments must ask accelerate for the CPU, or each rank trains alone.
+    script = tmp_path / "script.py"
+    script.write_text(
+        "import json, sys\n"
+        "from movekd_hf.training.arguments import MoVEKDTrainingArguments\n"
+        "args = MoVEKDTrainingArguments(output_dir=sys.argv[1], report_to='none')\n"
+        "state = args.distributed_state\n"
+        "print(json.dumps([args.process_index, args.world_size, str(state.distributed_type), args.use_cpu]))\n"
+    )
+    command = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+               str(script), str(tmp_path / "out")]  # fmt: skip
+    result = subprocess.run(command, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = sorted(json.loads(line) for line in result.stdout.splitlines() if line.startswith("["))
+    assert ranks == [[0, 2, "DistributedType.MULTI_CPU", True], [1, 2, "DistributedType.MULTI_CPU", True]]
 
 
 @pytest.mark.slow

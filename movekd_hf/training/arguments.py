@@ -210,6 +210,10 @@ class MoVEKDTrainingArguments(TrainingArguments):
         if isinstance(resume, str) and resume.lower() in ("true", "false") and not os.path.isdir(resume):
             resume = resume.lower() == "true"
         self.resume_from_checkpoint = resume if resume else None
+        if not self.use_cpu and _cpu_only_multi_process():
+            # accelerate makes a CPU process group (gloo, DistributedType.MULTI_CPU) only when asked for the CPU;
+            # otherwise each of the launched processes silently trains alone (DistributedType.NO).
+            self.use_cpu = True
         super().__post_init__()
         for name, value, choices in (
             ("stage", self.stage, tuple(STAGES)),
@@ -359,9 +363,13 @@ def _given(argv: list[str], name: str) -> bool:
 
 
 def _cpu_only_multi_process() -> bool:
+    """Whether this process is one of several launched (`WORLD_SIZE` > 1) on a machine with no accelerator."""
     import torch
 
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6: CUDA, XPU, MPS, ...
+    return not (accelerator.is_available() if accelerator is not None else torch.cuda.is_available())
 
 
 def build_parser() -> HfArgumentParser:
@@ -398,10 +406,6 @@ def parse_args(argv: list[str]) -> tuple[MoVEKDModelArguments, MoVEKDDataArgumen
         for name in values:
             known[name].required = False  # the file supplies it; the command line may still override it
         parser.set_defaults(**values)
-    if _cpu_only_multi_process():
-        # accelerate makes a CPU process group (gloo, DistributedType.MULTI_CPU) only when asked for the CPU;
-        # otherwise each of the launched processes silently trains alone (DistributedType.NO).
-        parser.set_defaults(use_cpu=True)
     try:
         *parsed, unused = parser.parse_args_into_dataclasses(
             args=argv, look_for_args_file=False, return_remaining_strings=True
