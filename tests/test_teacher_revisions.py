@@ -217,8 +217,13 @@ def _settings_of(key: dict):
 def test_revision_options_name_the_field_and_the_unknown_teacher(capsys):
     args = MoVEKDModelArguments(preset="tiny", teacher_set="tiny", teacher_revisions="sam=v2, convnext=abc123")
     assert args.revision_map() == {"sam": "v2", "convnext": "abc123"}
-    specs = {spec.slug: spec for spec in run_teacher_specs("tiny", False, {}, args.revision_map())}
+    specs = {spec.slug: spec for spec in run_teacher_specs("v1.1", True, {}, args.revision_map())}
     assert specs["sam"].revision == "v2" and specs["convnext"].revision == "abc123"
+    # The tiny sets' teachers have random weights: a revision (or a checkpoint) of theirs would load nothing.
+    with pytest.raises(SettingsError, match=r"field 'teacher_revisions': names \['sam'\], built here with random"):
+        run_teacher_specs("tiny", True, {}, {"sam": "v2"})
+    with pytest.raises(SettingsError, match=r"field 'teacher_checkpoints': names \['sam'\], built here with random"):
+        run_teacher_specs("tiny", True, {"sam": "/weights/sam"})
     with pytest.raises(SettingsError, match=r"field 'teacher_revisions': entry 'sam' is not slug=rev"):
         MoVEKDModelArguments(preset="tiny", teacher_revisions="sam").revision_map()
     with pytest.raises(SettingsError, match=r"field 'teacher_revisions': names \['eva'\], not teachers of this set"):

@@ -280,12 +280,23 @@ def run_teacher_specs(
 
 def override_specs(specs: list[TeacherSpec], options: Mapping[str, tuple]) -> list[TeacherSpec]:
     """`specs` with per-teacher `TeacherSpec` fields replaced: `options` maps a field name to (the option that
-    sets it, {slug: value} or None). A slug not among `specs` raises `SettingsError` naming the option."""
+    sets it, {slug: value} or None). A slug not among `specs`, or a `checkpoint` or `revision` for a teacher built
+    with random weights (the tiny sets' teachers, `pretrained=False`: nothing would be loaded), raises
+    `SettingsError` naming the option."""
     slugs = sorted(spec.slug for spec in specs)
-    for option, values in options.values():
+    random = {spec.slug for spec in specs if not spec.pretrained}
+    for name, (option, values) in options.items():
         unknown = sorted(set(values or {}) - set(slugs))
         if unknown:
             raise SettingsError(f"names {unknown}, not teachers of this set", field=option, expected=f"one of {slugs}")
+        unloaded = sorted(set(values or {}) & random) if name in ("checkpoint", "revision") else []
+        if unloaded:
+            raise SettingsError(
+                f"names {unloaded}, built here with random weights (a tiny set, or random weights asked for), so "
+                f"no {name} would be loaded",
+                field=option,
+                expected="teachers that load their weights (a set other than the tiny ones)",
+            )
     return [
         replace(
             spec, **{name: values[spec.slug] for name, (_, values) in options.items() if spec.slug in (values or {})}
