@@ -2,12 +2,18 @@
 was expected. The command line turns every `InputError` into one line on stderr and exit code 2 (the traceback only
 with `--debug`); Python callers catch them as `ValueError`.
 
+`existing_path`, `model_source` and `loading(option, value)` turn "this path does not exist" and "this model id or
+path cannot be loaded" (huggingface_hub's, transformers' and timm's errors) into one such error naming the option.
+
 The bottom layer: imports nothing from the package. (The remote-code files under `movekd_hf/modeling` cannot import
 it, so `modeling.llava_conventions.ImageLoadError` is its own `ValueError`; the command line treats it alike.)
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 
@@ -98,4 +104,123 @@ class NonFiniteError(RuntimeError):
         return type(self), (self.step, self.component, self.value)
 
 
-__all__ = ["AnswersFileError", "DataFileError", "InputError", "NonFiniteError", "SettingsError", "UnsafeFileError"]
+# ------------------------------------------------------------------ loading a model by path or Hub id
+
+
+def one_line(error: BaseException) -> str:
+    """The error's message on one line (multi-line messages of other libraries joined with "; ")."""
+    return "; ".join(part.strip() for part in str(error).splitlines() if part.strip()) or type(error).__name__
+
+
+def existing_path(option: str, value: str | os.PathLike | None, kind: str = "file or folder") -> None:
+    """Raise `InputError` naming `option` unless `value` (when given) exists as `kind` ("file", "folder" or
+    "file or folder"). Local inputs are checked before anything heavy is imported or loaded."""
+    if value is None:
+        return
+    path = os.fspath(value)
+    found = {"file": os.path.isfile, "folder": os.path.isdir}.get(kind, os.path.exists)(path)
+    if not found:
+        what = f"is not a {kind}" if os.path.exists(path) else "does not exist"
+        raise InputError(what, file=path, field=option, expected=f"an existing {kind}")
+
+
+def model_source(option: str, value: str) -> None:
+    """Raise `InputError` naming `option` unless `value` is an existing local path or a Hub id that can be loaded:
+    spelled like one (`huggingface_hub.utils.validate_repo_id`) and, under HF_HUB_OFFLINE=1, with its
+    `config.json` in the local cache. Checked before anything heavy is imported or loaded, so a mistyped path or an
+    uncached id fails at once, not after other models were loaded."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if os.path.exists(value):
+        return
+    if not _is_repo_id(value):
+        raise InputError(
+            "no such file or folder, and not a Hub id", file=value, field=option, expected="a local folder or a Hub id"
+        )
+    if constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(value, "config.json"), str):
+        raise InputError(
+            f"{value!r} is no local folder, and as a Hub id it is not in the local cache (HF_HUB_OFFLINE=1)",
+            field=option,
+            expected=_load_expected(value),
+        )
+
+
+def _is_repo_id(value: str) -> bool:
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(value)
+    except HFValidationError:
+        return False
+    return True
+
+
+@contextmanager
+def loading(option: str, value: str) -> Iterator[None]:
+    """Turn the errors of loading `value` (a local folder or a Hub id, given as `option`) into one `InputError`
+    naming both: offline or not-found Hub errors from huggingface_hub, transformers or timm, and a checkpoint
+    whose files or config the loader refuses (OSError / ValueError). `InputError`s pass through unchanged."""
+    try:
+        yield
+    except InputError:
+        raise
+    except (OSError, ValueError) as error:
+        raise InputError(_load_problem(value, error), field=option, expected=_load_expected(value)) from error
+
+
+def _load_problem(value: str, error: BaseException) -> str:
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    chain = [error]
+    while chain[-1].__cause__ is not None or chain[-1].__context__ is not None:
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+        if len(chain) > 20:  # a cycle would be a bug elsewhere; do not hang on it
+            break
+    kinds = {type(e) for e in chain}
+
+    def seen(*classes) -> bool:
+        return any(issubclass(kind, classes) for kind in kinds)
+
+    local = os.path.exists(value)
+    if not local and not _is_repo_id(value):
+        return f"{value!r} is no such file or folder, and not a Hub id"
+    offline = constants.HF_HUB_OFFLINE or seen(OfflineModeIsEnabled)
+    if not local and offline and (seen(OfflineModeIsEnabled, LocalEntryNotFoundError) or isinstance(error, OSError)):
+        return f"{value!r} is no local folder, and as a Hub id it is not in the local cache (HF_HUB_OFFLINE=1)"
+    if not local and seen(GatedRepoError):
+        return f"Hub repository {value!r} is gated: accept its terms on the Hub and log in (`hf auth login`)"
+    if not local and seen(RepositoryNotFoundError):
+        return f"{value!r} is no local folder, and no Hub repository of that name exists (or it is private)"
+    if not local and seen(RevisionNotFoundError):
+        return f"Hub repository {value!r} has no such revision"
+    if not local and seen(LocalEntryNotFoundError):
+        return f"{value!r} is no local folder, and as a Hub id it is not cached and the Hub could not be reached"
+    return f"cannot load {value!r}: {one_line(error)}"
+
+
+def _load_expected(value: str) -> str:
+    if os.path.exists(value):
+        return "a checkpoint folder written by save_pretrained (config.json and weights)"
+    return "a local folder, or a Hub id that is cached or reachable"
+
+
+__all__ = [
+    "AnswersFileError",
+    "DataFileError",
+    "InputError",
+    "NonFiniteError",
+    "SettingsError",
+    "UnsafeFileError",
+    "existing_path",
+    "loading",
+    "model_source",
+    "one_line",
+]

@@ -338,6 +338,8 @@ def test_mme_output_names_the_perception_score():
           "nope.json"], "gqa annotations nope.json do not exist"),
         (["eval", "--model", "m", "--benchmark", "textvqa", "--data", "nowhere", "--out", "o"],
          "--data nowhere is not a folder"),
+        (["eval", "--model", "runs/nope", "--benchmark", "gqa", "--data", ".", "--annotations", str(GQA), "--out",
+          "o"], "field '--model': 'runs/nope' is no local folder, and as a Hub id it is not in the local cache"),
         (["submission", "--benchmark", "gqa", "--predictions", "a", "--questions", "q", "--out", "o"],
          "gqa is scored locally"),
     ],

@@ -321,8 +321,16 @@ def test_two_workers_see_every_sample_once_per_epoch(tmp_path):
         ([TINY_STAGE1, "--output_dir", "{out}", "--lambda_kd", "nan"], "field 'lambda_kd': got nan"),
         ([TINY_STAGE1, "--output_dir", "{out}", "--max_steps", "many"], "--max_steps"),
         ([TINY_STAGE1, "--output_dir", "{out}", "--data_path", "{out}/none.json"], "none.json"),
+        (
+            ["--model_name_or_path", "runs/nope", "--output_dir", "{out}", "--data_path", "toy:pretrain"],
+            "field 'model_name_or_path': 'runs/nope' is no local folder, and as a Hub id it is not in the local cache",
+        ),
+        (
+            [TINY_STAGE1, "--output_dir", "{out}", "--teacher_checkpoints", "sam={out}"],
+            "field 'teacher_checkpoints': names ['sam'], built here with random weights",
+        ),
     ],
-    ids=["missing-yaml", "unknown-key", "nan-value", "bad-value", "missing-data"],
+    ids=["missing-yaml", "unknown-key", "nan-value", "bad-value", "missing-data", "missing-model", "tiny-checkpoint"],
 )
 def test_cli_user_errors_are_one_line_and_exit_2(tmp_path, capsys, argv, message):
     bad = tmp_path / "bad.yaml"

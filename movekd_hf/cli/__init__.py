@@ -4,7 +4,7 @@ subcommand that needs it.
 
 Errors: a wrong option (argparse) or a wrong input (`movekd_hf.errors.InputError` and kin) ends in one line on
 stderr, `movekd-hf COMMAND: error: ...`, and exit code 2; `--debug` shows the traceback instead. Subcommands turn
-"this model id or path cannot be loaded" into such an error with `loading(option, value)`.
+"this model id or path cannot be loaded" into such an error with `loading(option, value)` (movekd_hf.errors).
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ import argparse
 import importlib
 import os
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import NoReturn
+
+# Re-exported: the subcommands check and load their inputs through these.
+from movekd_hf.errors import existing_path, loading, model_source, one_line  # noqa: F401
 
 # Modules exposing `add_parser(subparsers)`, which registers their subcommands, each setting
 # `func(args) -> int | None`. Keep these modules' top-level imports light (torch inside `func`).
@@ -95,11 +96,6 @@ def user_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-def _one_line(error: BaseException) -> str:
-    """The error's message on one line (multi-line messages of other libraries joined with "; ")."""
-    return "; ".join(part.strip() for part in str(error).splitlines() if part.strip()) or type(error).__name__
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run one subcommand. Expected user errors (`movekd_hf.errors.InputError` and kin) end in one line on stderr,
     `movekd-hf COMMAND: error: ...`, and exit code 2; a non-finite training run exits 1 likewise. `--debug`
@@ -115,10 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except user_errors() as error:
-        print(f"movekd-hf {args.command}: error: {_one_line(error)}", file=sys.stderr)
+        print(f"movekd-hf {args.command}: error: {one_line(error)}", file=sys.stderr)
         return 2
     except NonFiniteError as error:
-        print(f"movekd-hf {args.command}: error: {_one_line(error)}", file=sys.stderr)
+        print(f"movekd-hf {args.command}: error: {one_line(error)}", file=sys.stderr)
         return 1
 
 
@@ -165,112 +161,6 @@ def console_main() -> NoReturn:
 
 
 # ------------------------------------------------------------------------------------- helpers for subcommands
-
-
-def existing_path(option: str, value: str | os.PathLike | None, kind: str = "file or folder") -> None:
-    """Raise `InputError` naming `option` unless `value` (when given) exists as `kind` ("file", "folder" or
-    "file or folder"). Local inputs are checked before anything heavy is imported or loaded."""
-    from movekd_hf.errors import InputError
-
-    if value is None:
-        return
-    path = os.fspath(value)
-    found = {"file": os.path.isfile, "folder": os.path.isdir}.get(kind, os.path.exists)(path)
-    if not found:
-        what = f"is not a {kind}" if os.path.exists(path) else "does not exist"
-        raise InputError(what, file=path, field=option, expected=f"an existing {kind}")
-
-
-def model_source(option: str, value: str) -> None:
-    """Raise `InputError` naming `option` unless `value` is an existing local path or a Hub id that can be loaded:
-    spelled like one (`huggingface_hub.utils.validate_repo_id`) and, under HF_HUB_OFFLINE=1, with its
-    `config.json` in the local cache. Checked before anything heavy is imported or loaded, so a mistyped path or an
-    uncached id fails at once, not after other models were loaded."""
-    from huggingface_hub import constants, try_to_load_from_cache
-
-    from movekd_hf.errors import InputError
-
-    if os.path.exists(value):
-        return
-    if not _is_repo_id(value):
-        raise InputError(
-            "no such file or folder, and not a Hub id", file=value, field=option, expected="a local folder or a Hub id"
-        )
-    if constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(value, "config.json"), str):
-        raise InputError(
-            f"{value!r} is no local folder, and as a Hub id it is not in the local cache (HF_HUB_OFFLINE=1)",
-            field=option,
-            expected=_load_expected(value),
-        )
-
-
-def _is_repo_id(value: str) -> bool:
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
-    try:
-        validate_repo_id(value)
-    except HFValidationError:
-        return False
-    return True
-
-
-@contextmanager
-def loading(option: str, value: str) -> Iterator[None]:
-    """Turn the errors of loading `value` (a local folder or a Hub id, given as `option`) into one `InputError`
-    naming both: offline or not-found Hub errors from huggingface_hub, transformers or timm, and a checkpoint
-    whose files or config the loader refuses (OSError / ValueError). `InputError`s pass through unchanged."""
-    from movekd_hf.errors import InputError
-
-    try:
-        yield
-    except InputError:
-        raise
-    except (OSError, ValueError) as error:
-        raise InputError(_load_problem(value, error), field=option, expected=_load_expected(value)) from error
-
-
-def _load_problem(value: str, error: BaseException) -> str:
-    from huggingface_hub import constants
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        LocalEntryNotFoundError,
-        OfflineModeIsEnabled,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    chain = [error]
-    while chain[-1].__cause__ is not None or chain[-1].__context__ is not None:
-        chain.append(chain[-1].__cause__ or chain[-1].__context__)
-        if len(chain) > 20:  # a cycle would be a bug elsewhere; do not hang on it
-            break
-    kinds = {type(e) for e in chain}
-
-    def seen(*classes) -> bool:
-        return any(issubclass(kind, classes) for kind in kinds)
-
-    local = os.path.exists(value)
-    if not local and not _is_repo_id(value):
-        return f"{value!r} is no such file or folder, and not a Hub id"
-    offline = constants.HF_HUB_OFFLINE or seen(OfflineModeIsEnabled)
-    if not local and offline and (seen(OfflineModeIsEnabled, LocalEntryNotFoundError) or isinstance(error, OSError)):
-        return f"{value!r} is no local folder, and as a Hub id it is not in the local cache (HF_HUB_OFFLINE=1)"
-    if not local and seen(GatedRepoError):
-        return f"Hub repository {value!r} is gated: accept its terms on the Hub and log in (`hf auth login`)"
-    if not local and seen(RepositoryNotFoundError):
-        return f"{value!r} is no local folder, and no Hub repository of that name exists (or it is private)"
-    if not local and seen(RevisionNotFoundError):
-        return f"Hub repository {value!r} has no such revision"
-    if not local and seen(LocalEntryNotFoundError):
-        return f"{value!r} is no local folder, and as a Hub id it is not cached and the Hub could not be reached"
-    return f"cannot load {value!r}: {_one_line(error)}"
-
-
-def _load_expected(value: str) -> str:
-    if os.path.exists(value):
-        return "a checkpoint folder written by save_pretrained (config.json and weights)"
-    return "a local folder, or a Hub id that is cached or reachable"
 
 
 if __name__ == "__main__":

@@ -227,7 +227,7 @@ def write_results(
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from movekd_hf.errors import SettingsError
+    from movekd_hf.errors import SettingsError, loading, model_source
     from movekd_hf.evaluation import submission
     from movekd_hf.evaluation.answers import read_answers
     from movekd_hf.evaluation.benchmarks import SERVER_SCORED, canonical_name, paper_report
@@ -248,9 +248,11 @@ def run_eval(args: argparse.Namespace) -> int:
         keep = {s.key for s in benchmark.samples[: args.limit]}
         benchmark.samples = [s for s in benchmark.samples if s.key in keep]
         benchmark.truth = _restrict_truth(benchmark.truth, keep)
+    model_source("--model", args.model)  # a mistyped path: one line naming it, before anything is written
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model, processor = load_model_and_processor(args.model)
+    with loading("--model", args.model):
+        model, processor = load_model_and_processor(args.model)
     state = distributed_state()
     model.to(state.device)
     answers = run_generation(model, processor, benchmark.samples, out_dir / f"{name}_answers.jsonl",

@@ -22,7 +22,7 @@ from transformers import set_seed
 from ..distill.anchor import anchor_teacher_spec
 from ..distill.cache_sources import open_cached_teachers
 from ..distill.teacher_views import view_settings
-from ..errors import SettingsError
+from ..errors import SettingsError, loading, model_source
 from ..models import checkpoint_classes, from_preset
 from .arguments import MoVEKDModelArguments, MoVEKDTrainingArguments, parse_args
 from .checkpoint import DISTILLER_FILE
@@ -49,9 +49,12 @@ def load_model(model_args: MoVEKDModelArguments):
         kwargs = {}
         if model_args.qlora:
             kwargs["quantization_config"] = qlora_config()
-        model_class, processor_class = checkpoint_classes(model_args.model_name_or_path)
-        vlm = model_class.from_pretrained(model_args.model_name_or_path, **kwargs)
-        processor = processor_class.from_pretrained(model_args.model_name_or_path)
+        source = model_args.model_name_or_path
+        model_source("model_name_or_path", source)  # a mistyped path: one line naming it, not a Hub error
+        with loading("model_name_or_path", source):
+            model_class, processor_class = checkpoint_classes(source)
+            vlm = model_class.from_pretrained(source, **kwargs)
+            processor = processor_class.from_pretrained(source)
     return vlm.train(), processor
 
 
