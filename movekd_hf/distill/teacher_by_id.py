@@ -85,6 +85,10 @@ FAMILIES: dict[str, Family] = {
     "aimv2": Family("Aimv2VisionModel"),
     "aimv2_vision_model": Family("Aimv2VisionModel", None),
     "dinov2": Family("Dinov2Model", None, _cls_only, True),
+    # Plain ViTs of the ViT layout (CLS, then patches): ViT (MAE/DINO/AugReg checkpoints), DeiT, BEiT.
+    "vit": Family("ViTModel", None, _cls_only, True),
+    "deit": Family("DeiTModel", None, lambda config: 2, True),  # [CLS, distillation token, patches...]
+    "beit": Family("BeitModel", None, _cls_only, True),
     "dinov2_with_registers": Family("Dinov2WithRegistersModel", None, _cls_and_registers, True),
     "dinov3_vit": Family("DINOv3ViTModel", None, _cls_and_registers, True),
     "dinov3_convnext": Family("DINOv3ConvNextModel", None, _cls_only, True),
