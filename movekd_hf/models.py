@@ -102,7 +102,9 @@ def build_config(name: str, **overrides) -> MoVEKDConfig | MoVEKDOnevisionConfig
         return _onevision_config(name, **overrides)
     if name == "tiny":
         vocab_size = 256 + len(SPECIAL_TOKENS)
-        text = LlamaConfig(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=3, **TINY_TEXT)
+        # The byte tokenizer's own ids for <s>, </s> and <pad> (after the 256 bytes), as its processor encodes them.
+        bos, eos, pad = (256 + SPECIAL_TOKENS.index(token) for token in ("<s>", "</s>", "<pad>"))
+        text = LlamaConfig(vocab_size=vocab_size, bos_token_id=bos, eos_token_id=eos, pad_token_id=pad, **TINY_TEXT)
         kwargs = dict(vision_config=CLIPVisionConfig(**TINY_CLIP), text_config=text, **TINY_MOLE)
         kwargs.update(image_token_index=256 + SPECIAL_TOKENS.index(IMAGE_TOKEN))
     elif name in _LLMS:

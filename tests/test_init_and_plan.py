@@ -43,6 +43,14 @@ def test_init_tiny_preset_writes_a_loadable_checkpoint(tmp_path, photo, capsys):
     assert parameters < 2_000_000 and f"{parameters:,} parameters" in capsys.readouterr().out
     processor = AutoProcessor.from_pretrained(tmp_path)
     assert torch.isfinite(model(**chat_inputs(processor, photo)).logits).all()
+    # The LLM's config, its generation config and the tokenizer agree on <s>, </s> and <pad> (the Trainer warns
+    # and rewrites the configs otherwise, and generation would stop at the wrong token).
+    tokenizer, text = processor.tokenizer, model.config.text_config
+    ids = (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    assert ids == (text.bos_token_id, text.eos_token_id, text.pad_token_id) == (257, 258, 259)
+    generation = model.generation_config
+    assert (generation.bos_token_id, generation.eos_token_id, generation.pad_token_id) == ids
+    assert tokenizer("a").input_ids[0] == tokenizer.bos_token_id
 
 
 def test_init_from_an_hf_llava_checkpoint_keeps_every_llava_weight(tmp_path):
