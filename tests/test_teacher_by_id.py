@@ -176,6 +176,48 @@ def test_teacher_from_a_model_folder_reads_its_config_and_runs(tmp_path, family)
             torch.testing.assert_close(out.cls, own.last_hidden_state[:, 0])
 
 
+# Plain ViT-layout families (no preset uses them): config, processor config as their Hub repositories ship it,
+# (grid side, width, prefix tokens). DeiT's distilled checkpoints carry a distillation token after the CLS.
+PLAIN_VITS = {
+    "vit": (
+        transformers.ViTConfig(hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=2,
+                               image_size=32, patch_size=8),
+        _square(32, 2, HALF, HALF),
+        (4, 32, 1),
+    ),
+    "deit": (
+        transformers.DeiTConfig(hidden_size=36, intermediate_size=40, num_hidden_layers=2, num_attention_heads=2,
+                                image_size=32, patch_size=8),
+        {**_square(40, 3, IMAGENET_MEAN, IMAGENET_STD), "do_center_crop": True,
+         "crop_size": {"height": 32, "width": 32}},
+        (4, 36, 2),
+    ),
+    "beit": (
+        transformers.BeitConfig(hidden_size=28, intermediate_size=40, num_hidden_layers=2, num_attention_heads=2,
+                                image_size=32, patch_size=8),
+        _square(32, 3, HALF, HALF),
+        (4, 28, 1),
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("family", list(PLAIN_VITS))
+def test_plain_vit_families_are_teachers_by_id(tmp_path, family):
+    config, processor, (side, width, prefix) = PLAIN_VITS[family]
+    torch.manual_seed(0)
+    model = transformers.AutoModel.from_config(config)
+    model.save_pretrained(tmp_path / family)
+    (tmp_path / family / "preprocessor_config.json").write_text(json.dumps(processor))
+    spec = teacher_from_pretrained(str(tmp_path / family))
+    assert (spec.grid, spec.channels, spec.num_prefix_tokens, spec.has_cls) == ((side, side), width, prefix, True)
+    teacher = build_teacher(spec)
+    batch = images()
+    out = teacher(batch)
+    hidden = _own_output(teacher, batch).last_hidden_state  # the model's own forward on the spec's pixels
+    torch.testing.assert_close(out.tokens, hidden[:, prefix:])
+    torch.testing.assert_close(out.cls, hidden[:, 0])
+
+
 def test_keep_prefix_tokens_returns_cls_and_registers_apart(tmp_path):
     spec = teacher_from_pretrained(_save(tmp_path, "dinov3"), keep_prefix_tokens=True)
     teacher = build_teacher(spec)
@@ -322,3 +364,32 @@ def test_sam2_encoder_loads_from_a_full_sam2_checkpoint(tmp_path):
     with torch.no_grad():
         expected = full.vision_encoder(prepare_images(batch, spec)).fpn_hidden_states[-1]
     torch.testing.assert_close(teacher(batch).tokens, expected.flatten(2).transpose(1, 2))
+
+
+def test_extra_teachers_join_a_set_by_id_for_training_and_the_cache(tmp_path, capsys):
+    """`extra_teachers: slug=ID` (training) and `--extra-teacher SLUG=ID` (cache-teachers) add a model by its Hub
+    id or folder to a set, read by `teacher_from_pretrained`; a slug the set has is refused in one line."""
+    from _train_fixtures import SGD_ONE_STEP, TINY_STAGE1, build
+
+    from movekd_hf.cli import main
+
+    folder = _save(tmp_path, "dinov3")
+    trainer = build(TINY_STAGE1, tmp_path / "run", *SGD_ONE_STEP, "--extra_teachers", f"dino={folder}")
+    assert trainer.model.distiller.teacher_names == ["clip", "convnext", "sam", "dino"]
+    recorded = {entry["name"]: entry for entry in trainer.train_config["teachers"]}
+    assert recorded["dino"]["model_id"] == folder
+    trainer.train()
+    logged = next(entry for entry in trainer.state.log_history if "loss" in entry)
+    assert logged["kd/dino_loss"] > 0 and "kd/sam_loss" in logged
+
+    model = tmp_path / "student"
+    assert main(["init", "--preset", "tiny", "--out", str(model)]) == 0
+    estimate = ["cache-teachers", "--model", str(model), "--teacher-set", "tiny", "--estimate", "--num-images", "10"]
+    capsys.readouterr()
+    assert main([*estimate, "--extra-teacher", f"dino={folder}"]) == 0
+    assert "| dino | 16 x 40 (4x4) | 16 x 40 |" in capsys.readouterr().out  # its own row, on the student grid
+    assert main([*estimate, "--extra-teacher", f"sam={folder}"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "movekd-hf cache-teachers: error: field '--extra-teacher': names ['sam'], already teachers of this set (or "
+        "the anchor); expected new slugs"
+    )

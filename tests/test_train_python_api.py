@@ -3,10 +3,13 @@ and the same run through the command line's `build_trainer`: argv only becomes t
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from _train_fixtures import TINY_STAGE1, build
 
+from movekd_hf.distill.presets import teacher_specs
 from movekd_hf.models import from_preset
 from movekd_hf.training.arguments import MoVEKDTrainingArguments
 from movekd_hf.training.data import BadSampleError
@@ -100,6 +103,21 @@ def test_contradictory_objects_fail_clearly(tmp_path, args, overrides, error, ma
         overrides = {**overrides, "args": MoVEKDTrainingArguments(output_dir=str(tmp_path), **args)}
     with pytest.raises(error, match=match):
         python_trainer(tmp_path, **overrides)
+
+
+def test_a_teacher_list_mixes_a_set_name_and_specs(tmp_path):
+    # A set plus one teacher of one's own, as a user adds one (here a second, smaller SAM under its own slug).
+    extra = replace(next(spec for spec in teacher_specs("tiny") if spec.slug == "sam"), slug="sam_small")
+    trainer = python_trainer(tmp_path, teachers=["tiny", extra])
+    assert trainer.model.distiller.teacher_names == ["clip", "convnext", "sam", "sam_small"]
+    assert set(trainer.data_collator.teacher_views) == {"clip", "convnext", "sam", "sam_small"}
+    # The set's own list (its `clip` entry stands for the anchor), a repeated slug, something else: one message each.
+    with pytest.raises(ValueError, match=r"leave \['clip'\] out of `teachers`: 'clip' names the anchor, always"):
+        python_trainer(tmp_path, teachers=teacher_specs("tiny"))
+    with pytest.raises(ValueError, match=r"`teachers` names \['sam'\] more than once"):
+        python_trainer(tmp_path, teachers=["tiny", replace(extra, slug="sam")])
+    with pytest.raises(TypeError, match="a list may mix both"):
+        python_trainer(tmp_path, teachers=["tiny", 3])
 
 
 def test_plain_training_arguments_are_refused(tmp_path):

@@ -82,6 +82,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--random-weights", action="store_true", help="build teachers without weights (tests)")
     parser.add_argument("--checkpoint", action="append", metavar="SLUG=PATH", help="local weights for a teacher")
     parser.add_argument(
+        "--extra-teacher",
+        action="append",
+        metavar="SLUG=ID",
+        help="a teacher added to the set: a transformers or timm vision model's Hub id or local folder "
+        "(as training's `extra_teachers`)",
+    )
+    parser.add_argument(
         "--revision",
         action="append",
         metavar="SLUG=REV",
@@ -186,7 +193,17 @@ def _specs(args: argparse.Namespace) -> list:
         specs = _read_teachers_json(args.teachers_json)
     else:
         specs = teacher_specs(args.teacher_set, pretrained=not args.random_weights, sam_layout=args.sam_layout)
+        specs += _extra_teachers(args, [spec.slug for spec in specs])
     return _with_weights_options(specs, args)
+
+
+def _extra_teachers(args: argparse.Namespace, taken: list[str]) -> list:
+    """`--extra-teacher SLUG=ID` as specs (`extra_teacher_specs`, as training reads `extra_teachers`)."""
+    from movekd_hf.training.teacher_source import extra_teacher_specs
+
+    sources = _pairs(args.extra_teacher, "--extra-teacher")
+    revisions = _pairs(args.revision, "--revision")
+    return extra_teacher_specs(sources, taken, not args.random_weights, revisions, option="--extra-teacher")
 
 
 def _with_weights_options(specs: list, args: argparse.Namespace) -> list:
@@ -258,13 +275,15 @@ def _teachers_like_training(args: argparse.Namespace):
     from transformers import AutoProcessor
 
     from movekd_hf.cli import loading
+    from movekd_hf.distill.anchor import ANCHOR
     from movekd_hf.models import checkpoint_classes
     from movekd_hf.training.teacher_source import build_teachers, run_teacher_specs
 
     with loading("--model", args.model):
         vlm = checkpoint_classes(args.model)[0].from_pretrained(args.model)
         image_processor = AutoProcessor.from_pretrained(args.model).image_processor
-    specs = _with_weights_options(run_teacher_specs(args.teacher_set, not args.random_weights, {}), args)
+    specs = run_teacher_specs(args.teacher_set, not args.random_weights, {})
+    specs = _with_weights_options(specs + _extra_teachers(args, [ANCHOR, *(spec.slug for spec in specs)]), args)
     torch.manual_seed(args.seed)  # the trainer seeds before building its teachers, in this order
     # build_teachers with no specs builds the anchor alone; the others follow in the same order, as it would.
     teachers = build_teachers(vlm, [], image_processor.image_mean, image_processor.image_std)
@@ -278,14 +297,15 @@ def _specs_like_training(args: argparse.Namespace):
     from transformers import AutoProcessor
 
     from movekd_hf.cli import loading
-    from movekd_hf.distill.anchor import anchor_teacher_spec
+    from movekd_hf.distill.anchor import ANCHOR, anchor_teacher_spec
     from movekd_hf.models import checkpoint_classes
     from movekd_hf.training.teacher_source import run_teacher_specs
 
     with loading("--model", args.model):
         config = checkpoint_classes(args.model)[0].config_class.from_pretrained(args.model)
         image_processor = AutoProcessor.from_pretrained(args.model).image_processor
-    specs = _with_weights_options(run_teacher_specs(args.teacher_set, not args.random_weights, {}), args)
+    specs = run_teacher_specs(args.teacher_set, not args.random_weights, {})
+    specs = _with_weights_options(specs + _extra_teachers(args, [ANCHOR, *(spec.slug for spec in specs)]), args)
     anchor = anchor_teacher_spec(config, image_processor.image_mean, image_processor.image_std, sized=True)
     return [anchor, *specs], _settings_like_training(args, config, image_processor, specs)
 

@@ -68,6 +68,12 @@ class MoVEKDModelArguments:
         metadata={"help": "Hub revisions of teacher weights, `slug=rev,slug=rev` (branch, tag or commit; part of the "
                   "feature cache's key, as `cache-teachers --revision` writes it)."},
     )  # fmt: skip
+    extra_teachers: str | None = field(
+        default=None,
+        metadata={"help": "Teachers added to the set, `slug=ID,slug=ID`: each a transformers or timm vision model "
+                  "by Hub id or local folder (`teacher_from_pretrained` reads it: its default output, input size "
+                  "and normalisation from its own configs)."},
+    )  # fmt: skip
     teacher_source: str = field(default="online", metadata={"help": f"One of {TEACHER_SOURCES}."})
     teacher_cache_dir: str | None = field(
         default=None,
@@ -146,6 +152,10 @@ class MoVEKDModelArguments:
     def revision_map(self) -> dict[str, str]:
         """`teacher_revisions` as {slug: revision}."""
         return _slug_map("teacher_revisions", self.teacher_revisions, "rev")
+
+    def extra_teacher_map(self) -> dict[str, str]:
+        """`extra_teachers` as {slug: Hub id or folder}."""
+        return _slug_map("extra_teachers", self.extra_teachers, "id")
 
 
 def _slug_map(name: str, text: str | None, value: str) -> dict[str, str]:

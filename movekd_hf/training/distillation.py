@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 # What `teachers=` takes: a teacher set name ("tiny", "v1.0", "v1.1"), the specs of the teachers besides the anchor
 # (`clip` / `siglip`: always the student's own initial tower), or a ready source such as `CachedTeachers` (then with `distiller=`).
-Teachers = str | Sequence[TeacherSpec] | TeacherSource
+Teachers = str | Sequence[str | TeacherSpec] | TeacherSource
 
 
 def training_dtype(args: MoVEKDTrainingArguments) -> torch.dtype:
@@ -87,21 +87,33 @@ def build_distiller(vlm: nn.Module, specs: Sequence[TeacherSpec], args: MoVEKDTr
 def _teacher_specs(teachers: Teachers, vision_config) -> list[TeacherSpec] | None:
     """The non-anchor specs `teachers` stands for; None for a ready teacher source. A teacher set's first entry,
     `clip`, stands for the anchor (the student's own tower, `anchor_slug`) whatever the tower; explicit specs may
-    take neither that name nor the anchor's slug."""
-    if isinstance(teachers, str):
-        return run_teacher_specs(teachers, pretrained=True, checkpoints={})
+    take neither that name nor the anchor's slug. A list may mix set names and specs (`["v1.1", spec]`: the
+    set's teachers, then one more); a slug given twice is refused."""
     if callable(teachers):
         return None
-    specs = list(teachers)
-    wrong = [type(spec).__name__ for spec in specs if not isinstance(spec, TeacherSpec)]
-    if wrong:
-        raise TypeError(f"`teachers` must be a teacher set name, TeacherSpecs or a teacher source; got {wrong}")
-    anchor = anchor_slug(vision_config)
-    taken = sorted({spec.slug for spec in specs} & {ANCHOR, anchor})
+    specs = []
+    for item in [teachers] if isinstance(teachers, str) else list(teachers):
+        if isinstance(item, str):
+            specs += run_teacher_specs(item, pretrained=True, checkpoints={})
+        elif isinstance(item, TeacherSpec):
+            specs.append(item)
+        else:
+            raise TypeError(
+                f"`teachers` must be a teacher set name, TeacherSpecs (a list may mix both) or a teacher source; got "
+                f"a {type(item).__name__}"
+            )
+    anchors = sorted({ANCHOR, anchor_slug(vision_config)})
+    taken = sorted({spec.slug for spec in specs} & set(anchors))
     if taken:
         raise ValueError(
-            f"leave {taken} out of `teachers`: {ANCHOR!r} and {anchor!r} name the anchor, always the student's own tower"
+            f"leave {taken} out of `teachers`: {' and '.join(map(repr, anchors))} "
+            f"{'names' if len(anchors) == 1 else 'name'} the anchor, always the student's own tower (a set name "
+            "brings its teachers without it)"
         )
+    slugs = [spec.slug for spec in specs]
+    repeated = sorted({slug for slug in slugs if slugs.count(slug) > 1})
+    if repeated:
+        raise ValueError(f"`teachers` names {repeated} more than once; give each teacher its own slug")
     return specs
 
 

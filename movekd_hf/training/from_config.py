@@ -105,7 +105,11 @@ def resolve_teachers(vlm, processor, model_args, data_args, args) -> dict[str, A
     if args.kd_preset == "none":
         return {}
     specs = run_teacher_specs(
-        model_args.teacher_set, model_args.teacher_pretrained, model_args.checkpoint_map(), model_args.revision_map()
+        model_args.teacher_set,
+        model_args.teacher_pretrained,
+        model_args.checkpoint_map(),
+        model_args.revision_map(),
+        model_args.extra_teacher_map(),
     )
     if model_args.teacher_source == "online":
         if data_args.teacher_image_size is not None:  # the one float view of before, as asked

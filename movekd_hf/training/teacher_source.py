@@ -38,9 +38,10 @@ from ..distill.distiller import TeacherShape
 from ..distill.losses import KDLossConfig
 from ..distill.plan import meta_teacher_shape
 from ..distill.presets import teacher_specs
+from ..distill.teacher_by_id import teacher_from_pretrained
 from ..distill.teacher_views import ViewSettings, view_settings
 from ..distill.teachers import Teacher, TeacherOutput, TeacherSpec, build_teacher
-from ..errors import SettingsError
+from ..errors import SettingsError, loading
 from ..modeling.llava_conventions import mean_colour, student_grid
 from .anyres import tile_size
 
@@ -267,15 +268,45 @@ def anyres_cache_settings(config, image_processor, specs: list[TeacherSpec], tea
 
 
 def run_teacher_specs(
-    teacher_set: str, pretrained: bool, checkpoints: Mapping[str, str], revisions: Mapping[str, str] | None = None
+    teacher_set: str,
+    pretrained: bool,
+    checkpoints: Mapping[str, str],
+    revisions: Mapping[str, str] | None = None,
+    extra: Mapping[str, str] | None = None,
 ) -> list[TeacherSpec]:
     """Specs of the non-anchor teachers of a set (its `clip` entry is the anchor, the student's own tower: left
-    out here, built by `build_teachers`), with local checkpoints (slug -> path) and Hub revisions (slug ->
-    branch, tag or commit) swapped in. Raises `SettingsError` naming `teacher_checkpoints` / `teacher_revisions`
-    and the slugs the set lacks."""
+    out here, built by `build_teachers`), then the `extra` teachers (slug -> Hub id or local folder, see
+    `extra_teacher_specs`), with local checkpoints (slug -> path) and Hub revisions (slug -> branch, tag or
+    commit) swapped in. Raises `SettingsError` naming `teacher_checkpoints` / `teacher_revisions` and the slugs
+    the set lacks, or `extra_teachers` and what it cannot add."""
     specs = [spec for spec in teacher_specs(teacher_set, pretrained=pretrained) if spec.slug != ANCHOR]
+    specs += extra_teacher_specs(extra or {}, [ANCHOR, *(spec.slug for spec in specs)], pretrained, revisions)
     options = {"checkpoint": ("teacher_checkpoints", checkpoints), "revision": ("teacher_revisions", revisions)}
     return override_specs(specs, options)
+
+
+def extra_teacher_specs(
+    sources: Mapping[str, str],
+    taken: list[str],
+    pretrained: bool = True,
+    revisions: Mapping[str, str] | None = None,
+    option: str = "extra_teachers",
+) -> list[TeacherSpec]:
+    """Teachers added to a set by id: for each slug -> source (a transformers or timm vision model's Hub id or
+    local folder), `teacher_from_pretrained(source, slug=slug)`, its configs read at the slug's revision if
+    `revisions` names one. Raises `SettingsError` naming `option` for a slug in `taken` (the set's own teachers
+    and the anchor's name), and `InputError` naming it for a source that cannot be read."""
+    clash = sorted(set(sources) & set(taken))
+    if clash:
+        raise SettingsError(
+            f"names {clash}, already teachers of this set (or the anchor)", field=option, expected="new slugs"
+        )
+    specs = []
+    for slug, source in sources.items():
+        with loading(f"{option} {slug}", source):
+            revision = (revisions or {}).get(slug)
+            specs.append(teacher_from_pretrained(source, slug=slug, pretrained=pretrained, revision=revision))
+    return specs
 
 
 def override_specs(specs: list[TeacherSpec], options: Mapping[str, tuple]) -> list[TeacherSpec]:
