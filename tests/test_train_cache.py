@@ -23,9 +23,10 @@ def cached_run(tmp_path_factory):
     assert main(["init", "--preset", "tiny", "--out", str(root / "init")]) == 0
     toy = make_toy_llava_dataset(root / "toy", num_samples=12, seed=0)
     data = ["--data_path", str(toy.pretrain_json), "--image_folder", str(toy.image_folder)]
+    # No --grid: with --model the cache takes training's defaults (teacher_cache_grid: native), the README's route.
     command = ["cache-teachers", "--model", str(root / "init"), "--teacher-set", "tiny", "--random-weights",
                "--data-path", str(toy.pretrain_json), "--image-folder", str(toy.image_folder),
-               "--cache-dir", str(root / "cache"), "--grid", "native", "--seed", "42", "--no-progress"]  # fmt: skip
+               "--cache-dir", str(root / "cache"), "--seed", "42", "--no-progress"]  # fmt: skip
     assert main(command) == 0
     config = yaml.safe_load(open(TINY_STAGE1))
     config.pop("preset")  # start from the folder the cache was written for
@@ -151,6 +152,11 @@ def test_a_missing_or_stale_cache_ends_movekd_hf_train_in_one_line(cached_run, t
     root, common = cached_run
     cases = [  # (teacher_cache_dir, other options, what the line says)
         (str(root / "cache"), ["--image_aspect", "resize"], "image_aspect: cache has 'pad', expected 'resize'"),
+        (
+            str(root / "cache"),
+            ["--teacher_cache_grid", "student"],
+            "grid: cache has 'native', expected 'student' (--grid / teacher_cache_grid)",
+        ),
         (str(tmp_path / "missing"), [], "no cache under"),
         ("movekd-test/no-such-cache", [], "is no local folder and the Hub gave no dataset repository"),
     ]
@@ -218,9 +224,10 @@ def siglip_cached_run(tmp_path_factory):
     init = ["init", "--vision", str(root / "tower"), "--llm", str(root / "llm"), "--out", str(root / "init")]
     assert main(init) == 0
     toy = make_toy_llava_dataset(root / "toy", num_samples=12, seed=0)
+    # No --grid: with --model the cache takes training's defaults (teacher_cache_grid: native), the README's route.
     command = ["cache-teachers", "--model", str(root / "init"), "--teacher-set", "tiny", "--random-weights",
                "--data-path", str(toy.pretrain_json), "--image-folder", str(toy.image_folder),
-               "--cache-dir", str(root / "cache"), "--grid", "native", "--seed", "42", "--no-progress"]  # fmt: skip
+               "--cache-dir", str(root / "cache"), "--seed", "42", "--no-progress"]  # fmt: skip
     assert main(command) == 0
     data = ["--data_path", str(toy.pretrain_json), "--image_folder", str(toy.image_folder)]
     common = [TINY_STAGE1, "--model_name_or_path", str(root / "init"), *data, "--seed", "42", "--teacher_set", "tiny"]

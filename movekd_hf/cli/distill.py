@@ -63,7 +63,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--teacher-set",
         default="v1.1",
         choices=TEACHER_SETS,
-        help="v1.0 or v1.1 (the paper's; default v1.1), or tiny (random, CPU-sized)",
+        help="a teacher set: v1.0 or v1.1 (the paper's; default v1.1), modern, modern-2, or a tiny one (random, "
+        "CPU-sized)",
     )
     parser.add_argument(
         "--model",
@@ -96,9 +97,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--grid",
-        default="student",
+        default=None,
         choices=("student", "native"),
-        help="student: tokens resampled to the student's grid (default, smaller); native: the teacher's own grid",
+        help="student: tokens resampled to the student's grid (smaller; only for adapter='resample'); native: the "
+        "teacher's own grid (what the default and faithful token_mix adapters need). Default: native with --model "
+        "(training's teacher_cache_grid default), else student",
     )
     parser.add_argument("--student-grid", default="24", type=_grid, help="HxW or H (default 24, CLIP-L/336's)")
     parser.add_argument(
@@ -364,6 +367,8 @@ def run(args: argparse.Namespace) -> int:
         existing_path("--image-folder", args.image_folder, "folder")
     if args.model:
         model_source("--model", args.model)
+    if args.grid is None:  # with --model, what training reads by default (teacher_cache_grid: native)
+        args.grid = "native" if args.model else "student"
     import torch
 
     from movekd_hf.distill.cache import estimate_cache_size

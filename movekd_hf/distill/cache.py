@@ -330,10 +330,20 @@ def shard_paths(directory: Path) -> list[Path]:
 # ---------------------------------------------------------------------------------------------------- reading
 
 
+# The `cache-teachers` option (and training field) that sets a key field, named in a mismatch's message.
+_KEY_OPTIONS = {
+    "grid": "--grid / teacher_cache_grid",
+    "compression": "--compression / teacher_cache_compression",
+    "token_dtype": "--token-dtype / teacher_cache_token_dtype",
+    "teacher_image_size": "--teacher-image-size / teacher_image_size",
+}
+
+
 def _diff(expected: Mapping, found: Mapping) -> list[str]:
     names = sorted(set(expected) | set(found))
     return [
         f"{n}: cache has {found.get(n)!r}, expected {expected.get(n)!r}"
+        + (f" ({_KEY_OPTIONS[n]})" if n in _KEY_OPTIONS else "")
         for n in names
         if expected.get(n) != found.get(n)
     ]
