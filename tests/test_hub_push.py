@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 
 import pytest
 from _hub_fixtures import fake_hub, folder_digest, make_run_dir
@@ -36,6 +37,8 @@ def run_dir(tmp_path, saved_model):
     (checkpoint / "distill_adapters.safetensors").write_bytes(b"adapters")
     (checkpoint / "global_step10").mkdir()
     (checkpoint / "global_step10" / "zero_state.pt").write_bytes(b"zero")
+    (checkpoint / "eval").mkdir()  # `movekd-hf eval --out RUN/eval` into the checkpoint folder leaves its lock
+    (checkpoint / "eval" / "pope_answers.jsonl.lock").write_bytes(b"")
     return root
 
 
@@ -117,6 +120,30 @@ def test_hub_errors_are_clear_and_leave_folder_untouched(run_dir, token, monkeyp
         assert main(["push", str(run_dir), "--repo-id", REPO_ID]) == 2
     err = capsys.readouterr().err
     assert err.startswith("movekd-hf push: error: ") and err.count("\n") == 1
+
+
+def test_an_unreachable_hub_is_one_line_and_nothing_is_uploaded(run_dir, token, monkeypatch, capsys):
+    from huggingface_hub import constants
+
+    # The tests run with HF_HUB_OFFLINE=1: huggingface_hub refuses before any request.
+    assert main(["push", str(run_dir), "--repo-id", REPO_ID]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err == f"movekd-hf push: error: Cannot upload to {REPO_ID!r}: offline mode is on (HF_HUB_OFFLINE=1). "
+        "Nothing was uploaded.\n"
+    )
+    # Online, but no Hub answers: a real connection to a port nothing listens on.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    assert main(["push", str(run_dir), "--repo-id", REPO_ID]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith(f"movekd-hf push: error: Cannot reach the Hub to upload to {REPO_ID!r} (")
+        and err.count("\n") == 1
+    ), err
 
 
 def test_incomplete_checkpoint_is_refused_before_any_request(run_dir, token, monkeypatch):

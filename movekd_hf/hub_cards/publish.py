@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from huggingface_hub import CommitOperationAdd, HfApi, get_token
-from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled, RepositoryNotFoundError
 
 from ..training.checkpoint import LLM_LORA_DIR, TRAINING_STATE_PATTERNS
 from .card import render_repo_files
@@ -78,11 +78,12 @@ def is_training_state(path_in_folder: str) -> bool:
 
 
 def loadable_files(checkpoint: Path) -> dict[str, Path]:
-    """The checkpoint folder's model files, sub-folders included, keyed by POSIX path inside it."""
+    """The checkpoint folder's model files, sub-folders included, keyed by POSIX path inside it. Lock files (the
+    empty `<answers>.lock` an evaluation leaves for its inter-process lock) are nobody's model file."""
     files = {}
     for path in sorted(checkpoint.rglob("*")):
         relative = path.relative_to(checkpoint).as_posix()
-        if path.is_file() and not is_training_state(relative):
+        if path.is_file() and not is_training_state(relative) and not path.name.endswith(".lock"):
             files[relative] = path
     return files
 
@@ -135,7 +136,25 @@ def _commit(api: HfApi, repo_id: str, private: bool, operations: list[CommitOper
             f"Upload to {repo_id!r} failed (HTTP {status}): {error}. Nothing was committed; the local run "
             "directory is unchanged, so the same command can be retried."
         ) from error
+    except OfflineModeIsEnabled as error:
+        raise PushError(
+            f"Cannot upload to {repo_id!r}: offline mode is on (HF_HUB_OFFLINE=1). Nothing was uploaded."
+        ) from error
+    except Exception as error:
+        if not _is_network_error(error):
+            raise
+        raise PushError(
+            f"Cannot reach the Hub to upload to {repo_id!r} ({type(error).__name__}: {error}). Nothing was "
+            "uploaded; the same command can be retried."
+        ) from error
     return info.commit_url
+
+
+def _is_network_error(error: BaseException) -> bool:
+    """A connection or timeout error of the HTTP client huggingface_hub uses (httpx's `TransportError` family,
+    requests' `ConnectionError`, the builtin ones), whichever client version raised it."""
+    names = {"TransportError", "ConnectionError", "TimeoutException", "Timeout", "TimeoutError"}
+    return any(kind.__name__ in names for kind in type(error).__mro__)
 
 
 def push_run(
