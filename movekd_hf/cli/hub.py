@@ -104,14 +104,22 @@ def _config_path(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     card = subparsers.add_parser("card", help="write the model card (README.md + .eval_results) of a run")
-    card.add_argument("run_dir", help="run directory (see movekd_hf.hub_cards.run_dir)")
+    card.add_argument(
+        "run_dir",
+        help="run directory: a checkpoint folder (a training output_dir), or a folder "
+        "holding one as checkpoint/ (see movekd_hf.hub_cards.run_dir)",
+    )
     card.add_argument("--repo-id", default=None, help="Hub id used in the quick-start code")
-    card.add_argument("--output", default=None, help="folder to write into (default: the run's checkpoint)")
+    card.add_argument("--output", default=None, help="folder to write into (default: the checkpoint folder)")
     _add_metadata_options(card)
     card.set_defaults(func=_card)
 
     push = subparsers.add_parser("push", help="publish a run (weights, code, processor, card) in one commit")
-    push.add_argument("run_dir", help="run directory (its checkpoint/ folder is uploaded, with the card)")
+    push.add_argument(
+        "run_dir",
+        help="run directory: a checkpoint folder, or a folder holding one as checkpoint/ "
+        "(that folder is uploaded, with the card)",
+    )
     push.add_argument("--repo-id", required=True, help="Hub repository to create or update, `owner/name`")
     push.add_argument("--private", action="store_true", help="create the repository as private")
     push.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the stored login)")
