@@ -86,6 +86,13 @@ def test_the_size_estimate_for_the_model_is_what_its_cache_stores(cached_run, ca
     written = sum(TeacherCache(directory).meta["bytes_per_image"] for directory in (root / "cache").iterdir())
     out = capsys.readouterr().out
     assert f"| all | | | {written:,} " in out and f"total for 10 images: {written * 10:,} bytes" in out
+    # With --data-path and no --num-images, the total is for the data's images (the toy data has 12); a data path
+    # that is not there is refused in estimate mode too.
+    data = ["--data-path", str(root / "toy" / "pretrain.json"), "--image-folder", str(root / "toy" / "images")]
+    assert main([*argv[:-2], *data]) == 0
+    assert f"total for 12 images: {written * 12:,} bytes" in capsys.readouterr().out
+    assert main([*argv[:-2], "--data-path", str(root / "nowhere.json")]) == 2
+    assert "field '--data-path': does not exist" in capsys.readouterr().err
 
 
 def test_training_reads_the_cache_as_an_exported_repository_from_a_folder_and_from_the_hub(cached_run, tmp_path):

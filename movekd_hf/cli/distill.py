@@ -156,7 +156,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--estimate", action="store_true", help="print bytes per image and the total, then stop")
     parser.add_argument(
-        "--num-images", type=positive_int, default=558_000, help="images for --estimate (558k: stage 1)"
+        "--num-images",
+        type=positive_int,
+        default=None,
+        help="images for --estimate (default: those of --data-path when given, else 558,000: LLaVA-Pretrain)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
@@ -363,8 +366,8 @@ def run(args: argparse.Namespace) -> int:
             )
             raise SettingsError(f"{missing} not given", field=missing.split()[0],
                                 expected="--data-path and --cache-dir, or --estimate")  # fmt: skip
-        existing_path("--data-path", args.data_path)
-        existing_path("--image-folder", args.image_folder, "folder")
+    existing_path("--data-path", args.data_path)
+    existing_path("--image-folder", args.image_folder, "folder")
     if args.model:
         model_source("--model", args.model)
     if args.grid is None:  # with --model, what training reads by default (teacher_cache_grid: native)
@@ -382,12 +385,15 @@ def run(args: argparse.Namespace) -> int:
     else:
         specs = _specs(args)
         settings = _settings(args, specs)
-    if args.estimate:
-        print_estimate(estimate_cache_size(specs, settings, args.num_images))
-        return 0
     from movekd_hf.training.data import load_source
 
-    items = dataset_items(load_source(args.data_path, args.image_folder, args.allow_images_outside_folder))
+    items = None
+    if args.data_path and (not args.estimate or args.num_images is None):
+        items = dataset_items(load_source(args.data_path, args.image_folder, args.allow_images_outside_folder))
+    if args.estimate:
+        num_images = args.num_images or (len(items) if items is not None else 558_000)
+        print_estimate(estimate_cache_size(specs, settings, num_images))
+        return 0
     dtype = getattr(torch, args.dtype)
     if not args.model:
         teachers = [_build(spec) for spec in specs]
