@@ -7,7 +7,7 @@ import re
 
 import pytest
 import yaml
-from _hub_fixtures import PAPER_TABLE, fake_hub, make_run_dir, write_json
+from _hub_fixtures import PAPER_TABLE, TRAINING_ARGS, fake_hub, make_run_dir, write_json
 from huggingface_hub import ModelCard, parse_eval_result_entries
 
 from movekd_hf.cli import main
@@ -66,6 +66,7 @@ def test_card_body_sections(full_card):
                 "| `per_device_train_batch_size` | 8 |", "| `lr_scheduler_type` | cosine |"):  # fmt: skip
         assert row in body
     assert "logging_dir" not in body and "max_steps" not in body  # non-recipe and "unset" fields stay out
+    assert "| `num_train_epochs` | 1.0 |" in body
     assert "`openai/clip-vit-large-patch14-336` (clip_vision_model, 2 layers, hidden 32, 28 px, patch 14)" in body
     assert "num_experts=3, lora_rank=4" in body and "lora_b_init=kaiming, expert_output_scale=none" in body
     assert f'AutoModelForImageTextToText.from_pretrained("{REPO_ID}", trust_remote_code=True)' in body
@@ -280,3 +281,12 @@ def test_hyperparameters_are_read_from_the_checkpoint_folder(tmp_path):
         write_card(run_dir)
         body = (run_dir / "checkpoint" / "README.md").read_text()
         assert "| `learning_rate` | 2e-05 |" in body and "| `lambda_kd` | 0.5 |" in body
+
+
+def test_a_run_by_steps_shows_its_steps_not_the_ignored_epochs(tmp_path):
+    from movekd_hf.hub_cards.card import collect_hyperparameters
+
+    root = make_run_dir(tmp_path / "run")
+    write_json(root / "training_args.json", {**TRAINING_ARGS, "num_train_epochs": 3.0, "max_steps": 4})
+    rows = dict(collect_hyperparameters(read_run_dir(root)))
+    assert rows["max_steps"] == "4" and "num_train_epochs" not in rows

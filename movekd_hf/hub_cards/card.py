@@ -273,9 +273,13 @@ def _format_value(value: Any) -> str:
 def collect_hyperparameters(run: RunDir) -> list[tuple[str, str]]:
     """(name, value) rows from `train_config.json` (all scalars) and `training_args.json` (recipe fields)."""
     rows: dict[str, str] = {}
-    for name, value in (run.training_args or {}).items():
-        # `max_steps=-1` means "use num_train_epochs"; showing it would only confuse.
-        if name in TRAINING_ARG_FIELDS and value is not None and not (name == "max_steps" and value < 0):
+    arguments = run.training_args or {}
+    # `max_steps=-1` means "use num_train_epochs"; a positive one overrides it (the Trainer then ignores the
+    # epochs), so only the one that decided the run's length is shown.
+    by_steps = (arguments.get("max_steps") or -1) > 0
+    for name, value in arguments.items():
+        hidden = (name == "max_steps" and not by_steps) or (name == "num_train_epochs" and by_steps)
+        if name in TRAINING_ARG_FIELDS and value is not None and not hidden:
             rows[name] = _format_value(value)
     for name, value in sorted((run.train_config or {}).items()):
         is_scalar_list = isinstance(value, list) and all(isinstance(v, (str, int, float, bool)) for v in value)
