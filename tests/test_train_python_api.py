@@ -120,6 +120,15 @@ def test_a_teacher_list_mixes_a_set_name_and_specs(tmp_path):
         python_trainer(tmp_path, teachers=["tiny", 3])
 
 
+def test_cpu_training_does_not_ask_for_pinned_memory(tmp_path, recwarn):
+    # Pinning needs an accelerator: on a CPU-only machine torch warned once per data loader.
+    args = MoVEKDTrainingArguments(output_dir=str(tmp_path), report_to="none")
+    assert args.dataloader_pin_memory is (torch.accelerator.is_available() and not args.use_cpu)
+    trainer = python_trainer(tmp_path)
+    next(iter(trainer.get_train_dataloader()))
+    assert not [w for w in recwarn if "pin_memory" in str(w.message)]
+
+
 def test_plain_training_arguments_are_refused(tmp_path):
     from transformers import TrainingArguments
 

@@ -224,6 +224,8 @@ class MoVEKDTrainingArguments(TrainingArguments):
             # accelerate makes a CPU process group (gloo, DistributedType.MULTI_CPU) only when asked for the CPU;
             # otherwise each of the launched processes silently trains alone (DistributedType.NO).
             self.use_cpu = True
+        if self.dataloader_pin_memory and (self.use_cpu or not _accelerator_available()):
+            self.dataloader_pin_memory = False  # pinned memory needs an accelerator; torch warns per loader without
         super().__post_init__()
         for name, value, choices in (
             ("stage", self.stage, tuple(STAGES)),
@@ -372,14 +374,16 @@ def _given(argv: list[str], name: str) -> bool:
     return any(arg.partition("=")[0] in flags for arg in argv)
 
 
-def _cpu_only_multi_process() -> bool:
-    """Whether this process is one of several launched (`WORLD_SIZE` > 1) on a machine with no accelerator."""
+def _accelerator_available() -> bool:
     import torch
 
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return False
     accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6: CUDA, XPU, MPS, ...
-    return not (accelerator.is_available() if accelerator is not None else torch.cuda.is_available())
+    return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
+
+
+def _cpu_only_multi_process() -> bool:
+    """Whether this process is one of several launched (`WORLD_SIZE` > 1) on a machine with no accelerator."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _accelerator_available()
 
 
 def build_parser() -> HfArgumentParser:
