@@ -290,3 +290,15 @@ def test_a_run_by_steps_shows_its_steps_not_the_ignored_epochs(tmp_path):
     write_json(root / "training_args.json", {**TRAINING_ARGS, "num_train_epochs": 3.0, "max_steps": 4})
     rows = dict(collect_hyperparameters(read_run_dir(root)))
     assert rows["max_steps"] == "4" and "num_train_epochs" not in rows
+
+
+@pytest.mark.parametrize(
+    ("stage", "says"), [("stage1", "ends stage 1"), ("stage2", "ends stage 2"), ("finetune", None)]
+)
+def test_the_card_says_which_stage_the_checkpoint_ends(tmp_path, stage, says):
+    from _hub_fixtures import TRAIN_CONFIG
+
+    root = make_run_dir(tmp_path / "run")
+    write_json(root / "train_config.json", {**TRAIN_CONFIG, "stage": stage})
+    body = str(build_model_card(read_run_dir(root)))
+    assert ("This checkpoint ends" in body) == (says is not None) and (says is None or says in body)

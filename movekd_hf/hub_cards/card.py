@@ -471,13 +471,22 @@ def build_model_card(run: RunDir, repo_id: str | None = None) -> ModelCard:
         recipe_summary=(
             "MoVE-KD trains in the two LLaVA-1.5 stages, distilling in both: stage 1 trains the MoLE experts, "
             "routers, teacher adapters and projector; stage 2 also trains the LLM. Loss: "
-            "`L_lm + lambda_kd * L_kd + lambda_bal * L_bal`. The values below are the ones this run recorded."
+            "`L_lm + lambda_kd * L_kd + lambda_bal * L_bal`. "
+            + _STAGE_NOTES.get(train_config.get("stage"), "")
+            + "The values below are the ones this run recorded."
         ),
         results=_result_rows(run),
         any_published=bool(published_results(run)),
         comparisons=comparison_rows(run),
         plots=run.plots,
     )
+
+
+# What the card says of the stage a checkpoint ends (train_config.json's `stage`, as the trainer records it).
+_STAGE_NOTES = {
+    "stage1": "This checkpoint ends stage 1: its LLM is the one training started from. ",
+    "stage2": "This checkpoint ends stage 2. ",
+}
 
 
 def render_repo_files(run: RunDir, repo_id: str | None = None) -> dict[str, str]:
