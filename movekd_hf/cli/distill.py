@@ -199,7 +199,7 @@ def _specs(args: argparse.Namespace) -> list:
         specs = _read_teachers_json(args.teachers_json)
     else:
         specs = teacher_specs(args.teacher_set, pretrained=not args.random_weights, sam_layout=args.sam_layout)
-        specs += _extra_teachers(args, [spec.slug for spec in specs])
+    specs += _extra_teachers(args, [spec.slug for spec in specs])
     return _with_weights_options(specs, args)
 
 
