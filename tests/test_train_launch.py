@@ -112,18 +112,19 @@ def test_arguments_built_in_a_script_join_the_cpu_process_group(tmp_path):
     # without GPUs: its MoVEKDTrainingArguments must ask accelerate for the CPU, or each rank trains alone.
     script = tmp_path / "script.py"
     script.write_text(
-        "import json, sys\n"
+        "import json, pathlib, sys\n"
         "from movekd_hf.training.arguments import MoVEKDTrainingArguments\n"
         "args = MoVEKDTrainingArguments(output_dir=sys.argv[1], report_to='none')\n"
         "state = args.distributed_state\n"
-        "print(json.dumps([args.process_index, args.world_size, str(state.distributed_type), args.use_cpu]))\n"
-    )
+        "report = [args.process_index, args.world_size, str(state.distributed_type), args.use_cpu]\n"
+        "pathlib.Path(sys.argv[2], f'rank{state.process_index}.json').write_text(json.dumps(report))\n"
+    )  # each rank its own file: two ranks' prints can share one line of a pipe
     command = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-               str(script), str(tmp_path / "out")]  # fmt: skip
+               str(script), str(tmp_path / "out"), str(tmp_path)]  # fmt: skip
     result = subprocess.run(command, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    ranks = sorted(json.loads(line) for line in result.stdout.splitlines() if line.startswith("["))
+    ranks = sorted(json.loads(path.read_text()) for path in tmp_path.glob("rank*.json"))
     assert ranks == [[0, 2, "DistributedType.MULTI_CPU", True], [1, 2, "DistributedType.MULTI_CPU", True]]
 
 
