@@ -388,6 +388,12 @@ def test_extra_teachers_join_a_set_by_id_for_training_and_the_cache(tmp_path, ca
     capsys.readouterr()
     assert main([*estimate, "--extra-teacher", f"dino={folder}"]) == 0
     assert "| dino | 16 x 40 (4x4) | 16 x 40 |" in capsys.readouterr().out  # its own row, on the student grid
+    # With a teacher list of one's own (`--teachers-json`, no --model) the extra teacher joins it as well.
+    listed = tmp_path / "teachers.json"
+    listed.write_text(json.dumps([dataclasses.asdict(spec) for spec in teacher_specs("tiny") if spec.slug == "sam"]))
+    own = ["cache-teachers", "--teachers-json", str(listed), "--estimate", "--num-images", "10", "--student-grid", "4"]
+    assert main([*own, "--extra-teacher", f"dino={folder}"]) == 0
+    assert "| sam |" in (table := capsys.readouterr().out) and "| dino | 16 x 40 (4x4) | 16 x 40 |" in table
     assert main([*estimate, "--extra-teacher", f"sam={folder}"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "movekd-hf cache-teachers: error: field '--extra-teacher': names ['sam'], already teachers of this set (or "
