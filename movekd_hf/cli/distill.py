@@ -212,6 +212,16 @@ def _extra_teachers(args: argparse.Namespace, taken: list[str]) -> list:
     return extra_teacher_specs(sources, taken, not args.random_weights, revisions, option="--extra-teacher")
 
 
+def _run_specs(args: argparse.Namespace) -> list:
+    """The non-anchor specs training builds for `--teacher-set` (`run_teacher_specs`), then the `--extra-teacher`
+    ones, with `--checkpoint` and `--revision` applied: what `--model` runs key their cache with."""
+    from movekd_hf.distill.anchor import ANCHOR
+    from movekd_hf.training.teacher_source import run_teacher_specs
+
+    specs = run_teacher_specs(args.teacher_set, not args.random_weights, {})
+    return _with_weights_options(specs + _extra_teachers(args, [ANCHOR, *(spec.slug for spec in specs)]), args)
+
+
 def _with_weights_options(specs: list, args: argparse.Namespace) -> list:
     """`specs` with `--checkpoint SLUG=PATH` and `--revision SLUG=REV` applied (a `SettingsError` names an option
     that names a teacher `specs` lack)."""
@@ -281,15 +291,13 @@ def _teachers_like_training(args: argparse.Namespace):
     from transformers import AutoProcessor
 
     from movekd_hf.cli import loading
-    from movekd_hf.distill.anchor import ANCHOR
     from movekd_hf.models import checkpoint_classes
-    from movekd_hf.training.teacher_source import build_teachers, run_teacher_specs
+    from movekd_hf.training.teacher_source import build_teachers
 
     with loading("--model", args.model):
         vlm = checkpoint_classes(args.model)[0].from_pretrained(args.model)
         image_processor = AutoProcessor.from_pretrained(args.model).image_processor
-    specs = run_teacher_specs(args.teacher_set, not args.random_weights, {})
-    specs = _with_weights_options(specs + _extra_teachers(args, [ANCHOR, *(spec.slug for spec in specs)]), args)
+    specs = _run_specs(args)
     torch.manual_seed(args.seed)  # the trainer seeds before building its teachers, in this order
     # build_teachers with no specs builds the anchor alone; the others follow in the same order, as it would.
     teachers = build_teachers(vlm, [], image_processor.image_mean, image_processor.image_std)
@@ -303,15 +311,13 @@ def _specs_like_training(args: argparse.Namespace):
     from transformers import AutoProcessor
 
     from movekd_hf.cli import loading
-    from movekd_hf.distill.anchor import ANCHOR, anchor_teacher_spec
+    from movekd_hf.distill.anchor import anchor_teacher_spec
     from movekd_hf.models import checkpoint_classes
-    from movekd_hf.training.teacher_source import run_teacher_specs
 
     with loading("--model", args.model):
         config = checkpoint_classes(args.model)[0].config_class.from_pretrained(args.model)
         image_processor = AutoProcessor.from_pretrained(args.model).image_processor
-    specs = run_teacher_specs(args.teacher_set, not args.random_weights, {})
-    specs = _with_weights_options(specs + _extra_teachers(args, [ANCHOR, *(spec.slug for spec in specs)]), args)
+    specs = _run_specs(args)
     anchor = anchor_teacher_spec(config, image_processor.image_mean, image_processor.image_std, sized=True)
     return [anchor, *specs], _settings_like_training(args, config, image_processor, specs)
 
